@@ -1,0 +1,9 @@
+"""Error types that map to the command line's exit statuses (SPEC: exit 2 = usage/config)."""
+
+
+class UsageError(Exception):
+    """Bad option, configuration or input folder: printed as one line, exit status 2."""
+
+
+class DatasetError(UsageError):
+    """An activation dataset folder that readers and tools must refuse (no metadata, bad paths...)."""
