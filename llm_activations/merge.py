@@ -1,0 +1,398 @@
+"""`merge`: several host datasets (independent-host mode) -> one dataset, exactly as one run would be.
+
+Each host of a fleet runs `extract --num-hosts N --host-index I` over a disjoint, contiguous
+doc_index range of the same input and writes a complete dataset folder. This command checks that
+the folders are shards of one extraction (same model, tokenizer, input, layers, shapes, dtypes,
+format) over disjoint doc_index ranges, then writes one metadata.json whose counts are the sums,
+whose per-layer statistics are the exact parallel merge of the hosts' Moments (stats.py), and
+whose files are the hosts' files:
+
+* referenced in place (paths relative to OUT) when a host folder lies inside OUT, e.g.
+  OUT/host-00003/layer_07/part-00000-of-00016.tfrecord; nothing is moved or rewritten;
+* otherwise copied byte for byte to OUT/host-IIIII/... and checked against the shard's sha256.
+
+Records are never rewritten: doc_index is already global, so no renumbering is needed.
+metadata.json is written last, so OUT is a finished dataset only if everything else succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import posixpath
+
+from . import metadata as md
+from .errors import DatasetError, UsageError
+from .records import _create, _rename
+from .stats import Moments, merge_all
+
+# Settings every host of one extraction must share: (label in messages, getter).
+_SAME = (
+    ("format_version", lambda m: m.get("format_version")),
+    ("model.name_or_path", lambda m: m["model"].get("name_or_path")),
+    ("model.architecture", lambda m: m["model"].get("architecture")),
+    ("model.config", lambda m: m["model"].get("config")),
+    ("model.num_layers", lambda m: m["model"].get("num_layers")),
+    ("tokenizer", lambda m: m.get("tokenizer")),
+    ("input.patterns", lambda m: m.get("input", {}).get("patterns")),
+    ("input.text_field", lambda m: m.get("input", {}).get("text_field")),
+    ("input.max_docs", lambda m: m.get("input", {}).get("max_docs")),
+    ("input.num_hosts", lambda m: m.get("input", {}).get("num_hosts")),
+    ("extraction.layers", lambda m: sorted(m["extraction"]["layers"])),
+    ("extraction.hook", lambda m: m["extraction"].get("hook")),
+    ("extraction.seq_len", lambda m: m["extraction"].get("seq_len")),
+    ("extraction.batch_size", lambda m: m["extraction"].get("batch_size")),
+    ("extraction.mode", lambda m: m["extraction"].get("mode")),
+    ("extraction.compute_dtype", lambda m: m["extraction"].get("compute_dtype")),
+    ("dtype", lambda m: m.get("dtype")),
+    ("hidden_size", lambda m: m.get("hidden_size")),
+    ("compression", lambda m: m.get("compression", "none")),
+)
+_MAX_SHOWN = 80  # long values (a model config) are cut in messages, which must stay one line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="host dataset folders (local or gs://...)")
+    parser.add_argument("--output", required=True, metavar="OUT", help="merged dataset folder")
+    parser.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy every shard into OUT even when a host folder lies inside OUT (default: reference it in place)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = merge_datasets(args.inputs, args.output, copy=args.copy, overwrite=args.overwrite)
+    m = meta["merge"]
+    counts = meta["counts"]
+    print(
+        f"merged {len(m['inputs'])} host folders into {args.output}: {counts['documents']} documents, "
+        f"{counts['tokens']} tokens per layer, {len(meta['shards'])} files "
+        f"({m['copied_files']} copied, {len(meta['shards']) - m['copied_files']} in place)"
+        + ("" if m["complete"] else "; NOTE: not every host of the split is present")
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwrite: bool = False) -> dict:
+    """Merge host dataset folders into `output`; returns the metadata written (UsageError on bad input)."""
+    if not inputs:
+        raise UsageError("merge needs at least one input folder")
+    metas = [md.read_metadata(root) for root in inputs]
+    _check_consistent(inputs, metas)
+    order = sorted(range(len(inputs)), key=lambda i: _sort_key(metas[i], i))
+    inputs, metas = [inputs[i] for i in order], [metas[i] for i in order]
+    ranges = _check_disjoint(inputs, metas)
+
+    inside = [_inside(root, output) for root in inputs]
+    for root, rel in zip(inputs, inside):
+        if rel == ".":
+            raise UsageError(f"input {root} is the output folder itself; merge into a new folder (it may contain the inputs)")
+    prefixes = [None if copy else rel for rel in inside]
+    dests = _copy_destinations(metas, prefixes, inside)
+    _check_output(output, inside, overwrite)
+
+    files: dict[str, list[str]] = {str(layer): [] for layer in sorted(metas[0]["extraction"]["layers"])}
+    shards, copied = [], 0
+    for root, meta, prefix, dest in zip(inputs, metas, prefixes, dests):
+        base = prefix if prefix is not None else dest
+        for layer, paths in meta["files"].items():
+            files[str(int(layer))].extend(posixpath.join(base, p) for p in paths)
+        for shard in meta["shards"]:
+            src = md.shard_path(root, shard["path"])
+            new_path = posixpath.join(base, posixpath.normpath(shard["path"]))
+            if prefix is None:
+                _copy_verified(src, md.join(output, new_path), shard)
+                copied += 1
+            else:
+                _check_in_place(src, shard)
+            shards.append({**shard, "path": new_path})
+        if prefix is None:
+            _copy_tree(md.join(root, "rejected"), md.join(output, dest, "rejected"))
+
+    merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copied)
+    md.write_metadata(output, merged)  # last: OUT is a finished dataset only now
+    return merged
+
+
+def _sort_key(meta: dict, i: int):
+    inp = meta.get("input", {})
+    rng = inp.get("doc_index_range")
+    return (rng[0] if rng else -1, inp.get("host_index", -1), i)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _check_consistent(inputs: list[str], metas: list[dict]) -> None:
+    for label, get in _SAME:
+        try:
+            values = [get(m) for m in metas]
+        except (KeyError, TypeError):
+            raise DatasetError(f"a host folder's metadata.json lacks {label}; is it an llm-activations dataset?") from None
+        for root, value in zip(inputs[1:], values[1:]):
+            if value != values[0]:
+                raise UsageError(
+                    f"inputs disagree on {label}: {inputs[0]} has {_show(values[0])}, {root} has {_show(value)}; "
+                    "merge only host folders of one extraction (same model, input, layers and settings)"
+                )
+    for root, meta in zip(inputs, metas):
+        layers = sorted(str(layer) for layer in meta["extraction"]["layers"])
+        if sorted(str(int(k)) for k in meta["files"]) != layers or any(str(k) not in meta.get("stats", {}) for k in layers):
+            raise DatasetError(f"{root}: metadata.json files/stats do not cover extraction.layers {layers}")
+
+
+def _check_disjoint(inputs: list[str], metas: list[dict]) -> list[list[int] | None]:
+    """Host shares must not overlap: by doc_index_range, or else by distinct host_index of one split."""
+    ranges = [m.get("input", {}).get("doc_index_range") for m in metas]
+    if all(r is not None for r in ranges):
+        for (a, ra), (b, rb) in zip(zip(inputs, ranges), zip(inputs[1:], ranges[1:])):
+            if rb[0] < ra[1]:  # sorted by start, so overlapping neighbours are enough to look at
+                raise UsageError(
+                    f"doc_index ranges overlap: {a} has [{ra[0]}, {ra[1]}) and {b} has [{rb[0]}, {rb[1]}); "
+                    "each host folder may be merged once, and hosts must come from one --num-hosts split"
+                )
+        return ranges
+    hosts = [m.get("input", {}).get("host_index") for m in metas]
+    if len(metas) > 1 and (None in hosts or len(set(hosts)) != len(hosts)):
+        raise UsageError(
+            "cannot show the inputs cover disjoint records: their metadata lacks input.doc_index_range and "
+            f"distinct input.host_index (got {hosts}); merge only folders of `extract --num-hosts N --host-index I`"
+        )
+    return ranges
+
+
+def _inside(root: str, output: str) -> str | None:
+    """root's path relative to output when root lies inside output, else None (never escapes)."""
+    if ("://" in root) != ("://" in output):
+        return None
+    if "://" in root:
+        r, o = root.rstrip("/"), output.rstrip("/")
+    else:
+        r, o = os.path.realpath(root), os.path.realpath(output)
+    if r == o:
+        return "."
+    if not r.startswith(o.rstrip("/") + "/"):
+        return None
+    rel = posixpath.normpath(r[len(o.rstrip("/")) + 1 :])
+    md.shard_path(output, rel)  # refuses anything that would escape OUT
+    return rel
+
+
+def _copy_destinations(metas: list[dict], prefixes: list[str | None], inside: list[str | None]) -> list[str | None]:
+    """OUT/host-IIIII for each copied input; refuses clashes with each other and with inputs inside OUT."""
+    dests, taken = [], {p.split("/")[0] for p in inside if p is not None}
+    for k, (meta, prefix) in enumerate(zip(metas, prefixes)):
+        if prefix is not None:
+            dests.append(None)
+            continue
+        host = meta.get("input", {}).get("host_index")
+        name = f"host-{host:05d}" if isinstance(host, int) else f"input-{k:05d}"
+        if name in taken:
+            raise UsageError(f"two inputs would be copied to {name}/ in the output (or it holds an input in place)")
+        taken.add(name)
+        dests.append(name)
+    return dests
+
+
+def _entries(root: str) -> list[str]:
+    """Top-level names in a folder (local) or under a prefix (Beam filesystems), [] if absent."""
+    if "://" in root:
+        from apache_beam.io.filesystems import FileSystems
+
+        result = FileSystems.match([md.join(root, "**")])[0]
+        base = root.rstrip("/") + "/"
+        return sorted({m.path[len(base) :].split("/")[0] for m in result.metadata_list if m.path.startswith(base)})
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def _check_output(output: str, inside: list[str | None], overwrite: bool) -> None:
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output {output} exists and is not a folder")
+    holds_inputs = {p.split("/")[0] for p in inside if p is not None}
+    other = [e for e in _entries(output) if e not in holds_inputs]
+    if other and not overwrite:
+        raise UsageError(
+            f"--output {output} is not empty (it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''} "
+            "besides the input folders); pass --overwrite or choose another folder"
+        )
+
+
+def _open_read(path: str):
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.open(path, compression_type="uncompressed")
+    return open(path, "rb")
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.exists(path)
+    return os.path.isfile(path)
+
+
+def _copy_verified(src: str, dst: str, shard: dict) -> None:
+    """Copy a shard byte for byte, hashing as it streams; refuse it if it is not what metadata says."""
+    sha, size, tmp = hashlib.sha256(), 0, dst + ".inprogress"
+    try:
+        with _open_read(src) as fin, _create(tmp) as fout:
+            while chunk := fin.read(1 << 22):
+                sha.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+    except FileNotFoundError:
+        raise DatasetError(f"{src} is listed in its metadata.json but missing") from None
+    if sha.hexdigest() != shard.get("sha256") or size != shard.get("bytes", size):
+        _delete(tmp)
+        raise DatasetError(
+            f"{src} does not match its metadata.json (sha256 {sha.hexdigest()[:12]}... / {size} bytes, "
+            f"expected {str(shard.get('sha256'))[:12]}... / {shard.get('bytes')} bytes); the host folder is corrupt"
+        )
+    _rename(tmp, dst)
+
+
+def _check_in_place(src: str, shard: dict) -> None:
+    """A file referenced in place must exist with its recorded size (its sha256 is `validate`'s job)."""
+    if not _exists(src):
+        raise DatasetError(f"{src} is listed in its metadata.json but missing")
+    if "://" not in src and "bytes" in shard and os.path.getsize(src) != shard["bytes"]:
+        raise DatasetError(f"{src} has {os.path.getsize(src)} bytes, its metadata.json says {shard['bytes']}")
+
+
+def _delete(path: str) -> None:
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        FileSystems.delete([path])
+    else:
+        os.remove(path)
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy a host's rejected/ records along with its shards (absent folder: nothing to do)."""
+    if "://" in src:
+        from apache_beam.io.filesystems import FileSystems
+
+        result = FileSystems.match([md.join(src, "**")])[0]
+        rels = [m.path[len(src.rstrip("/")) + 1 :] for m in result.metadata_list]
+    elif os.path.isdir(src):
+        rels = [
+            os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for d, _, fs in os.walk(src) for f in fs
+        ]
+    else:
+        return
+    for rel in sorted(rels):
+        with _open_read(md.join(src, rel)) as fin, _create(md.join(dst, rel)) as fout:
+            while chunk := fin.read(1 << 22):
+                fout.write(chunk)
+
+
+# ----------------------------------------------------------------------------- merged metadata
+
+
+def _sum_counts(metas: list[dict]) -> dict:
+    keys = list(dict.fromkeys(k for m in metas for k in m.get("counts", {})))
+    out = {}
+    for k in keys:
+        values = [m.get("counts", {}).get(k, 0) for m in metas]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[k] = sum(values)
+    return out
+
+
+def _merged_stats(metas: list[dict], hidden_size: int) -> dict:
+    out = {}
+    for layer in sorted(metas[0]["extraction"]["layers"]):
+        key = str(layer)
+        parts = []
+        for m in metas:
+            s = m["stats"][key]
+            if not isinstance(s.get("mean"), list) or not isinstance(s.get("var"), list):
+                raise DatasetError(f"layer {key} statistics are not inline in metadata.json; merge needs mean and var lists")
+            parts.append(Moments.from_json(s))
+        out[key] = merge_all(parts, hidden_size).to_json()
+    return out
+
+
+def _merged_run(metas: list[dict], counts: dict) -> dict:
+    runs = [m.get("run", {}) for m in metas]
+    wall = max((r.get("wall_seconds") or 0.0) for r in runs)
+    starts = [r["start_time"] for r in runs if r.get("start_time")]
+    ends = [r["end_time"] for r in runs if r.get("end_time")]
+    runners = sorted({r.get("runner") for r in runs if r.get("runner")})
+    return {
+        **runs[0],
+        "runner": runners[0] if len(runners) == 1 else runners,
+        "workers": sum(r.get("workers", 0) for r in runs),
+        "compilations": sum(r.get("compilations", 0) for r in runs),
+        # Hosts run side by side: the job took as long as its slowest host, and its throughput is
+        # every token written over that time (not the sum of per-host rates, which overstates it
+        # whenever hosts did not run exactly together).
+        "wall_seconds": wall,
+        "tokens_per_second": counts.get("tokens", 0) / wall if wall > 0 else None,
+        "start_time": min(starts) if starts else None,
+        "end_time": max(ends) if ends else None,
+        "hosts": [
+            {k: r.get(k) for k in ("runner", "workers", "compilations", "wall_seconds", "tokens_per_second", "start_time", "end_time")}
+            for r in runs
+        ],
+    }
+
+
+def _merged_input(metas: list[dict], ranges: list) -> dict:
+    inp = dict(metas[0].get("input", {}))
+    hosts = [m.get("input", {}).get("host_index") for m in metas]
+    inp["host_index"] = None  # a merged dataset is no single host's share
+    inp["host_indices"] = hosts
+    if all(r is not None for r in ranges):
+        contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        inp["doc_index_ranges"] = [list(r) for r in ranges]
+        inp["doc_index_range"] = [ranges[0][0], ranges[-1][1]] if contiguous else None
+    return inp
+
+
+def _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copied) -> dict:
+    first = metas[0]
+    counts = _sum_counts(metas)
+    inp = _merged_input(metas, ranges)
+    num_hosts = inp.get("num_hosts")
+    hosts = inp["host_indices"]
+    # Every host of the split is here, and (when ranges are known) their shares leave no gap.
+    complete = (
+        isinstance(num_hosts, int)
+        and sorted(h for h in hosts if h is not None) == list(range(num_hosts))
+        and ("doc_index_ranges" not in inp or inp["doc_index_range"] is not None)
+    )
+    extraction = dict(first["extraction"])
+    # Hosts may differ in chips and file counts: keep the per-host values beside the totals.
+    extraction["meshes"] = [m["extraction"].get("mesh") for m in metas]
+    extraction["num_shards"] = len(next(iter(files.values()), []))  # files per layer, all hosts
+    extraction["num_shards_per_host"] = [m["extraction"].get("num_shards") for m in metas]
+    return {
+        **first,
+        "input": inp,
+        "extraction": extraction,
+        "files": files,
+        "shards": shards,
+        "counts": counts,
+        "stats": _merged_stats(metas, first["hidden_size"]),
+        "run": _merged_run(metas, counts),
+        "merge": {
+            "inputs": [
+                {"source": root, "path": p if p is not None else d, "in_place": p is not None, "host_index": h}
+                for root, p, d, h in zip(inputs, prefixes, dests, hosts)
+            ],
+            "copied_files": copied,
+            "complete": complete,
+        },
+    }
