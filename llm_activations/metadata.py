@@ -37,9 +37,13 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def read_metadata(root: str) -> dict:
-    """The parsed metadata.json of a dataset folder, validated; DatasetError otherwise."""
-    text = _read_text(join(root, METADATA_FILE))
+def read_metadata(root: str, read_text=None) -> dict:
+    """The parsed metadata.json of a dataset folder, validated; DatasetError otherwise.
+
+    read_text(path) -> str | None (None: no such file) replaces the default reader (local files and
+    Beam filesystems), e.g. with tf.io.gfile in processes that read through TensorFlow.
+    """
+    text = (read_text or _read_text)(join(root, METADATA_FILE))
     if text is None:
         raise DatasetError(
             f"{root} has no {METADATA_FILE}: it is not a finished llm-activations dataset "
