@@ -1,0 +1,198 @@
+"""Load Hugging Face safetensors checkpoints straight into their target sharding.
+
+One explicit table maps HF keys to our param paths, with each key's HF shape and the transform
+beside it. Tensors are read one at a time, converted on the host to the compute dtype, and put
+on the mesh before the next is read, so the host never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from llm_activations.config import ModelConfig
+from llm_activations.errors import UsageError
+from llm_activations.model import param_shardings, param_specs
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class KeyRule(NamedTuple):
+    pattern: str  # regex over the HF key; (\d+) is the layer index
+    param: str  # our name: "embed" or a block param
+    hf_shape: Callable[[ModelConfig], tuple[int, ...]]
+    to_ours: Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+
+def _same(w, c):
+    return w
+
+
+# HF Linear weights are [out, in]; ours are [in, ...] with heads split out.
+KEY_TABLE: tuple[KeyRule, ...] = (
+    KeyRule(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size), _same),
+    KeyRule(r"model\.layers\.(\d+)\.input_layernorm\.weight", "attn_norm", lambda c: (c.hidden_size,), _same),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "q", lambda c: (c.q_size, c.hidden_size),
+            lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "k", lambda c: (c.kv_size, c.hidden_size),
+            lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "v", lambda c: (c.kv_size, c.hidden_size),
+            lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "o", lambda c: (c.hidden_size, c.q_size),
+            lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "q_bias", lambda c: (c.q_size,),
+            lambda w, c: w.reshape(c.num_heads, c.head_dim)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "k_bias", lambda c: (c.kv_size,),
+            lambda w, c: w.reshape(c.num_kv_heads, c.head_dim)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "v_bias", lambda c: (c.kv_size,),
+            lambda w, c: w.reshape(c.num_kv_heads, c.head_dim)),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "o_bias", lambda c: (c.hidden_size,), _same),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "q_norm", lambda c: (c.head_dim,), _same),
+    KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "k_norm", lambda c: (c.head_dim,), _same),
+    KeyRule(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "mlp_norm", lambda c: (c.hidden_size,), _same),
+    KeyRule(r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "gate", lambda c: (c.intermediate_size, c.hidden_size),
+            lambda w, c: w.T),
+    KeyRule(r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "up", lambda c: (c.intermediate_size, c.hidden_size),
+            lambda w, c: w.T),
+    KeyRule(r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "down", lambda c: (c.hidden_size, c.intermediate_size),
+            lambda w, c: w.T),
+)
+_COMPILED = tuple((re.compile(r.pattern + r"\Z"), r) for r in KEY_TABLE)
+
+# Present in checkpoints, never needed for the residual stream.
+IGNORED_KEYS = re.compile(r"(lm_head\.weight|model\.norm\.weight|model\.rotary_emb\.inv_freq|"
+                          r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)\Z")
+
+
+def resolve_checkpoint(path_or_id: str) -> str:
+    """Local folder holding config.json and *.safetensors; a hub id is downloaded (cached)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise UsageError(f"--model {path_or_id} is a file; give the checkpoint folder or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, gated...
+        raise UsageError(f"--model {path_or_id}: not a local folder and not loadable from the hub ({type(e).__name__})") from None
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The checkpoint's weight files: those named by the index, or the single model.safetensors."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise UsageError(f"{INDEX_FILE} in {folder} names {name}, which is missing")
+        return [os.path.join(folder, n) for n in files]
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if len(found) == 1:
+        return found
+    raise UsageError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported")
+
+
+@contextlib.contextmanager
+def _host_staging():
+    # safetensors' numpy backend cannot represent bfloat16, so tensors come through its flax backend;
+    # pin them to the host CPU device so nothing is staged on an accelerator before placement.
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:
+        yield
+        return
+    with jax.default_device(cpu):
+        yield
+
+
+def _read_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]]:
+    """(key, read(), shape) for each tensor of one file; read() loads just that tensor."""
+    from safetensors import safe_open
+
+    # pread instead of mmap: mapped pages of a 15 GB file would otherwise stay resident.
+    with safe_open(path, framework="flax", backend="pread") as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+
+            def read(key=key):
+                with _host_staging():
+                    return np.asarray(f.get_tensor(key))
+
+            yield key, read, shape
+
+
+def _match(key: str, c: ModelConfig) -> tuple[KeyRule, int | None] | None:
+    for regex, rule in _COMPILED:
+        m = regex.match(key)
+        if m:
+            return rule, (int(m.group(1)) if m.groups() else None)
+    return None
+
+
+def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, dtype) -> dict:
+    """Params for blocks 0 .. num_layers-1 (plus the embedding), each placed in its sharding on mesh.
+
+    Raises UsageError naming the key for a missing, unknown, duplicate or wrongly shaped weight.
+    """
+    dtype = np.dtype(dtype)
+    shardings = param_shardings(config, num_layers, mesh)
+    specs = param_specs(config, num_layers)
+    params: dict = {"embed": None, "layers": [dict() for _ in range(num_layers)]}
+    seen: set[str] = set()
+    for path in safetensors_files(folder):
+        for key, read, shape in _read_tensors(path):
+            if key in seen:
+                raise UsageError(f"checkpoint key {key} appears twice ({os.path.basename(path)})")
+            seen.add(key)
+            if IGNORED_KEYS.match(key):
+                continue
+            found = _match(key, config)
+            if found is None:
+                raise UsageError(f"unexpected checkpoint key {key} in {os.path.basename(path)} for a {config.architecture}")
+            rule, layer = found
+            if layer is not None and layer >= config.num_layers:
+                raise UsageError(f"unexpected checkpoint key {key}: config.json has only {config.num_layers} layers")
+            if layer is not None and layer >= num_layers:
+                continue  # deeper than any requested layer: never read
+            if layer is not None and rule.param not in specs["layers"][layer]:
+                raise UsageError(f"unexpected checkpoint key {key}: a {config.architecture} with this config.json has no such weight")
+            if shape != rule.hf_shape(config):
+                raise UsageError(f"checkpoint key {key} has shape {list(shape)}, expected {list(rule.hf_shape(config))} from config.json")
+            value = np.ascontiguousarray(rule.to_ours(read(), config).astype(dtype, copy=False))
+            if layer is None:
+                params[rule.param] = jax.device_put(value, shardings[rule.param])
+            else:
+                params["layers"][layer][rule.param] = jax.device_put(value, shardings["layers"][layer][rule.param])
+            del value
+    _check_complete(params, specs, config)
+    return params
+
+
+def _hf_key(param: str, layer: int | None) -> str:
+    rule = next(r for r in KEY_TABLE if r.param == param)
+    return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
+
+
+def _check_complete(params: dict, specs: dict, config: ModelConfig) -> None:
+    if params["embed"] is None:
+        raise UsageError(f"checkpoint is missing {_hf_key('embed', None)}")
+    for i, (got, want) in enumerate(zip(params["layers"], specs["layers"])):
+        missing = [name for name in want if name not in got]
+        if missing:
+            raise UsageError(f"checkpoint is missing {_hf_key(missing[0], i)}"
+                             + (f" (and {len(missing) - 1} more weights of layer {i})" if len(missing) > 1 else ""))

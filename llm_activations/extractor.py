@@ -1,0 +1,175 @@
+"""Extractor: a checkpoint on a device mesh with its forward step compiled once for (batch, seq_len).
+
+The step returns, per requested layer, the activations already cast to the storage dtype on
+device (only stored bytes cross to the host) and float32 moments over real tokens, which the host
+turns into float64 `stats.Moments`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llm_activations import checkpoint, model, sharding
+from llm_activations.config import ModelConfig, load_model_config
+from llm_activations.errors import UsageError
+from llm_activations.stats import Moments
+
+COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+# XLA compilations observed per jitted function name, from jax.monitoring (registered once).
+_COMPILES: collections.Counter = collections.Counter()
+_LISTENER_LOCK = threading.Lock()
+_listening = False
+_ids = itertools.count()
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[kwargs.get("fun_name")] += 1
+
+
+def _listen_for_compiles() -> None:
+    global _listening
+    with _LISTENER_LOCK:
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _listening = True
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    activations: dict[int, np.ndarray]  # layer -> [B, T, H] in the storage dtype
+    moments: dict[int, Moments]  # layer -> moments over real tokens (segment_ids > 0)
+
+
+class Pending:
+    """A dispatched step; result() blocks until its outputs are on the host."""
+
+    def __init__(self, layers: Sequence[int], outputs: dict):
+        self._layers = layers
+        self._outputs = outputs
+
+    def result(self) -> StepOutput:
+        host = jax.device_get(self._outputs)
+        acts, moments = {}, {}
+        for layer in self._layers:
+            a, count, mean, m2, norm_sum = host[layer]
+            acts[layer] = a
+            moments[layer] = Moments(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64), float(norm_sum))
+        return StepOutput(acts, moments)
+
+
+def layer_moments(x: jax.Array, real: jax.Array):
+    """count, mean [D], m2 [D], norm_sum of x [B, T, D] over positions where real [B, T], in float32."""
+    xf = x.astype(jnp.float32)
+    w = real[..., None]
+    count = jnp.sum(real, dtype=jnp.int32)
+    mean = jnp.sum(jnp.where(w, xf, 0.0), axis=(0, 1)) / jnp.maximum(count, 1).astype(jnp.float32)
+    m2 = jnp.sum(jnp.where(w, jnp.square(xf - mean), 0.0), axis=(0, 1))
+    norm_sum = jnp.sum(jnp.where(real, jnp.linalg.norm(xf, axis=-1), 0.0))
+    return count, mean, m2, norm_sum
+
+
+def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype):
+    """step(params, tokens, segment_ids, positions) -> {layer: (acts, count, mean, m2, norm_sum)}."""
+
+    def step(params, tokens, segment_ids, positions):
+        acts = model.forward(params, config, tokens, segment_ids, positions, layers, mesh=mesh)
+        real = segment_ids > 0
+        return {layer: (x.astype(storage_dtype),) + layer_moments(x, real) for layer, x in acts.items()}
+
+    return step
+
+
+class Extractor:
+    """A model loaded onto a ("data", "model") mesh with its step compiled once.
+
+    model: checkpoint folder or hub id. layers: 0-based block indices (resid_post). Inputs of
+    dispatch / __call__ are int32 numpy [batch_size, seq_len]: token ids, segment ids (0 = padding)
+    and position ids.
+    """
+
+    def __init__(self, model: str, *, layers: Sequence[int], batch_size: int, seq_len: int,
+                 compute_dtype: str = "bfloat16", storage_dtype: str = "bfloat16",
+                 mesh_shape: tuple[int, int] | None = None):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise UsageError(f"storage dtype {storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        if batch_size < 1 or seq_len < 1:
+            raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
+        self.config, self.hf_config = load_model_config(model)
+        self.layers = tuple(sorted(set(int(l) for l in layers)))
+        if not self.layers:
+            raise UsageError("no layers requested")
+        bad = [l for l in self.layers if not 0 <= l < self.config.num_layers]
+        if bad:
+            raise UsageError(f"layer {bad[0]} is out of range: {self.config.architecture} has layers 0..{self.config.num_layers - 1}")
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.compute_dtype = np.dtype(COMPUTE_DTYPES[compute_dtype])
+        self.storage_dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
+        num_blocks = self.layers[-1] + 1
+        self.mesh = sharding.make_mesh(mesh_shape, self.config, batch_size, self.compute_dtype, num_blocks)
+        self.params = checkpoint.load_params(checkpoint.resolve_checkpoint(model), self.config, num_blocks,
+                                             self.mesh, self.compute_dtype)
+        self._compile()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def compilations(self) -> int:
+        """XLA compilations of this extractor's step observed in this process (1 after setup)."""
+        return _COMPILES[f"jit({self._name})"]
+
+    def _compile(self) -> None:
+        _listen_for_compiles()
+        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype)
+        # A unique name lets the compile listener count this step's compilations alone.
+        self._name = step.__name__ = step.__qualname__ = f"extract_step_{next(_ids)}"
+        self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
+        acts = sharding.named_sharding(self.mesh, ("batch", "seq", "embed"))
+        scalar = NamedSharding(self.mesh, PartitionSpec())
+        out_shardings = {l: (acts, scalar, scalar, scalar, scalar) for l in self.layers}
+        param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
+        jitted = jax.jit(step, in_shardings=(param_shardings,) + (self._input_sharding,) * 3,
+                         out_shardings=out_shardings)
+        shape = jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32, sharding=self._input_sharding)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
+        self._step = jitted.lower(params, shape, shape, shape).compile()
+
+    def _put(self, name: str, x) -> jax.Array:
+        x = np.asarray(x)
+        expected = (self.batch_size, self.seq_len)
+        if x.shape != expected:
+            raise ValueError(f"{name} has shape {x.shape}; expected [batch_size, seq_len] = {list(expected)}")
+        if x.dtype != np.int32:
+            if not np.issubdtype(x.dtype, np.integer):
+                raise ValueError(f"{name} has dtype {x.dtype}; expected int32")
+            x = x.astype(np.int32)
+        if name == "tokens" and x.size and (x.min() < 0 or x.max() >= self.config.vocab_size):
+            raise ValueError(f"tokens hold ids outside [0, {self.config.vocab_size}) (vocab_size)")
+        return jax.device_put(x, self._input_sharding)
+
+    def dispatch(self, tokens, segment_ids, positions) -> Pending:
+        """Start the step on device and return at once; Pending.result() collects the outputs."""
+        args = (self._put("tokens", tokens), self._put("segment_ids", segment_ids), self._put("positions", positions))
+        outputs = self._step(self.params, *args)
+        for leaf in jax.tree.leaves(outputs):
+            leaf.copy_to_host_async()
+        return Pending(self.layers, outputs)
+
+    def __call__(self, tokens, segment_ids, positions) -> StepOutput:
+        return self.dispatch(tokens, segment_ids, positions).result()

@@ -1,0 +1,172 @@
+"""The Qwen2/Qwen3/Llama decoder as pure functions over a params pytree.
+
+params = {"embed": [V, D], "layers": [block params, ...]} holding only the blocks up to the
+deepest requested layer. `forward` returns the residual stream after each requested block
+("resid_post"); no later block, final norm or lm_head ever runs.
+
+Einsum axes: B batch, T query position, S key position, D hidden, N query heads, K kv heads,
+G query heads per kv head, H head_dim, F MLP hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from llm_activations.config import ModelConfig
+from llm_activations.sharding import named_sharding
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axis names, mapped to mesh axes by sharding.RULES
+
+
+def layer_specs(c: ModelConfig) -> dict[str, ParamSpec]:
+    """Every weight of one decoder block, declared once with its shape and logical axes."""
+    d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    specs = {
+        "attn_norm": ParamSpec((d,), ("embed",)),
+        "q": ParamSpec((d, n, h), ("embed", "heads", "head_dim")),
+        "k": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((n, h, d), ("heads", "head_dim", "embed")),
+        "mlp_norm": ParamSpec((d,), ("embed",)),
+        "gate": ParamSpec((d, f), ("embed", "mlp")),
+        "up": ParamSpec((d, f), ("embed", "mlp")),
+        "down": ParamSpec((f, d), ("mlp", "embed")),
+    }
+    if c.qkv_bias:
+        specs["q_bias"] = ParamSpec((n, h), ("heads", "head_dim"))
+        specs["k_bias"] = ParamSpec((k, h), ("kv_heads", "head_dim"))
+        specs["v_bias"] = ParamSpec((k, h), ("kv_heads", "head_dim"))
+    if c.o_bias:
+        specs["o_bias"] = ParamSpec((d,), ("embed",))
+    if c.qk_norm:
+        specs["q_norm"] = ParamSpec((h,), ("head_dim",))
+        specs["k_norm"] = ParamSpec((h,), ("head_dim",))
+    return specs
+
+
+def param_specs(c: ModelConfig, num_layers: int) -> dict:
+    """Specs pytree of the params forward needs to run blocks 0 .. num_layers-1."""
+    return {
+        "embed": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed")),
+        "layers": [layer_specs(c) for _ in range(num_layers)],
+    }
+
+
+def param_shardings(c: ModelConfig, num_layers: int, mesh: Mesh) -> dict:
+    return jax.tree.map(lambda s: named_sharding(mesh, s.axes), param_specs(c, num_layers),
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def init_params(c: ModelConfig, num_layers: int, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random params (benchmarks and tests without a checkpoint); norms near 1, others ~1/sqrt(fan_in)."""
+    specs = param_specs(c, num_layers)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for s, k in zip(leaves, keys):
+        x = jax.random.normal(k, s.shape, jnp.float32)
+        out.append((1.0 + 0.1 * x if len(s.shape) == 1 else x / jnp.sqrt(s.shape[0])).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, accumulated in float32, cast back before the weight (as HF does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (HF "rotate_half" layout) of x [B, T, N, H] at positions [B, T], in float32."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    # [B, T, H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, S] bool: causal within a segment (block-diagonal), never across segments.
+
+    Padding (segment 0) attends only to itself so its softmax stays finite; it is never stored.
+    """
+    t = segment_ids.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)
+    return (same & causal) | jnp.eye(t, dtype=bool)
+
+
+def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D]."""
+    b, t, _ = x.shape
+    # [B, T, N, H] / [B, T, K, H]
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+    k = jnp.einsum("btd,dkh->btkh", x, p["k"])
+    v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+    if c.qkv_bias:  # Qwen2: q/k/v projections have a bias (o_proj does not)
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if c.qk_norm:  # Qwen3: per-head RMSNorm on q and k, before RoPE
+        q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    q = q.reshape(b, t, c.num_kv_heads, c.group_size, c.head_dim)
+    # [B, K, G, T, S] logits accumulated in float32
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    # [B, T, K, G, H]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+    # [B, T, D]
+    out = jnp.einsum("btnh,nhd->btd", out, p["o"])
+    return out + p["o_bias"] if c.o_bias else out
+
+
+def mlp(p: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU MLP of normed x [B, T, D] -> [B, T, D]."""
+    # [B, T, F]
+    gate = jnp.einsum("btd,df->btf", x, p["gate"])
+    up = jnp.einsum("btd,df->btf", x, p["up"])
+    # [B, T, D]
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
+
+
+def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """One pre-norm decoder block: x [B, T, D] -> residual stream after the block [B, T, D]."""
+    x = x + attention(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, mask)
+    return x + mlp(p, rms_norm(x, p["mlp_norm"], c.rms_norm_eps))
+
+
+def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: jax.Array,
+            positions: jax.Array, layers: Sequence[int], mesh: Mesh | None = None) -> dict[int, jax.Array]:
+    """Residual streams after the requested blocks.
+
+    tokens, segment_ids (0 = padding), positions: int [B, T]. Returns {layer: [B, T, D]} in the
+    params' dtype. With a mesh, the residual stream is constrained to batch-over-"data" at block edges.
+    """
+    wanted = set(layers)
+    deepest = max(wanted)
+    if deepest >= len(params["layers"]):
+        raise ValueError(f"layer {deepest} requested but params hold {len(params['layers'])} blocks")
+
+    def constrain(x):
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, named_sharding(mesh, ("batch", "seq", "embed")))
+
+    mask = attention_mask(segment_ids)
+    # [B, T, D]
+    x = constrain(jnp.take(params["embed"], tokens, axis=0))
+    out = {}
+    for i in range(deepest + 1):
+        x = constrain(block(params["layers"][i], config, x, positions, mask))
+        if i in wanted:
+            out[i] = x
+    return out

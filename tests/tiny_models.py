@@ -1,0 +1,80 @@
+"""Tiny random `transformers` decoders saved with save_pretrained, and their reference activations.
+
+torch is only used here, in tests: transformers' own forward is the reference implementation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import transformers
+
+BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
+
+VARIANTS = {
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=False, rope_theta=10000.0)),
+    "qwen2_tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True, num_key_value_heads=2, rope_theta=1e6)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False, rope_theta=1e6)),
+    "llama": (transformers.LlamaConfig, dict(tie_word_embeddings=False, rope_theta=500000.0)),
+}
+
+
+def build_model(variant: str = "qwen2", seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A float32 random model; weights drawn at ~1/sqrt(fan_in) (not HF's 0.02) so every op matters."""
+    config_cls, extra = VARIANTS[variant]
+    kwargs = {**BASE, **extra, **overrides}
+    rope_theta = kwargs.pop("rope_theta", 10000.0)
+    config = config_cls(**kwargs)
+    config.rope_parameters = {"rope_theta": rope_theta, "rope_type": "default"}
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim == 1:  # biases
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(noise / np.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+def save_model(model, folder: str, sharded: bool = False, dtype: torch.dtype | None = None) -> str:
+    """save_pretrained (safetensors) into folder; sharded=True splits it into several files."""
+    os.makedirs(folder, exist_ok=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, max_shard_size="100KB" if sharded else "10GB")
+    return folder
+
+
+def tiny_checkpoint(folder: str, variant: str = "qwen2", *, sharded: bool = False, seed: int = 0,
+                    dtype: torch.dtype | None = None, **overrides):
+    """(folder, float32 torch model) for a tiny random model saved under folder."""
+    model = build_model(variant, seed, **overrides)
+    save_model(build_model(variant, seed, **overrides) if dtype is not None else model, folder, sharded, dtype)
+    return folder, model
+
+
+@torch.no_grad()
+def reference_layers(torch_model, token_ids, layers) -> dict[int, np.ndarray]:
+    """transformers' residual stream after each block in layers for ONE segment: {layer: [n, H]} float32."""
+    captured = {}
+    hooks = []
+    for layer in layers:
+        def hook(module, args, output, layer=layer):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[layer] = out[0].float().numpy().copy()
+
+        hooks.append(torch_model.model.layers[layer].register_forward_hook(hook))
+    try:
+        torch_model.model(input_ids=torch.as_tensor(np.asarray(token_ids, np.int64))[None], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
