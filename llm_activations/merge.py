@@ -150,9 +150,17 @@ def _check_consistent(inputs: list[str], metas: list[dict]) -> None:
 
 
 def _check_disjoint(inputs: list[str], metas: list[dict]) -> list[list[int] | None]:
-    """Host shares must not overlap: by doc_index_range, or else by distinct host_index of one split."""
+    """Host shares must not overlap.
+
+    File inputs are split into contiguous doc_index ranges, which must not overlap. A streaming
+    hf:// input has no known length, so its hosts share one range and take every num_hosts-th
+    record from it (record i goes to host i % num_hosts): disjoint exactly when the host indices
+    are distinct. Without ranges, distinct host indices of one split are the only evidence.
+    """
     ranges = [m.get("input", {}).get("doc_index_range") for m in metas]
-    if all(r is not None for r in ranges):
+    hosts = [m.get("input", {}).get("host_index") for m in metas]
+    interleaved = len(metas) > 1 and all(r is not None and r == ranges[0] for r in ranges)
+    if all(r is not None for r in ranges) and not interleaved:
         for (a, ra), (b, rb) in zip(zip(inputs, ranges), zip(inputs[1:], ranges[1:])):
             if rb[0] < ra[1]:  # sorted by start, so overlapping neighbours are enough to look at
                 raise UsageError(
@@ -160,13 +168,20 @@ def _check_disjoint(inputs: list[str], metas: list[dict]) -> list[list[int] | No
                     "each host folder may be merged once, and hosts must come from one --num-hosts split"
                 )
         return ranges
-    hosts = [m.get("input", {}).get("host_index") for m in metas]
     if len(metas) > 1 and (None in hosts or len(set(hosts)) != len(hosts)):
         raise UsageError(
-            "cannot show the inputs cover disjoint records: their metadata lacks input.doc_index_range and "
-            f"distinct input.host_index (got {hosts}); merge only folders of `extract --num-hosts N --host-index I`"
+            f"inputs share records: {' and '.join(_same_host(inputs, hosts))} have the same host_index of "
+            "one --num-hosts split (or none); each host folder may be merged once"
         )
-    return ranges
+    return [None] * len(metas) if not interleaved else ranges
+
+
+def _same_host(inputs: list[str], hosts: list) -> list[str]:
+    for i, h in enumerate(hosts):
+        for j in range(i + 1, len(hosts)):
+            if h is None or h == hosts[j]:
+                return [inputs[i], inputs[j]]
+    return inputs[:2]
 
 
 def _inside(root: str, output: str) -> str | None:
@@ -324,13 +339,13 @@ def _merged_stats(metas: list[dict], hidden_size: int) -> dict:
     return out
 
 
-def _merged_run(metas: list[dict], counts: dict) -> dict:
+def _merged_run(metas: list[dict], counts: dict, bases: list[str], inputs: list[str]) -> dict:
     runs = [m.get("run", {}) for m in metas]
     wall = max((r.get("wall_seconds") or 0.0) for r in runs)
     starts = [r["start_time"] for r in runs if r.get("start_time")]
     ends = [r["end_time"] for r in runs if r.get("end_time")]
-    runners = sorted({r.get("runner") for r in runs if r.get("runner")})
-    return {
+    runners = sorted({str(r.get("runner")) for r in runs if r.get("runner")})
+    merged = {
         **runs[0],
         "runner": runners[0] if len(runners) == 1 else runners,
         "workers": sum(r.get("workers", 0) for r in runs),
@@ -339,14 +354,34 @@ def _merged_run(metas: list[dict], counts: dict) -> dict:
         # every token written over that time (not the sum of per-host rates, which overstates it
         # whenever hosts did not run exactly together).
         "wall_seconds": wall,
-        "tokens_per_second": counts.get("tokens", 0) / wall if wall > 0 else None,
+        "tokens_per_second": round(counts.get("tokens", 0) / wall, 1) if wall > 0 else None,
         "start_time": min(starts) if starts else None,
         "end_time": max(ends) if ends else None,
         "hosts": [
-            {k: r.get(k) for k in ("runner", "workers", "compilations", "wall_seconds", "tokens_per_second", "start_time", "end_time")}
-            for r in runs
+            {k: r.get(k) for k in _HOST_RUN_KEYS if k in r} for r in runs
         ],
     }
+    if any("extract_seconds" in r for r in runs):
+        merged["extract_seconds"] = sum(r.get("extract_seconds", 0.0) for r in runs)
+    if any("rejected_files" in r for r in runs):
+        merged["rejected_files"] = [
+            _rebase(f, root, base) for r, root, base in zip(runs, inputs, bases) for f in r.get("rejected_files", [])
+        ]
+    return merged
+
+
+_HOST_RUN_KEYS = ("runner", "workers", "compilations", "wall_seconds", "tokens_per_second", "extract_seconds",
+                  "start_time", "end_time")
+
+
+def _rebase(path: str, root: str, base: str) -> str:
+    """A host's path (relative to its folder, or a URL inside it) as a path relative to OUT."""
+    if "://" in path:
+        prefix = root.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            return path
+        path = path[len(prefix) :]
+    return posixpath.join(base, posixpath.normpath(path))
 
 
 def _merged_input(metas: list[dict], ranges: list) -> dict:
@@ -355,9 +390,13 @@ def _merged_input(metas: list[dict], ranges: list) -> dict:
     inp["host_index"] = None  # a merged dataset is no single host's share
     inp["host_indices"] = hosts
     if all(r is not None for r in ranges):
-        contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-        inp["doc_index_ranges"] = [list(r) for r in ranges]
-        inp["doc_index_range"] = [ranges[0][0], ranges[-1][1]] if contiguous else None
+        if len(ranges) > 1 and all(r == ranges[0] for r in ranges):  # interleaved hf:// split: one shared range
+            inp["doc_index_ranges"] = [list(ranges[0])]
+            inp["doc_index_range"] = list(ranges[0])
+        else:
+            contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            inp["doc_index_ranges"] = [list(r) for r in ranges]
+            inp["doc_index_range"] = [ranges[0][0], ranges[-1][1]] if contiguous else None
     return inp
 
 
@@ -386,7 +425,7 @@ def _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copi
         "shards": shards,
         "counts": counts,
         "stats": _merged_stats(metas, first["hidden_size"]),
-        "run": _merged_run(metas, counts),
+        "run": _merged_run(metas, counts, [p if p is not None else d for p, d in zip(prefixes, dests)], inputs),
         "merge": {
             "inputs": [
                 {"source": root, "path": p if p is not None else d, "in_place": p is not None, "host_index": h}
