@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import uuid
 from typing import BinaryIO, Iterator
 
 import google_crc32c
@@ -254,7 +255,8 @@ class ShardWriter:
 
         self.path = path
         self.compression = compression
-        self._tmp = f"{path}.inprogress"
+        # A unique temporary name: a retried or speculative duplicate of this writer may run at once.
+        self._tmp = f"{path}.inprogress-{uuid.uuid4().hex[:12]}"
         self._sha = hashlib.sha256()
         self.records = self.tokens = self.bytes = 0
         self._raw = _create(self._tmp)

@@ -1,0 +1,375 @@
+"""`python -m llm_activations extract`: configuration, checks, and the Beam pipeline.
+
+    PlanUnits -> Reshuffle -> ReadDocuments -> Tokenize -> Segment -> Pack -> Batch
+              -> Extract -> WriteShards            (transforms.ExtractUnits)
+    rejected -> rejected/*.jsonl;  counts, run stats, shard descriptions -> metadata.json (last)
+
+Every configuration error is found here, on the launcher, before a model is loaded or a worker is
+started, and raised as a UsageError (exit 2, one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import __version__, demo, inputs
+from .errors import UsageError
+from .metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, write_metadata
+
+DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("bfloat16", "float32")
+MODES = ("pack", "pad")
+COMPRESSIONS = ("none", "gzip")
+DOCS_PER_UNIT = 4096
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str
+    inputs: tuple
+    output: str
+    text_field: str = "text"
+    layers: tuple = ()
+    seq_len: int = 1024
+    batch_size: int = 8
+    mode: str = "pack"
+    dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+    num_shards: int = 0
+    compression: str = "none"
+    overwrite: bool = False
+    max_docs: int | None = None
+    mesh: tuple | None = None  # (data, model) or None for automatic
+    num_hosts: int = 1
+    host_index: int = 0
+    docs_per_unit: int = DOCS_PER_UNIT
+    beam_args: tuple = field(default_factory=tuple)
+    is_demo: bool = False
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "Any other --option is passed to Apache Beam as a pipeline option, e.g.\n"
+        "  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp\n"
+        "  --direct_num_workers 2 --direct_running_mode multi_processing\n"
+        "With no --model and no --input the bundled demo runs (tiny Qwen2 + sample corpus)."
+    )
+    a = p.add_argument
+    a("--model", help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer) or hub id (default: the bundled demo model)")
+    a("--input", nargs="+", dest="inputs", metavar="PATTERN",
+      help="files or globs (.jsonl, .json lines, .parquet, .txt = one document per file) or hf://NAME[/CONFIG]:SPLIT (default: the bundled demo corpus)")
+    a("--text-field", default="text", help="field holding the text in JSON/parquet/HF records (default: text)")
+    a("--output", help=f"output folder, local or a Beam filesystem URL such as gs://... (default for the demo: ./{demo.DEMO_OUTPUT})")
+    a("--layers", nargs="+", type=int, metavar="L", help="0-based decoder blocks; stores the residual stream after each (default: the middle layer)")
+    a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
+    a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
+    a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
+    a("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype of activations (default: bfloat16)")
+    a("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="dtype the model computes in (default: bfloat16)")
+    a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
+    a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
+    a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
+    a("--max-docs", type=int, help="use only the first N input records (default: all)")
+    a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
+    a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
+    a("--host-index", type=int, default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
+    a("--docs-per-unit", type=int, default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    is_demo = args.model is None and args.inputs is None
+    output = args.output or (demo.DEMO_OUTPUT if is_demo else None)
+    if output is None:
+        raise UsageError("--output is required (a folder for the activation dataset)")
+    return ExtractConfig(
+        model=args.model or demo.ensure_demo_model(),
+        inputs=tuple(args.inputs or [str(demo.CORPUS)]),
+        output=output,
+        text_field=args.text_field,
+        layers=tuple(args.layers or ()),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
+        num_shards=args.num_shards,
+        compression=args.compression,
+        overwrite=args.overwrite,
+        max_docs=args.max_docs,
+        mesh=parse_mesh(args.mesh),
+        num_hosts=args.num_hosts,
+        host_index=args.host_index,
+        docs_per_unit=args.docs_per_unit,
+        beam_args=tuple(getattr(args, "beam_args", ()) or ()),
+        is_demo=is_demo,
+    )
+
+
+def parse_mesh(text: str | None) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        data, model = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--mesh {text!r}: expected DATA,MODEL, e.g. 4,1") from None
+    if data < 1 or model < 1:
+        raise UsageError(f"--mesh {text!r}: both axes must be at least 1")
+    return data, model
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    meta = run_extract(cfg)
+    print_summary(cfg, meta)
+    return 0
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def resolve_model(model: str) -> str:
+    """A local checkpoint folder for `model` (a folder, or a hub id fetched with huggingface_hub)."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise UsageError(f"--model {model!r}: no such checkpoint folder (expected config.json, *.safetensors and tokenizer files)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise UsageError(f"--model {model!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}); "
+                         "download it first and pass the folder") from None
+
+
+def check_model_folder(folder: str) -> None:
+    files = set(os.listdir(folder))
+    if "config.json" not in files:
+        raise UsageError(f"--model {folder}: no config.json in the folder")
+    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
+        raise UsageError(f"--model {folder}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)")
+    if not files & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}:
+        raise UsageError(f"--model {folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
+def check_config(cfg: ExtractConfig):
+    """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
+    from .config import load_model_config
+
+    if cfg.seq_len < 1 or cfg.batch_size < 1:
+        raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
+    if cfg.num_shards < 0:
+        raise UsageError(f"--num-shards {cfg.num_shards}: must be 0 (automatic) or positive")
+    if cfg.max_docs is not None and cfg.max_docs < 1:
+        raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
+    if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
+        raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
+    folder = resolve_model(cfg.model)
+    check_model_folder(folder)
+    model_cfg, hf = load_model_config(folder)
+    layers = cfg.layers or (model_cfg.num_layers // 2,)
+    for layer in layers:
+        if not 0 <= layer < model_cfg.num_layers:
+            raise UsageError(f"--layers {layer}: out of range; this model has layers 0..{model_cfg.num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
+    if cfg.mesh is not None:
+        data, model = cfg.mesh
+        if cfg.batch_size % data:
+            raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the mesh 'data' axis ({data}); "
+                             f"use a batch size that is a multiple of {data}")
+        if model_cfg.num_kv_heads % model or model_cfg.num_heads % model:
+            raise UsageError(f"--mesh {data},{model}: the 'model' axis must divide the attention heads "
+                             f"({model_cfg.num_heads}) and key/value heads ({model_cfg.num_kv_heads})")
+    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers))}), model_cfg, hf
+
+
+def prepare_output(cfg: ExtractConfig) -> None:
+    """Refuse a non-empty output folder unless --overwrite; then remove the previous dataset."""
+    from apache_beam.io.filesystems import FileSystems
+
+    root = cfg.output.rstrip("/")
+    if "://" not in root and os.path.exists(root) and not os.path.isdir(root):
+        raise UsageError(f"--output {root} exists and is not a folder")
+    existing = [m.path.rstrip("/") for m in FileSystems.match([join(root, "*")])[0].metadata_list]
+    if "://" not in root and os.path.isdir(root):
+        existing = [join(root, name) for name in os.listdir(root)]
+    if existing and not cfg.overwrite:
+        raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, or choose another folder")
+    # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
+    # no longer claims to be a finished dataset.
+    ours = [p for p in existing if os.path.basename(p) == METADATA_FILE]
+    ours += [p for p in existing if os.path.basename(p) == "rejected" or os.path.basename(p).startswith("layer_")]
+    if ours:
+        FileSystems.delete(ours)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def plan(cfg: ExtractConfig):
+    """Sources, this host's doc_index range, and the work units."""
+    sources = inputs.plan_sources(list(cfg.inputs), cfg.text_field)
+    if sources[0].kind == "hf":
+        stop = cfg.max_docs if cfg.max_docs else -1
+        return sources, (0, stop), [inputs.WorkUnit(0, 0, stop, ((sources[0], 0, stop),))]
+    total = sum(s.num_records for s in sources)
+    if cfg.max_docs:
+        total = min(total, cfg.max_docs)
+    start, stop = inputs.host_range(total, cfg.num_hosts, cfg.host_index)
+    num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
+    return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
+
+
+def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict, fail_after_batches: int | None = None):
+    """Attach the extraction to Beam pipeline p. The whole job reads as this one screen."""
+    import apache_beam as beam
+    from apache_beam.pvalue import AsList, AsSingleton
+
+    from . import transforms as T
+
+    spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh)
+    out = (
+        p
+        | "PlanUnits" >> beam.Create(units)
+        | "Distribute" >> beam.Reshuffle()
+        | "ExtractUnits" >> T.ExtractUnits(cfg, len(units), spec, fail_after_batches)
+    )
+    rejected_files = out[T.REJECTED] | "WriteRejected" >> beam.io.WriteToText(
+        join(cfg.output, "rejected", "rejected"), file_name_suffix=".jsonl", num_shards=1)
+    counts = out[T.COUNTS] | "SumCounts" >> beam.CombineGlobally(T.SumCounts())
+    run_stats = out[T.RUN] | "MergeRunStats" >> beam.CombineGlobally(T.MergeRun())
+    return (
+        p
+        | "Finalize" >> beam.Create([metadata_base])
+        | "WriteMetadata" >> beam.Map(finalize_metadata, output=cfg.output, counts=AsSingleton(counts),
+                                      run=AsSingleton(run_stats), shards=AsList(out["shards"]),
+                                      rejected_files=AsList(rejected_files))
+    )
+
+
+def run_extract(cfg: ExtractConfig, fail_after_batches: int | None = None) -> dict:
+    """Check, plan, run the pipeline to completion; returns the written metadata."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    cfg, model_cfg, hf = check_config(cfg)
+    try:
+        options = PipelineOptions(list(cfg.beam_args))
+        options.get_all_options()  # parses now: a bad Beam option is a usage error, not a crash later
+    except (SystemExit, ValueError) as e:
+        raise UsageError(f"bad Beam pipeline option in {' '.join(cfg.beam_args)} ({e})") from None
+    sources, host_docs, units = plan(cfg)
+    prepare_output(cfg)
+    base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options)
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, cfg, units, base, fail_after_batches)
+    from .metadata import read_metadata
+
+    return read_metadata(cfg.output)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"llm_activations": __version__, "python": sys.version.split()[0]}
+    for pkg in ("jax", "jaxlib", "flax", "apache-beam", "transformers", "tokenizers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _tokenizer_info(folder: str) -> dict:
+    info = {"name_or_path": folder}
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        info["vocab_size"] = len(tok)
+        info["special_token_ids"] = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad", "unk")}
+    except Exception as e:  # the metadata should still be written; workers load the tokenizer themselves
+        info["error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, options) -> dict:
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name_or_path": cfg.model, "architecture": model_cfg.architecture, "model_type": model_cfg.model_type,
+                  "hidden_size": model_cfg.hidden_size, "num_layers": model_cfg.num_layers, "config": hf},
+        "tokenizer": _tokenizer_info(cfg.model),
+        "input": {"patterns": list(cfg.inputs), "files": [s.path for s in sources], "text_field": cfg.text_field,
+                  "max_docs": cfg.max_docs, "num_hosts": cfg.num_hosts, "host_index": cfg.host_index,
+                  "doc_index_range": list(host_docs)},
+        "extraction": {"layers": list(cfg.layers), "hook": "resid_post", "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                       "mode": cfg.mode, "compute_dtype": cfg.compute_dtype,
+                       "mesh": {"data": cfg.mesh[0], "model": cfg.mesh[1]} if cfg.mesh else "auto",
+                       "num_shards": cfg.num_shards},
+        "dtype": cfg.dtype,
+        "hidden_size": model_cfg.hidden_size,
+        "compression": cfg.compression,
+        "run": {"runner": str(runner), "direct_num_workers": options.view_as(DirectOptions).direct_num_workers,
+                "start_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "start_unix": time.time(), "versions": _versions()},
+    }
+
+
+def finalize_metadata(base: dict, output: str, counts: dict, run: dict, shards: list, rejected_files: list) -> dict:
+    """Assemble metadata.json from the pipeline's side outputs and write it - the last step."""
+    from .stats import Moments
+
+    meta = json.loads(json.dumps(base))
+    layers = meta["extraction"]["layers"]
+    hidden = meta["hidden_size"]
+    shards = sorted(shards, key=lambda s: (s["layer"], s["path"]))
+    meta["files"] = {str(layer): [s["path"] for s in shards if s["layer"] == layer] for layer in layers}
+    meta["shards"] = shards
+    meta["counts"] = {k: int(counts.get(k, 0)) for k in
+                      ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")}
+    meta["stats"] = {str(layer): run["moments"].get(layer, Moments.empty(hidden)).to_json() for layer in layers}
+    end = time.time()
+    wall = end - meta["run"].pop("start_unix")
+    meta["run"].update({
+        "workers": len(run["workers"]),
+        "compilations": run["compilations"],
+        "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(meta["counts"]["tokens"] / wall, 1) if wall > 0 else None,
+        "extract_seconds": round(run["extract_seconds"], 3),
+        "rejected_files": sorted(os.path.relpath(f, output) if "://" not in f else f for f in rejected_files),
+    })
+    write_metadata(output, meta)
+    return meta
+
+
+def print_summary(cfg: ExtractConfig, meta: dict) -> None:
+    c, r = meta["counts"], meta["run"]
+    files = sum(len(v) for v in meta["files"].values())
+    size = sum(s["bytes"] for s in meta["shards"])
+    print(
+        f"done: {c['documents']} documents ({c['rejected']} rejected), {c['tokens']} tokens x {len(meta['files'])} layer(s), "
+        f"{r['tokens_per_second']:.0f} tokens/s, {files} files ({size / 2**20:.1f} MiB), "
+        f"padding {c['padding_tokens'] / max(1, c['tokens'] + c['padding_tokens']):.1%}, compilations {r['compilations']}\n"
+        f"      -> {os.path.abspath(cfg.output) if '://' not in cfg.output else cfg.output}/{METADATA_FILE}"
+    )

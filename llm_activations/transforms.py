@@ -1,0 +1,410 @@
+"""The Beam transforms and DoFns of the extraction pipeline.
+
+Elements are *work units* (contiguous doc_index ranges, see inputs.py) until `Batch` turns each unit
+into fixed-shape model batches followed by a UnitEnd marker. There is no GroupByKey on the data
+path: every step after the initial Reshuffle of unit descriptors fuses into one streaming stage,
+so a worker holds one unit's tokens and a couple of batches of activations at a time, whatever the
+corpus size. Each unit is written to its own shard file per layer by the worker that processed it,
+in row order, so files depend only on input and configuration, and a retried bundle rewrites the
+same bytes under the same names.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+from dataclasses import dataclass, field, replace
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.transforms.window import GlobalWindow
+
+from . import inputs, packing, records
+from .stats import Moments
+
+NAMESPACE = "llm_activations"
+REJECTED = "rejected"
+COUNTS = "counts"
+RUN = "run"
+
+
+# ----------------------------------------------------------------------------- elements
+
+
+@dataclass
+class UnitData:
+    """A work unit on its way through read -> tokenize -> segment -> pack."""
+
+    unit: inputs.WorkUnit
+    docs: list = field(default_factory=list)  # [Document]
+    tokens: list = field(default_factory=list)  # [(doc_index, int32 array)]
+    segments: list = field(default_factory=list)  # [packing.Segment]
+    rows: list = field(default_factory=list)  # [[segment position, ...]]
+    counts: collections.Counter = field(default_factory=collections.Counter)
+
+
+@dataclass(frozen=True)
+class UnitEnd:
+    """Marks that every batch of a unit has gone by: its shard files can be closed."""
+
+    unit: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to build its Extractor (plain data, cheap to pickle)."""
+
+    model: str
+    layers: tuple
+    batch_size: int
+    seq_len: int
+    compute_dtype: str
+    storage_dtype: str
+    mesh_shape: tuple | None
+
+
+def _counter(name: str):
+    return beam.metrics.Metrics.counter(NAMESPACE, name)
+
+
+# ----------------------------------------------------------------------------- read
+
+
+class ReadDocuments(beam.DoFn):
+    """WorkUnit -> UnitData with its documents; unusable records go to the 'rejected' output."""
+
+    def __init__(self, text_field: str, num_hosts: int = 1, host_index: int = 0):
+        self._text_field, self._num_hosts, self._host_index = text_field, num_hosts, host_index
+        self._documents, self._rejected = _counter("documents_read"), _counter("rejected")
+
+    def process(self, unit: inputs.WorkUnit):
+        data = UnitData(unit)
+        for item in inputs.read_unit(unit, self._text_field, self._num_hosts, self._host_index):
+            if isinstance(item, inputs.Rejected):
+                data.counts["rejected"] += 1
+                self._rejected.inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, item.to_json())
+            else:
+                data.docs.append(item)
+                self._documents.inc()
+        yield data
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+_TOKENIZERS = shared.Shared()
+
+
+class _Holder:
+    """Weak-referenceable box: apache_beam.utils.shared caches objects by weak reference."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+class Tokenize(beam.DoFn):
+    """Tokenizes a unit's documents in one batched call: exactly tokenizer(text)["input_ids"]."""
+
+    BATCH = 256  # documents per tokenizer call: big enough for the Rust tokenizer's threads
+
+    def __init__(self, model: str):
+        self._model = model
+        self._tokens = _counter("tokens_read")
+
+    def setup(self):
+        # One tokenizer per worker process, shared by its threads.
+        self._tokenizer = _TOKENIZERS.acquire(lambda: _Holder(load_tokenizer(self._model)), tag=self._model).value
+
+    def process(self, data: UnitData):
+        docs = data.docs
+        for i in range(0, len(docs), self.BATCH):
+            chunk = docs[i : i + self.BATCH]
+            ids = self._tokenizer([d.text for d in chunk])["input_ids"]
+            for doc, tok in zip(chunk, ids):
+                if not tok:  # text that encodes to no token cannot be extracted
+                    data.counts["rejected"] += 1
+                    yield beam.pvalue.TaggedOutput(REJECTED, inputs.Rejected(
+                        doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]).to_json())
+                    continue
+                data.tokens.append((doc.doc_index, np.asarray(tok, dtype=np.int32)))
+                data.counts["documents"] += 1
+                self._tokens.inc(len(tok))
+        data.docs = []  # the texts are no longer needed: keep a unit's memory to its tokens
+        yield data
+
+
+# ----------------------------------------------------------------------------- segment, pack, batch
+
+
+def segment_unit(data: UnitData, seq_len: int) -> UnitData:
+    """Split every document into consecutive segments of at most seq_len tokens."""
+    segments = [s for doc_index, tok in data.tokens for s in packing.split_document(doc_index, tok, seq_len)]
+    data.counts["segments"] += len(segments)
+    return replace(data, tokens=[], segments=segments)
+
+
+def pack_unit(data: UnitData, seq_len: int, mode: str) -> UnitData:
+    """Place the unit's segments into rows (best-fit decreasing in pack mode, one per row in pad)."""
+    rows = packing.pack_rows([len(s.tokens) for s in data.segments], seq_len, mode)
+    return replace(data, rows=rows)
+
+
+class Batch(beam.DoFn):
+    """UnitData -> fixed-shape packing.Batch elements, then UnitEnd; unit counts on 'counts'."""
+
+    def __init__(self, batch_size: int, seq_len: int):
+        self._batch_size, self._seq_len = batch_size, seq_len
+
+    def process(self, data: UnitData):
+        counts = data.counts
+        for batch in packing.make_batches(data.segments, data.rows, self._batch_size, self._seq_len, data.unit.index):
+            counts["batches"] += 1
+            counts["sequences"] += int((batch.lengths > 0).sum())
+            counts["tokens"] += batch.real_tokens
+            counts["padding_tokens"] += batch.tokens.size - batch.real_tokens
+            yield batch
+        yield UnitEnd(data.unit.index)
+        yield beam.pvalue.TaggedOutput(COUNTS, dict(counts))
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+_MODELS = shared.Shared()
+
+
+def load_extractor(spec: ModelSpec):
+    from .extractor import Extractor
+
+    return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
+                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape)
+
+
+def encode_rows(batch: packing.Batch, activations: dict) -> list:
+    """(layer, unit, Example bytes, tokens) for every non-empty row of a finished batch."""
+    out = []
+    for r in np.flatnonzero(batch.lengths):
+        n = int(batch.lengths[r])
+        ints = {"token_ids": batch.tokens[r, :n], "doc_index": batch.doc_index[r, :n],
+                "token_index": batch.token_index[r, :n], "position": batch.positions[r, :n]}
+        for layer, acts in activations.items():
+            out.append((layer, batch.unit, records.encode_example(acts[r, :n], **ints), n))
+    return out
+
+
+class ExtractActivations(beam.DoFn):
+    """Runs the model on each batch and emits per-layer records; keeps the device busy.
+
+    The Extractor (weights on the device mesh, step compiled once) is built once per worker
+    process in setup() and shared by its threads. JAX dispatch is asynchronous: batch i+1 is
+    dispatched before blocking on batch i's results, so encoding and writing batch i overlaps with
+    the device computing batch i+1. At bundle end the DoFn reports its per-layer Moments, the
+    compilations it observed and its token count on the 'run' output.
+    """
+
+    def __init__(self, spec: ModelSpec, fail_after_batches: int | None = None):
+        self._spec = spec
+        self._fail_after = fail_after_batches  # test hook: raise once after this many batches
+        self._tokens_counter, self._rows_counter = _counter("tokens"), _counter("rows")
+        self._batches_counter = _counter("batches")
+
+    def setup(self):
+        self._extractor = _MODELS.acquire(lambda: load_extractor(self._spec), tag=repr(self._spec))
+        self._reported_compilations = 0
+        self._progress = _progress_bar()
+
+    def start_bundle(self):
+        self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
+        self._pending_batches = 0
+        self._moments: dict = {}
+        self._tokens = 0
+        self._busy = 0.0
+
+    def process(self, element):
+        if isinstance(element, UnitEnd):
+            self._queue.append(element)
+        else:
+            self._maybe_fail()
+            self._queue.append((element, self._extractor.dispatch(element.tokens, element.segment_ids, element.positions)))
+            self._pending_batches += 1
+        yield from self._drain(keep_newest=True)
+
+    def finish_bundle(self):
+        for value in self._drain(keep_newest=False):
+            yield WindowedValue(value, 0, [GlobalWindow()])
+        compilations = self._extractor.compilations - self._reported_compilations
+        self._reported_compilations = self._extractor.compilations
+        run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
+               "workers": {f"{socket.gethostname()}:{os.getpid()}"}, "moments": self._moments}
+        yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
+
+    def _drain(self, keep_newest: bool):
+        while self._queue:
+            head = self._queue[0]
+            if isinstance(head, UnitEnd):
+                yield self._queue.popleft()
+                continue
+            if keep_newest and self._pending_batches == 1:
+                return  # the newest batch is still computing; leave it in flight
+            batch, pending = self._queue.popleft()
+            self._pending_batches -= 1
+            t0 = time.perf_counter()
+            result = pending.result()
+            yield from encode_rows(batch, result.activations)
+            self._account(batch, result.moments)
+            self._busy += time.perf_counter() - t0
+
+    def _account(self, batch: packing.Batch, moments: dict) -> None:
+        for layer, m in moments.items():
+            self._moments[layer] = self._moments.get(layer, Moments.empty(m.mean.shape[0])).merge(m)
+        n = batch.real_tokens
+        self._tokens += n
+        self._tokens_counter.inc(n)
+        self._rows_counter.inc(int((batch.lengths > 0).sum()))
+        self._batches_counter.inc()
+        if self._progress is not None:
+            self._progress.update(n)
+
+    def _maybe_fail(self):
+        if self._fail_after is None:
+            return
+        marker = os.environ.get("LLM_ACTIVATIONS_FAIL_MARKER")
+        self._fail_after -= 1
+        if self._fail_after < 0 and marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("injected failure (test hook)")
+
+
+def _progress_bar():
+    """A tokens/s progress line on stderr for local runs (one per worker process)."""
+    if os.environ.get("LLM_ACTIVATIONS_NO_PROGRESS"):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=" tok", unit_scale=True, desc="extract", mininterval=1.0, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- write
+
+
+class WriteShards(beam.DoFn):
+    """Appends each record to its unit's shard file for its layer; closes the files at UnitEnd.
+
+    Unit u is shard u of every layer (part-0000u-of-N). A unit whose documents were all rejected
+    still gets its (empty) files, so a dataset always has N files per layer. Emits one shard
+    description per file: path relative to the output folder, layer, records, tokens, bytes, sha256.
+    """
+
+    def __init__(self, output: str, layers: tuple, num_units: int, compression: str):
+        self._output, self._layers, self._num_units, self._compression = output, layers, num_units, compression
+
+    def start_bundle(self):
+        self._writers: dict = {}
+
+    def _writer(self, layer: int, unit: int) -> records.ShardWriter:
+        key = (layer, unit)
+        if key not in self._writers:
+            rel = records.shard_relpath(layer, unit, self._num_units, self._compression)
+            self._writers[key] = (rel, records.ShardWriter(f"{self._output.rstrip('/')}/{rel}", self._compression))
+        return self._writers[key][1]
+
+    def process(self, element):
+        if isinstance(element, UnitEnd):
+            for layer in self._layers:
+                self._writer(layer, element.unit)
+                yield self._close(layer, element.unit)
+            return
+        layer, unit, example, n = element
+        self._writer(layer, unit).write(example, n)
+
+    def _close(self, layer: int, unit: int) -> dict:
+        rel, writer = self._writers.pop((layer, unit))
+        return {"path": rel, "layer": layer, **writer.close()}
+
+    def finish_bundle(self):
+        if self._writers:  # cannot happen: every unit ends with a UnitEnd in the same bundle
+            raise RuntimeError(f"shards left open at bundle end: {sorted(self._writers)}")
+
+
+# ----------------------------------------------------------------------------- combine side outputs
+
+
+class SumCounts(beam.CombineFn):
+    def create_accumulator(self):
+        return collections.Counter()
+
+    def add_input(self, acc, counts):
+        acc.update(counts)
+        return acc
+
+    def merge_accumulators(self, accs):
+        total = collections.Counter()
+        for a in accs:
+            total.update(a)
+        return total
+
+    def extract_output(self, acc):
+        return dict(acc)
+
+
+class MergeRun(beam.CombineFn):
+    """Sums compilations and tokens, unions worker ids and merges per-layer Moments exactly."""
+
+    def create_accumulator(self):
+        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "moments": {}}
+
+    def add_input(self, acc, run):
+        acc["compilations"] += run["compilations"]
+        acc["tokens"] += run["tokens"]
+        acc["extract_seconds"] += run["extract_seconds"]
+        acc["workers"] |= set(run["workers"])
+        for layer, m in run["moments"].items():
+            acc["moments"][layer] = acc["moments"][layer].merge(m) if layer in acc["moments"] else m
+        return acc
+
+    def merge_accumulators(self, accs):
+        total = self.create_accumulator()
+        for a in accs:
+            self.add_input(total, a)
+        return total
+
+    def extract_output(self, acc):
+        return acc
+
+
+# ----------------------------------------------------------------------------- composite transforms
+
+
+class ExtractUnits(beam.PTransform):
+    """Work units -> per-layer shard descriptions, with 'rejected', 'counts' and 'run' side outputs."""
+
+    def __init__(self, cfg, num_units: int, spec: ModelSpec, fail_after_batches: int | None = None):
+        super().__init__()
+        self._cfg, self._num_units, self._spec, self._fail = cfg, num_units, spec, fail_after_batches
+
+    def expand(self, units):
+        cfg = self._cfg
+        read = units | "ReadDocuments" >> beam.ParDo(ReadDocuments(cfg.text_field, cfg.num_hosts, cfg.host_index)).with_outputs(REJECTED, main="docs")
+        tokens = read.docs | "Tokenize" >> beam.ParDo(Tokenize(cfg.model)).with_outputs(REJECTED, main="tokens")
+        batches = (
+            tokens.tokens
+            | "Segment" >> beam.Map(segment_unit, cfg.seq_len)
+            | "Pack" >> beam.Map(pack_unit, cfg.seq_len, cfg.mode)
+            | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len)).with_outputs(COUNTS, main="batches")
+        )
+        extracted = batches.batches | "Extract" >> beam.ParDo(ExtractActivations(self._spec, self._fail)).with_outputs(RUN, main="records")
+        shards = extracted.records | "WriteShards" >> beam.ParDo(
+            WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression))
+        rejected = (read[REJECTED], tokens[REJECTED]) | "AllRejected" >> beam.Flatten()
+        return {"shards": shards, REJECTED: rejected, COUNTS: batches[COUNTS], RUN: extracted[RUN]}
