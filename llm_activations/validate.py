@@ -1,0 +1,172 @@
+"""`python -m llm_activations validate OUT`: check every shard of a dataset against metadata.json.
+
+Per file, in one streaming pass: it exists; its size and sha256 match its `shards` entry; every
+TFRecord's length and data CRC32C are right; every record decodes as an Example with the SPEC's
+features, equally long int64 lists and exactly tokens x hidden_size x dtype-size activation
+bytes; the records and tokens counted match the entry. Per layer: the files listed under `files`
+and the `shards` entries agree, and the tokens and records add up to `counts`.
+
+Exit 0 when all is well; 1 naming each bad file (and the record index when known); 2 (one line,
+no traceback) for a folder that is not a dataset or lists paths that escape it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import metadata as md
+from . import records
+from .reader import numpy_dtype
+
+
+@dataclass
+class FileReport:
+    path: str  # relative to the dataset folder
+    layer: int
+    records: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-through stream that hashes and counts the raw (possibly compressed) file bytes."""
+
+    def __init__(self, raw):
+        self._raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._raw.read(len(b))
+        self.sha.update(data)
+        self.size += len(data)
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.readinto(bytearray(1 << 22)):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _exists_and_open(path: str):
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.open(path, compression_type="uncompressed") if FileSystems.exists(path) else None
+    return open(path, "rb") if os.path.isfile(path) else None
+
+
+def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
+    """Validate one shard against its metadata entry; problems are collected, never raised."""
+    rel = entry["path"]
+    report = FileReport(rel, int(entry.get("layer", -1)))
+    raw = _exists_and_open(md.shard_path(root, rel))
+    if raw is None:
+        report.problems.append("missing file")
+        return report
+    hashing = _HashingReader(raw)
+    buffered = io.BufferedReader(hashing, buffer_size=1 << 22)
+    stream = gzip.GzipFile(fileobj=buffered, mode="rb") if records.compression_of(rel) == "gzip" else buffered
+    complete = False
+    try:
+        for index, data in enumerate(records.iter_records(stream, check_crc=True)):
+            report.records += 1
+            try:
+                ex = records.decode_example(data)
+                acts = records.decode_activations(ex, dtype, hidden_size)
+                lengths = {k: len(ex[k]) for k in records.INT_FEATURES}
+                if len(set(lengths.values())) != 1:
+                    raise ValueError(f"feature lengths differ: {lengths}")
+                report.tokens += acts.shape[0]
+            except ValueError as e:
+                report.problems.append(f"record {index}: undecodable ({e})")
+                if len(report.problems) >= 5:
+                    report.problems.append("(stopped after 5 problems)")
+                    break
+        else:
+            complete = True
+        buffered.read()  # bytes after the gzip stream, if any, belong to the hash too
+        hashing.drain()
+    except (ValueError, OSError, EOFError) as e:  # CRC / truncation / bad gzip
+        report.problems.append(f"record {report.records}: {e}")
+        hashing.drain()
+    finally:
+        stream.close()
+    report.bytes = hashing.size
+    counted = (("bytes", report.bytes),) + ((("records", report.records), ("tokens", report.tokens)) if complete else ())
+    for key, got in counted:  # record and token counts only mean something for a fully read file
+        if key in entry and int(entry[key]) != got:
+            report.problems.append(f"{key}: metadata says {entry[key]}, file has {got}")
+    if entry.get("sha256") and hashing.sha.hexdigest() != entry["sha256"]:
+        report.problems.append("sha256 mismatch")
+    return report
+
+
+def validate(root: str, workers: int = 4) -> tuple[list[FileReport], list[str]]:
+    """(per-file reports, dataset-level problems). DatasetError for folders tools must refuse."""
+    meta = md.read_metadata(root)
+    dtype, hidden = numpy_dtype(meta["dtype"]), int(meta["hidden_size"])
+    problems: list[str] = []
+    entries = {e["path"]: e for e in meta.get("shards", [])}
+    listed = set()
+    for layer, files in meta.get("files", {}).items():
+        for rel in files:
+            md.shard_path(root, rel)  # refuse escaping paths (DatasetError -> exit 2)
+            listed.add(rel)
+            if rel not in entries:
+                problems.append(f"{rel}: listed under files[{layer}] but has no shards entry")
+            elif int(entries[rel].get("layer", -1)) != int(layer):
+                problems.append(f"{rel}: listed under layer {layer} but its shards entry says layer {entries[rel].get('layer')}")
+    for rel in entries:
+        if rel not in listed:
+            problems.append(f"{rel}: has a shards entry but is not listed under files")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reports = list(pool.map(lambda e: check_file(root, e, dtype, hidden), entries.values()))
+    counts = meta.get("counts", {})
+    for layer in meta.get("files", {}):
+        mine = [r for r in reports if r.layer == int(layer)]
+        for key, count_key in (("tokens", "tokens"), ("records", "sequences")):
+            if count_key in counts and all(r.ok for r in mine):
+                total = sum(getattr(r, key) for r in mine)
+                if total != int(counts[count_key]):
+                    problems.append(f"layer {layer}: files hold {total} {key}, counts.{count_key} says {counts[count_key]}")
+    return reports, problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT", help="dataset folder (local path or gs://...)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="files checked in parallel")
+
+
+def run(args: argparse.Namespace) -> int:
+    reports, problems = validate(args.out, args.workers)
+    bad = [r for r in reports if not r.ok]
+    for r in bad:
+        print(f"BAD {r.path}: {'; '.join(r.problems)}")
+    for p in problems:
+        print(f"BAD {p}")
+    total_bytes = sum(r.bytes for r in reports)
+    print(
+        f"{args.out}: {len(reports)} files, {sum(r.records for r in reports):,} records, "
+        f"{sum(r.tokens for r in reports):,} tokens (all layers), {total_bytes / 2**20:,.1f} MiB checked: "
+        + ("all good" if not bad and not problems else f"{len(bad)} bad files, {len(problems)} other problems"),
+        file=sys.stdout,
+    )
+    return 0 if not bad and not problems else 1
