@@ -78,3 +78,53 @@ def reference_layers(torch_model, token_ids, layers) -> dict[int, np.ndarray]:
         for h in hooks:
             h.remove()
     return captured
+
+
+_CACHE: dict = {}
+_CACHE_DIR: list[str] = []
+
+
+def cached_checkpoint(variant: str = "qwen2", *, sharded: bool = False, dtype: torch.dtype | None = None, **overrides):
+    """tiny_checkpoint built once per test process (folders live in one temp dir until exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    key = (variant, sharded, str(dtype), tuple(sorted(overrides.items())))
+    if key not in _CACHE:
+        if not _CACHE_DIR:
+            _CACHE_DIR.append(tempfile.mkdtemp(prefix="tiny_models_"))
+            atexit.register(shutil.rmtree, _CACHE_DIR[0], True)
+        folder = os.path.join(_CACHE_DIR[0], f"{variant}_{len(_CACHE)}")
+        _CACHE[key] = tiny_checkpoint(folder, variant, sharded=sharded, dtype=dtype, **overrides)
+    return _CACHE[key]
+
+
+def packed_batch(rows: list[list[int]], seq_len: int, vocab_size: int = 512, seed: int = 0):
+    """(tokens, segment_ids, positions) int32 [len(rows), seq_len] from per-row segment lengths.
+
+    Segments get ids 1, 2, ... within their row; positions restart at 0 per segment; the rest of
+    each row is padding (segment 0, token 0, position 0). Also returns [(row, start, length), ...].
+    """
+    rng = np.random.default_rng(seed)
+    b = len(rows)
+    tokens = np.zeros((b, seq_len), np.int32)
+    segs = np.zeros((b, seq_len), np.int32)
+    pos = np.zeros((b, seq_len), np.int32)
+    spans = []
+    for r, lengths in enumerate(rows):
+        start = 0
+        for s, n in enumerate(lengths, 1):
+            tokens[r, start:start + n] = rng.integers(1, vocab_size, n)
+            segs[r, start:start + n] = s
+            pos[r, start:start + n] = np.arange(n)
+            spans.append((r, start, n))
+            start += n
+        assert start <= seq_len
+    return tokens, segs, pos, spans
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b|: the worst error relative to the reference's scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
