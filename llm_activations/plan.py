@@ -1,0 +1,283 @@
+"""`python -m llm_activations plan`: memory, batch size, storage and throughput before a run.
+
+Everything is arithmetic on the model config and the chip; nothing is loaded. The formulas, so a
+user can check them by hand (T = seq_len, H = hidden, I = intermediate, nq/nkv = query/kv heads,
+d = head_dim, M = model-axis size, D = data-axis size, b = compute dtype bytes, s = storage bytes):
+
+* loaded parameters: embedding + blocks 0..deepest requested layer. The extractor stops at the
+  deepest hook, so later blocks, the final norm and the lm_head are never loaded.
+* weights per chip = loaded params x b / M (replicated over the data axis, sharded over model).
+* working memory per row (one sequence, per chip), the peak of one block (blocks run in turn):
+    residual + normed input      2 T H b
+    q, k, v                      T (nq + 2 nkv) d b / M
+    attention scores + probs     2 (nq / M) T^2 x 4      (float32, dense masked attention)
+    attention output             T nq d b / M
+    MLP gate, up, gate*up        3 T I b / M
+    captured outputs             len(layers) T H s      (held until the step ends)
+  No KV cache: one forward pass per row, nothing is generated.
+* largest batch = D x floor((HBM x (1 - reserve) - weights per chip) / working memory per row).
+* FLOPs per token = 2 x loaded matmul params (loaded params minus the embedding, which is a
+  lookup) + per loaded block 4 T nq d (QK^T and AV with a dense mask: XLA computes all T^2).
+  tokens/s per chip = peak bf16 FLOP/s x MFU / FLOPs per token.
+* storage per token per layer = H x s bytes (+ about 8-12 bytes of varint token ids/positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+from .config import ModelConfig, load_model_config, model_config_from_hf
+from .errors import UsageError
+
+GIB = 1 << 30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _qwen2(hidden, inter, layers, heads, kv, vocab, tied, max_pos=32768, theta=1000000.0):
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "vocab_size": vocab, "tie_word_embeddings": tied,
+        "max_position_embeddings": max_pos, "rope_theta": theta, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+    }
+
+
+def _qwen3(hidden, inter, layers, heads, kv, tied, head_dim=128, vocab=151936):
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab, "tie_word_embeddings": tied,
+        "max_position_embeddings": 40960, "rope_theta": 1000000.0, "attention_bias": False,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6,
+    }
+
+
+# The numbers of the public Hugging Face config.json files (Qwen/<name>).
+MODEL_PRESETS = {
+    "Qwen2.5-0.5B": _qwen2(896, 4864, 24, 14, 2, 151936, tied=True),
+    "Qwen2.5-1.5B": _qwen2(1536, 8960, 28, 12, 2, 151936, tied=True),
+    "Qwen2.5-3B": _qwen2(2048, 11008, 36, 16, 2, 151936, tied=True),
+    "Qwen2.5-7B": _qwen2(3584, 18944, 28, 28, 4, 152064, tied=False, max_pos=131072),
+    "Qwen2.5-14B": _qwen2(5120, 13824, 48, 40, 8, 152064, tied=False, max_pos=131072),
+    "Qwen2.5-32B": _qwen2(5120, 27648, 64, 40, 8, 152064, tied=False, max_pos=131072),
+    "Qwen2.5-72B": _qwen2(8192, 29568, 80, 64, 8, 152064, tied=False, max_pos=131072),
+    "Qwen3-0.6B": _qwen3(1024, 3072, 28, 16, 8, tied=True),
+    "Qwen3-4B": _qwen3(2560, 9728, 36, 32, 8, tied=True),
+    "Qwen3-8B": _qwen3(4096, 12288, 36, 32, 8, tied=False),
+    "Qwen3-14B": _qwen3(5120, 17408, 40, 40, 8, tied=False),
+}
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float  # dense, per chip
+    chips_per_host: int
+
+
+# Vendor figures: HBM per chip and dense bf16 peak. TPU hosts have 4 chips (v5e/v6e also come as
+# 8-chip single hosts: pass --chips-per-host 8); GPU hosts are 8-GPU HGX boards.
+CHIP_PRESETS = {
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 4),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 4),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 4),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 4),
+    "h100": Chip("NVIDIA H100 SXM", 80 * 10**9, 989e12, 8),
+    "h200": Chip("NVIDIA H200 SXM", 141 * 10**9, 989e12, 8),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    chip: str
+    layers: tuple[int, ...]
+    seq_len: int
+    mesh: tuple[int, int]  # (data, model)
+    dtype: str
+    compute_dtype: str
+    mfu: float
+    chips_per_host: int
+    hbm_bytes: int
+    usable_bytes: int
+    total_params: int
+    loaded_params: int
+    loaded_blocks: int
+    weight_bytes_per_chip: int
+    row_bytes: dict  # component -> bytes per row per chip
+    row_bytes_total: int
+    rows_per_data_shard: int
+    max_batch: int
+    storage_bytes_per_token_per_layer: int
+    storage_bytes_per_billion_tokens: int  # all requested layers
+    flops_per_token: float
+    tokens_per_second_per_chip: float
+    tokens_per_second_per_host: float
+    hours_per_billion_tokens_per_host: float
+    write_bytes_per_second_per_host: float
+
+
+def total_params(c: ModelConfig) -> int:
+    """All parameters of the checkpoint: embedding, blocks, final norm, lm_head unless tied."""
+    return c.param_count() + c.hidden_size + (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+
+
+def make_plan(
+    config: ModelConfig,
+    *,
+    model_name: str,
+    chip: Chip,
+    layers: tuple[int, ...],
+    seq_len: int,
+    mesh: tuple[int, int],
+    dtype: str = "bfloat16",
+    compute_dtype: str = "bfloat16",
+    mfu: float = 0.4,
+    reserve: float = 0.1,
+) -> Plan:
+    """The plan for extracting `layers` of `config` on mesh (data, model) of `chip` (formulas: module doc)."""
+    if not layers:
+        raise UsageError("--layers needs at least one layer")
+    bad = [layer for layer in layers if not 0 <= layer < config.num_layers]
+    if bad:
+        raise UsageError(f"--layers {bad} out of range: {model_name} has layers 0..{config.num_layers - 1}")
+    data, model = mesh
+    if data < 1 or model < 1:
+        raise UsageError(f"--mesh {data} {model}: both axes must be >= 1")
+    if dtype not in DTYPE_BYTES or compute_dtype not in DTYPE_BYTES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
+    b, s = DTYPE_BYTES[compute_dtype], DTYPE_BYTES[dtype]
+    T, H, I = seq_len, config.hidden_size, config.intermediate_size  # noqa: E741
+    nq, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    blocks = max(layers) + 1
+    loaded = config.param_count(blocks)
+    embedding = config.vocab_size * H
+    weights = math.ceil(loaded * b / model)
+    row = {
+        "residual": 2 * T * H * b,
+        "qkv": T * (nq + 2 * nkv) * d * b // model,
+        "attention_scores": 2 * math.ceil(nq / model) * T * T * 4,
+        "attention_out": T * nq * d * b // model,
+        "mlp": 3 * T * I * b // model,
+        "outputs": len(layers) * T * H * s,
+    }
+    row_total = sum(row.values())
+    usable = int(chip.hbm_bytes * (1 - reserve))
+    rows = max(0, (usable - weights) // row_total)
+    flops = 2 * (loaded - embedding) + blocks * 4 * T * nq * d
+    per_chip = chip.peak_bf16_flops * mfu / flops
+    per_host = per_chip * chip.chips_per_host
+    return Plan(
+        model=model_name, chip=chip.name, layers=tuple(layers), seq_len=T, mesh=(data, model), dtype=dtype,
+        compute_dtype=compute_dtype, mfu=mfu, chips_per_host=chip.chips_per_host, hbm_bytes=chip.hbm_bytes,
+        usable_bytes=usable, total_params=total_params(config), loaded_params=loaded, loaded_blocks=blocks,
+        weight_bytes_per_chip=weights, row_bytes=row, row_bytes_total=row_total, rows_per_data_shard=int(rows),
+        max_batch=int(rows) * data, storage_bytes_per_token_per_layer=H * s,
+        storage_bytes_per_billion_tokens=H * s * len(layers) * 10**9, flops_per_token=float(flops),
+        tokens_per_second_per_chip=per_chip, tokens_per_second_per_host=per_host,
+        hours_per_billion_tokens_per_host=1e9 / per_host / 3600,
+        write_bytes_per_second_per_host=per_host * H * s * len(layers),
+    )
+
+
+def resolve_model(name_or_path: str) -> tuple[str, ModelConfig]:
+    if name_or_path in MODEL_PRESETS:
+        return name_or_path, model_config_from_hf(MODEL_PRESETS[name_or_path])
+    lower = {k.lower(): k for k in MODEL_PRESETS}
+    key = name_or_path.split("/")[-1].lower()
+    if key in lower and not os.path.exists(name_or_path):  # "Qwen/Qwen2.5-7B" or "qwen2.5-7b"
+        return lower[key], model_config_from_hf(MODEL_PRESETS[lower[key]])
+    if os.path.isfile(name_or_path):
+        try:
+            with open(name_or_path, encoding="utf-8") as f:
+                return name_or_path, model_config_from_hf(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--model {name_or_path}: cannot read it as config.json ({e})") from None
+    if os.path.isdir(name_or_path):
+        return name_or_path, load_model_config(name_or_path)[0]
+    raise UsageError(f"--model {name_or_path!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a config.json path")
+
+
+def _human(n: float, unit: str = "B") -> str:
+    if unit == "B":
+        for u, f in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if n >= f:
+                return f"{n / f:,.2f} {u}"
+        return f"{n:,.0f} B"
+    for u, f in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= f:
+            return f"{n / f:,.2f} {u}{unit}"
+    return f"{n:,.1f} {unit}"
+
+
+def format_plan(p: Plan) -> str:
+    data, model = p.mesh
+    lines = [
+        ("model", f"{p.model}: {p.total_params:,} parameters ({_human(p.total_params, '')})"),
+        ("layers", f"{list(p.layers)} (hook resid_post); loads blocks 0..{p.loaded_blocks - 1} + embedding"),
+        ("loaded parameters", f"{p.loaded_params:,} ({p.loaded_params / p.total_params:.0%} of the model)"),
+        ("chip", f"{p.chip}: {_human(p.hbm_bytes)} HBM ({_human(p.usable_bytes)} usable), {p.chips_per_host} per host"),
+        ("mesh (data, model)", f"({data}, {model}); compute {p.compute_dtype}, storage {p.dtype}"),
+        ("weights per chip", _human(p.weight_bytes_per_chip)),
+        ("working memory per row", f"{_human(p.row_bytes_total)} at seq_len {p.seq_len}"),
+    ]
+    lines += [(f"  {k}", _human(v)) for k, v in p.row_bytes.items()]
+    fits = (
+        f"{p.max_batch} rows ({p.rows_per_data_shard} per data shard)"
+        if p.max_batch
+        else "does not fit: raise the model axis (--mesh D M) or use a chip with more memory"
+    )
+    lines += [
+        ("largest batch", fits),
+        ("storage per token", f"{_human(p.storage_bytes_per_token_per_layer)} per layer (+ ~10 B of ids)"),
+        ("storage per 1B tokens", f"{_human(p.storage_bytes_per_billion_tokens)} for {len(p.layers)} layer(s)"),
+        ("FLOPs per token", f"{_human(p.flops_per_token, 'FLOP')}"),
+        ("throughput", f"{p.tokens_per_second_per_chip:,.0f} tokens/s per chip, "
+                       f"{p.tokens_per_second_per_host:,.0f} per host (at {p.mfu:.0%} MFU)"),
+        ("1B tokens", f"{p.hours_per_billion_tokens_per_host:,.2f} host-hours; "
+                      f"writes {_human(p.write_bytes_per_second_per_host)}/s per host"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="Qwen2.5-7B", help=f"preset ({', '.join(MODEL_PRESETS)}) or config.json path / model folder")
+    parser.add_argument("--chip", default="v5e", choices=sorted(CHIP_PRESETS), help="accelerator preset")
+    parser.add_argument("--chips-per-host", type=int, help="override the preset's chips per host")
+    parser.add_argument("--memory-gib", type=float, help="override HBM per chip (GiB)")
+    parser.add_argument("--peak-tflops", type=float, help="override dense bf16 peak per chip (TFLOP/s)")
+    parser.add_argument("--layers", type=int, nargs="+", help="0-based layers to extract (default: the middle one)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--mesh", type=int, nargs=2, metavar=("DATA", "MODEL"), help="mesh shape (default: chips per host x 1)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="storage dtype")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0-1]")
+    parser.add_argument("--reserve", type=float, default=0.1, help="fraction of HBM kept for the runtime")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    name, config = resolve_model(args.model)
+    chip = CHIP_PRESETS[args.chip]
+    if args.chips_per_host:
+        chip = Chip(chip.name, chip.hbm_bytes, chip.peak_bf16_flops, args.chips_per_host)
+    if args.memory_gib:
+        chip = Chip(chip.name, int(args.memory_gib * GIB), chip.peak_bf16_flops, chip.chips_per_host)
+    if args.peak_tflops:
+        chip = Chip(chip.name, chip.hbm_bytes, args.peak_tflops * 1e12, chip.chips_per_host)
+    if not 0 < args.mfu <= 1 or not 0 <= args.reserve < 1 or args.seq_len < 1:
+        raise UsageError("--mfu must be in (0, 1], --reserve in [0, 1) and --seq-len >= 1")
+    layers = tuple(args.layers) if args.layers else (config.num_layers // 2,)
+    mesh = tuple(args.mesh) if args.mesh else (chip.chips_per_host, 1)
+    plan = make_plan(
+        config, model_name=name, chip=chip, layers=layers, seq_len=args.seq_len, mesh=mesh,
+        dtype=args.dtype, compute_dtype=args.compute_dtype, mfu=args.mfu, reserve=args.reserve,
+    )
+    print(json.dumps(asdict(plan), indent=1) if args.json else format_plan(plan))
+    return 0
