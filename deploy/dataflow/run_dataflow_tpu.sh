@@ -68,9 +68,8 @@ BEAM_ARGS=(
   --job_name="$JOB_NAME"
   --temp_location="$BUCKET/tmp"
   --staging_location="$BUCKET/staging"
-  # Workers run the custom container; the Beam SDK inside it is used as is (nothing staged).
+  # Workers run the custom container (JAX + libtpu + this package + the Beam boot launcher).
   --sdk_container_image="$IMAGE"
-  --sdk_location=container
   --experiments=use_runner_v2
   # TPU workers: accelerator type/topology and the machine type that carries it.
   --dataflow_service_options="worker_accelerator=$ACCELERATOR"

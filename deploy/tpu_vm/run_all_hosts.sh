@@ -25,7 +25,9 @@
 # Optional: PROJECT, NUM_HOSTS (slice mode), MODEL, INPUT, LAYERS (space-separated), SEQ_LEN,
 #           BATCH_SIZE, NUM_SHARDS, MAX_DOCS, MESH (DATA,MODEL), OVERWRITE=1, POLL_SECONDS,
 #           REMOTE_VENV (relative to the remote home; default llm-activations-venv),
-#           REMOTE_PYTHON (python3.11 or newer on the hosts; default python3), PYTHON (here, for `install`).
+#           REMOTE_PYTHON (python3.11 or newer on the hosts; default python3), PYTHON (here, for `install`),
+#           ONLY="3 17": run preflight/start/wait on these host indices only (to rerun failed hosts,
+#           with OVERWRITE=1), then `merge` as usual.
 # DRY_RUN=1 prints every gcloud command instead of running it (`wait` then assumes success).
 set -euo pipefail
 
@@ -85,16 +87,21 @@ on_host() {  # on_host I COMMAND: run COMMAND on host I
   run gcloud compute tpus tpu-vm ssh "${HOST_TPU[$1]}" "${GCLOUD_ARGS[@]}" --worker="${HOST_WORKER[$1]}" --command "$2"
 }
 
-in_parallel() {  # in_parallel FUNCTION: FUNCTION I for every host I, side by side (in order for DRY_RUN)
+selected() {  # selected I: is host I among ONLY (all hosts when ONLY is unset)?
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]
+}
+
+in_parallel() {  # in_parallel FUNCTION: FUNCTION I for every selected host I, side by side (in order for DRY_RUN)
   local i pids=()
   for ((i = 0; i < N; i++)); do
+    if ! selected "$i"; then continue; fi
     if [[ -n "${DRY_RUN:-}" ]]; then "$1" "$i"; else "$1" "$i" & pids+=($!); fi
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
-on_all() {  # on_all COMMAND: run COMMAND on every host (--worker=all on a slice)
-  if [[ -n "${TPU_NAME:-}" && -z "${TPU_NAMES:-}" ]]; then
+on_all() {  # on_all COMMAND: run COMMAND on every (selected) host (--worker=all on a whole slice)
+  if [[ -n "${TPU_NAME:-}" && -z "${TPU_NAMES:-}" && -z "${ONLY:-}" ]]; then
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_ARGS[@]}" --worker=all --command "$1"
   else
     ON_ALL_COMMAND="$1"
@@ -181,6 +188,7 @@ wait_all() {
   while true; do
     done_count=0
     for ((i = 0; i < N; i++)); do
+      if ! selected "$i"; then done_count=$((done_count + 1)); continue; fi
       status="$(on_host "$i" "cat $(host_file "$i" rc) 2>/dev/null || true" | tr -d '[:space:]')"
       if [[ -z "$status" ]]; then continue; fi
       if [[ "$status" != 0 ]]; then
