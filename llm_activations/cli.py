@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .errors import UsageError
@@ -22,8 +23,21 @@ COMMANDS = {
 }
 
 
+def _quiet_beam_import_warning(record: logging.LogRecord) -> bool:
+    # Beam logs this on import when the optional GCP extras are absent; it is noise to a CLI user
+    # and would break the "one clear line" of an error message.
+    return "apitools not found" not in record.getMessage()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (SPEC: exit 2, no usage dump, no traceback)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def _parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m llm_activations",
         description="LLM activations at scale: extract, validate, inspect, plan and merge activation datasets.",
     )
@@ -37,18 +51,21 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    logging.getLogger().addFilter(_quiet_beam_import_warning)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = _parser(command if command in COMMANDS else None)
-    if command is None or command not in COMMANDS:
-        parser.print_help() if command is None else parser.error(f"unknown command {command!r}")
-        return 2 if command else 0
-    module = importlib.import_module(COMMANDS[command][0])
-    args, extra = parser.parse_known_args(argv)
-    args.beam_args = extra  # only `extract` accepts them (Beam pipeline options)
-    if extra and command != "extract":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        parser = _parser(command if command in COMMANDS else None)
+        if command is None:
+            parser.print_help()
+            return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        if command not in COMMANDS:
+            raise UsageError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+        module = importlib.import_module(COMMANDS[command][0])
+        args, extra = parser.parse_known_args(argv)
+        if extra and command != "extract":
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        args.beam_args = extra  # only `extract` takes them: Beam pipeline options
         return int(module.run(args) or 0)
     except UsageError as e:
-        print(f"llm_activations {command}: error: {e}", file=sys.stderr)
+        print(f"llm_activations{' ' + command if command in COMMANDS else ''}: error: {e}", file=sys.stderr)
         return 2

@@ -233,7 +233,7 @@ def plan(cfg: ExtractConfig):
     return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
 
 
-def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict, fail_after_batches: int | None = None):
+def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict):
     """Attach the extraction to Beam pipeline p. The whole job reads as this one screen."""
     import apache_beam as beam
     from apache_beam.pvalue import AsList, AsSingleton
@@ -245,7 +245,7 @@ def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict, fail_after
         p
         | "PlanUnits" >> beam.Create(units)
         | "Distribute" >> beam.Reshuffle()
-        | "ExtractUnits" >> T.ExtractUnits(cfg, len(units), spec, fail_after_batches)
+        | "ExtractUnits" >> T.ExtractUnits(cfg, len(units), spec)
     )
     rejected_files = out[T.REJECTED] | "WriteRejected" >> beam.io.WriteToText(
         join(cfg.output, "rejected", "rejected"), file_name_suffix=".jsonl", num_shards=1)
@@ -260,7 +260,7 @@ def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict, fail_after
     )
 
 
-def run_extract(cfg: ExtractConfig, fail_after_batches: int | None = None) -> dict:
+def run_extract(cfg: ExtractConfig) -> dict:
     """Check, plan, run the pipeline to completion; returns the written metadata."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -275,7 +275,7 @@ def run_extract(cfg: ExtractConfig, fail_after_batches: int | None = None) -> di
     prepare_output(cfg)
     base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options)
     with beam.Pipeline(options=options) as p:
-        build_pipeline(p, cfg, units, base, fail_after_batches)
+        build_pipeline(p, cfg, units, base)
     from .metadata import read_metadata
 
     return read_metadata(cfg.output)
@@ -359,8 +359,18 @@ def finalize_metadata(base: dict, output: str, counts: dict, run: dict, shards: 
         "extract_seconds": round(run["extract_seconds"], 3),
         "rejected_files": sorted(os.path.relpath(f, output) if "://" not in f else f for f in rejected_files),
     })
+    remove_partial_shards(output)
     write_metadata(output, meta)
     return meta
+
+
+def remove_partial_shards(output: str) -> None:
+    """Delete temporary files that failed or retried shard writers left behind."""
+    from apache_beam.io.filesystems import FileSystems
+
+    stale = [m.path for m in FileSystems.match([join(output, "layer_*", "*.inprogress-*")])[0].metadata_list]
+    if stale:
+        FileSystems.delete(stale)
 
 
 def print_summary(cfg: ExtractConfig, meta: dict) -> None:

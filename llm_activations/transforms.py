@@ -213,9 +213,8 @@ class ExtractActivations(beam.DoFn):
     compilations it observed and its token count on the 'run' output.
     """
 
-    def __init__(self, spec: ModelSpec, fail_after_batches: int | None = None):
+    def __init__(self, spec: ModelSpec):
         self._spec = spec
-        self._fail_after = fail_after_batches  # test hook: raise once after this many batches
         self._tokens_counter, self._rows_counter = _counter("tokens"), _counter("rows")
         self._batches_counter = _counter("batches")
 
@@ -223,6 +222,7 @@ class ExtractActivations(beam.DoFn):
         self._extractor = _MODELS.acquire(lambda: load_extractor(self._spec), tag=repr(self._spec))
         self._reported_compilations = 0
         self._progress = _progress_bar()
+        self._fail_hook = _FailOnce.from_env()
 
     def start_bundle(self):
         self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
@@ -235,7 +235,8 @@ class ExtractActivations(beam.DoFn):
         if isinstance(element, UnitEnd):
             self._queue.append(element)
         else:
-            self._maybe_fail()
+            if self._fail_hook:
+                self._fail_hook.tick()
             self._queue.append((element, self._extractor.dispatch(element.tokens, element.segment_ids, element.positions)))
             self._pending_batches += 1
         yield from self._drain(keep_newest=True)
@@ -276,14 +277,28 @@ class ExtractActivations(beam.DoFn):
         if self._progress is not None:
             self._progress.update(n)
 
-    def _maybe_fail(self):
-        if self._fail_after is None:
-            return
-        marker = os.environ.get("LLM_ACTIVATIONS_FAIL_MARKER")
-        self._fail_after -= 1
-        if self._fail_after < 0 and marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            raise RuntimeError("injected failure (test hook)")
+
+
+class _FailOnce:
+    """Test hook for retry tests: LLM_ACTIVATIONS_TEST_FAIL_ONCE="N:MARKER" makes the DoFn raise
+    once, at its N-th batch, in the first process that creates the MARKER file."""
+
+    def __init__(self, after: int, marker: str):
+        self._left, self._marker = after, marker
+
+    @staticmethod
+    def from_env():
+        value = os.environ.get("LLM_ACTIVATIONS_TEST_FAIL_ONCE")
+        if not value:
+            return None
+        after, marker = value.split(":", 1)
+        return _FailOnce(int(after), marker)
+
+    def tick(self):
+        self._left -= 1
+        if self._left < 0 and not os.path.exists(self._marker):
+            open(self._marker, "w").close()
+            raise RuntimeError("injected failure (LLM_ACTIVATIONS_TEST_FAIL_ONCE test hook)")
 
 
 def _progress_bar():
@@ -389,9 +404,9 @@ class MergeRun(beam.CombineFn):
 class ExtractUnits(beam.PTransform):
     """Work units -> per-layer shard descriptions, with 'rejected', 'counts' and 'run' side outputs."""
 
-    def __init__(self, cfg, num_units: int, spec: ModelSpec, fail_after_batches: int | None = None):
+    def __init__(self, cfg, num_units: int, spec: ModelSpec):
         super().__init__()
-        self._cfg, self._num_units, self._spec, self._fail = cfg, num_units, spec, fail_after_batches
+        self._cfg, self._num_units, self._spec = cfg, num_units, spec
 
     def expand(self, units):
         cfg = self._cfg
@@ -403,7 +418,7 @@ class ExtractUnits(beam.PTransform):
             | "Pack" >> beam.Map(pack_unit, cfg.seq_len, cfg.mode)
             | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len)).with_outputs(COUNTS, main="batches")
         )
-        extracted = batches.batches | "Extract" >> beam.ParDo(ExtractActivations(self._spec, self._fail)).with_outputs(RUN, main="records")
+        extracted = batches.batches | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
         shards = extracted.records | "WriteShards" >> beam.ParDo(
             WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression))
         rejected = (read[REJECTED], tokens[REJECTED]) | "AllRejected" >> beam.Flatten()
