@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from .errors import UsageError
+from .errors import AcceleratorBusy, UsageError
 
 # command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -69,3 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"llm_activations{' ' + command if command in COMMANDS else ''}: error: {e}", file=sys.stderr)
         return 2
+    except AcceleratorBusy as e:
+        print(f"llm_activations {command}: error: {e}", file=sys.stderr)
+        return 1

@@ -7,3 +7,9 @@ class UsageError(Exception):
 
 class DatasetError(UsageError):
     """An activation dataset folder that readers and tools must refuse (no metadata, bad paths...)."""
+
+
+class AcceleratorBusy(Exception):
+    """The accelerator is held by another process (or a stale lock): printed as one line, exit 1."""
+
+    MARK = "accelerator busy:"

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import __version__, demo, inputs
-from .errors import UsageError
+from .errors import AcceleratorBusy, UsageError
 from .metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, write_metadata
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -274,8 +274,14 @@ def run_extract(cfg: ExtractConfig) -> dict:
     sources, host_docs, units = plan(cfg)
     prepare_output(cfg)
     base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options)
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, cfg, units, base)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, cfg, units, base)
+    except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
+        text = str(e)
+        if AcceleratorBusy.MARK in text:
+            raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
+        raise
     from .metadata import read_metadata
 
     return read_metadata(cfg.output)

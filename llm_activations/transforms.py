@@ -219,7 +219,16 @@ class ExtractActivations(beam.DoFn):
         self._batches_counter = _counter("batches")
 
     def setup(self):
-        self._extractor = _MODELS.acquire(lambda: load_extractor(self._spec), tag=repr(self._spec))
+        try:
+            self._extractor = _MODELS.acquire(lambda: load_extractor(self._spec), tag=repr(self._spec))
+        except Exception as e:
+            from .devices import explain_busy_accelerator
+            from .errors import AcceleratorBusy
+
+            why = explain_busy_accelerator(e)
+            if why:
+                raise AcceleratorBusy(f"{AcceleratorBusy.MARK} {why}") from e
+            raise
         self._reported_compilations = 0
         self._progress = _progress_bar()
         self._fail_hook = _FailOnce.from_env()
