@@ -7,7 +7,6 @@ on the mesh before the next is read, so the host never holds a second copy of th
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -15,6 +14,7 @@ import re
 from typing import Callable, Iterator, NamedTuple
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
@@ -107,31 +107,42 @@ def safetensors_files(folder: str) -> list[str]:
     raise UsageError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported")
 
 
-@contextlib.contextmanager
-def _host_staging():
-    # safetensors' numpy backend cannot represent bfloat16, so tensors come through its flax backend;
-    # pin them to the host CPU device so nothing is staged on an accelerator before placement.
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:
-        yield
-        return
-    with jax.default_device(cpu):
-        yield
+# safetensors dtype names -> numpy dtypes (ml_dtypes supplies bfloat16).
+_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 def _read_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]]:
-    """(key, read(), shape) for each tensor of one file; read() loads just that tensor."""
-    from safetensors import safe_open
+    """(key, read(), shape) for each tensor of one safetensors file; read() loads just that tensor.
 
-    # pread instead of mmap: mapped pages of a 15 GB file would otherwise stay resident.
-    with safe_open(path, framework="flax", backend="pread") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
+    Read by hand from the (tiny, stable) safetensors layout - an 8-byte header length, a JSON
+    header of dtype / shape / byte offsets, then raw little-endian data - because the library's
+    numpy backend has no bfloat16 and its flax backend stages each tensor through about 3 extra
+    host copies (measured: +224 MB peak for a 62 MB tensor). Here each tensor is one read into one
+    numpy buffer, with no mmap keeping pages of a 15 GB file resident.
+    """
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError(f"{name} is not a safetensors file (unreadable header)") from None
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
 
-            def read(key=key):
-                with _host_staging():
-                    return np.asarray(f.get_tensor(key))
+            def read(key=key, info=info, shape=shape, begin=begin, end=end) -> np.ndarray:
+                if info["dtype"] not in _DTYPES:
+                    raise UsageError(f"checkpoint key {key} has dtype {info['dtype']}; supported: {', '.join(_DTYPES)}")
+                out = np.empty(shape, _DTYPES[info["dtype"]])
+                if out.nbytes != end - begin:
+                    raise UsageError(f"checkpoint key {key} in {name}: {end - begin} bytes do not hold {info['dtype']}{list(shape)}")
+                f.seek(base + begin)
+                if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                    raise UsageError(f"checkpoint key {key}: {name} is truncated")
+                return out
 
             yield key, read, shape
 
@@ -173,7 +184,7 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
                 raise UsageError(f"unexpected checkpoint key {key}: a {config.architecture} with this config.json has no such weight")
             if shape != rule.hf_shape(config):
                 raise UsageError(f"checkpoint key {key} has shape {list(shape)}, expected {list(rule.hf_shape(config))} from config.json")
-            value = np.ascontiguousarray(rule.to_ours(read(), config).astype(dtype, copy=False))
+            value = np.ascontiguousarray(rule.to_ours(read(), config), dtype=dtype)
             if layer is None:
                 params[rule.param] = jax.device_put(value, shardings[rule.param])
             else:

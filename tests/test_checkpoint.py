@@ -136,3 +136,14 @@ def test_folder_without_safetensors(tmp_path):
 def test_unknown_hub_id_offline_is_a_usage_error():
     with pytest.raises(UsageError, match="no-such-org/no-such-model"):
         checkpoint.resolve_checkpoint("no-such-org/no-such-model")
+
+
+def test_truncated_file(single, tmp_path):
+    dst = tmp_path / "cut"
+    shutil.copytree(single[0], dst)
+    path = dst / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    config, _ = load_model_config(str(dst))
+    mesh = make_mesh((1, 1), config, 1, np.float32)
+    with pytest.raises(UsageError, match=r"model\.safetensors is truncated"):
+        checkpoint.load_params(str(dst), config, 4, mesh, np.float32)

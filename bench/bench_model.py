@@ -1,0 +1,173 @@
+"""Benchmark: forward tokens/s of the Extractor step, and peak RSS while loading a sharded checkpoint.
+
+Writes a random Qwen2-like bfloat16 checkpoint (sharded safetensors + index, no download) with the
+shape given by flags, then
+  1. loads it through checkpoint.load_params in a fresh subprocess and reports peak RSS (ru_maxrss)
+     against the checkpoint's size on disk, after subtracting a baseline subprocess that imports
+     jax and builds the mesh but loads nothing (the interpreter + jax overhead);
+  2. builds an Extractor on it and times the compiled step (dispatch i+1 before result() of i).
+
+    python bench/bench_model.py --hidden 1024 --layers 8 --batch-size 4 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llm_activations.checkpoint import INDEX_FILE, KEY_TABLE  # noqa: E402
+from llm_activations.config import ModelConfig, model_config_to_hf  # noqa: E402
+from llm_activations.model import layer_specs  # noqa: E402
+
+
+def bench_config(args) -> ModelConfig:
+    return ModelConfig(
+        architecture="Qwen2ForCausalLM", model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+        intermediate_size=args.intermediate, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False, qkv_bias=True, o_bias=False, qk_norm=False)
+
+
+def hf_tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an HF checkpoint of this config (lm_head and final norm included), in file order."""
+    shapes = {}
+    for rule in KEY_TABLE:
+        if rule.param == "embed":
+            shapes[rule.pattern.replace("\\", "")] = rule.hf_shape(c)
+    specs = layer_specs(c)
+    for layer in range(c.num_layers):
+        for rule in KEY_TABLE:
+            if rule.param in specs:
+                shapes[rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")] = rule.hf_shape(c)
+    shapes["model.norm.weight"] = (c.hidden_size,)
+    shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return shapes
+
+
+def write_checkpoint(folder: str, c: ModelConfig, shard_mb: int, seed: int = 0) -> int:
+    """Random bfloat16 sharded checkpoint; returns its bytes on disk."""
+    import jax.numpy as jnp
+    from safetensors.flax import save_file
+
+    rng = np.random.default_rng(seed)
+    shards, current, size = [], {}, 0
+    for key, shape in hf_tensor_shapes(c).items():
+        x = rng.standard_normal(shape, dtype=np.float32)
+        x = 1.0 + 0.1 * x if len(shape) == 1 and "norm" in key else x / np.sqrt(shape[-1])
+        current[key] = x.astype(ml_dtypes.bfloat16)
+        size += current[key].nbytes
+        if size >= shard_mb << 20:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        # safetensors' numpy writer has no bfloat16; its flax writer does.
+        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    with open(os.path.join(folder, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model_config_to_hf(c), f)
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in set(weight_map.values()))
+
+
+RSS_SCRIPT = r"""
+import resource, sys, time
+import numpy as np, ml_dtypes
+from llm_activations.config import load_model_config
+from llm_activations.sharding import make_mesh
+from llm_activations import checkpoint
+folder, load = sys.argv[1], sys.argv[2] == "load"
+config, _ = load_model_config(folder)
+mesh = make_mesh((1, 1), config, 1, ml_dtypes.bfloat16)
+t = time.perf_counter()
+if load:
+    params = checkpoint.load_params(folder, config, config.num_layers, mesh, ml_dtypes.bfloat16)
+    import jax; jax.block_until_ready(params)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would report the forking parent's peak.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+peak = int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak, time.perf_counter() - t)
+"""
+
+
+def peak_rss(folder: str, load: bool) -> tuple[int, float]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device: no replicas
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, folder, "load" if load else "baseline"], env=env,
+                         cwd=repo, check=True, capture_output=True, text=True).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def throughput(folder: str, args) -> tuple[float, int, float]:
+    from llm_activations.extractor import Extractor
+
+    t = time.perf_counter()
+    ex = Extractor(folder, layers=[args.layers - 1], batch_size=args.batch_size, seq_len=args.seq_len,
+                   compute_dtype=args.compute_dtype, storage_dtype="bfloat16")
+    setup = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    shape = (args.batch_size, args.seq_len)
+    tokens = rng.integers(0, args.vocab, shape, dtype=np.int32)
+    segs = np.ones(shape, np.int32)
+    pos = np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), shape).copy()
+    ex(tokens, segs, pos)  # warm up
+    t = time.perf_counter()
+    pending = ex.dispatch(tokens, segs, pos)
+    for _ in range(args.steps - 1):
+        following = ex.dispatch(tokens, segs, pos)
+        pending.result()
+        pending = following
+    pending.result()
+    elapsed = time.perf_counter() - t
+    return args.steps * args.batch_size * args.seq_len / elapsed, ex.compilations, setup
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--shard-mb", type=int, default=64)
+    args = p.parse_args(argv)
+    c = bench_config(args)
+    with tempfile.TemporaryDirectory(prefix="bench_model_") as folder:
+        size = write_checkpoint(folder, c, args.shard_mb)
+        loaded = c.param_count() * 2
+        files = len([n for n in os.listdir(folder) if n.endswith(".safetensors")])
+        print(f"model: hidden={c.hidden_size} layers={c.num_layers} heads={c.num_heads}/{c.num_kv_heads} "
+              f"mlp={c.intermediate_size} vocab={c.vocab_size}; {c.param_count() / 1e6:.0f}M params without lm_head")
+        print(f"checkpoint: {size / 2**20:.0f} MiB bfloat16 in {files} files ({loaded / 2**20:.0f} MiB loaded; lm_head and final norm skipped)")
+        base, _ = peak_rss(folder, load=False)
+        peak, seconds = peak_rss(folder, load=True)
+        print(f"peak RSS: baseline (python + jax + mesh) {base / 2**20:.0f} MiB; loading {peak / 2**20:.0f} MiB in {seconds:.1f} s")
+        print(f"  load overhead over baseline {(peak - base) / 2**20:.0f} MiB = {(peak - base) / size:.2f} x checkpoint size "
+              f"(goal <= 1.20); {(peak - base) / loaded:.2f} x bytes loaded")
+        tps, compilations, setup = throughput(folder, args)
+        print(f"forward ({args.compute_dtype}, batch {args.batch_size} x seq {args.seq_len}, last layer): "
+              f"{tps:,.0f} tokens/s over {args.steps} steps; setup (load + compile) {setup:.1f} s; compilations {compilations}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
