@@ -1,0 +1,159 @@
+"""reader: both readers deliver exactly the stored tokens; shuffle, seed, normalize and refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from synthetic import make_dataset, read_all_rows
+
+from llm_activations import reader
+from llm_activations.errors import DatasetError
+
+KEYS = ("activations", "token_ids", "doc_index", "token_index", "position")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ds"))
+    meta = make_dataset(root, layers=(1, 3), hidden_size=16, num_docs=60, seq_len=64, num_shards=3, seed=1)
+    return root, meta
+
+
+def read(kind, root, layer, batch_size, **kw):
+    """All batches of one pass, concatenated per key ({"activations": [N, H], ...})."""
+    if kind == "tf":
+        it = reader.activation_dataset(root, layer, batch_size, **kw).as_numpy_iterator()
+    else:
+        it = reader.iter_numpy_batches(root, layer, batch_size, **kw)
+    batches = list(it)
+    if not kw.get("with_metadata"):
+        batches = [{"activations": b} for b in batches]
+    for b in batches:
+        assert b["activations"].dtype == np.float32
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, [len(b["activations"]) for b in batches]
+
+
+def by_token(d):
+    order = np.lexsort((d["token_index"], d["doc_index"]))
+    return {k: v[order] for k, v in d.items()}
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_unshuffled_single_cycle_equals_records_in_order(dataset, kind):
+    root, _ = dataset
+    ref = read_all_rows(root, 3)
+    got, sizes = read(kind, root, 3, 50, shuffle_buffer=0, cycle_length=1, with_metadata=True, drop_remainder=False)
+    assert sizes[:-1] == [50] * (len(sizes) - 1)
+    for k in KEYS:
+        np.testing.assert_array_equal(got[k], ref[k])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+@pytest.mark.parametrize("shuffle_buffer", [0, 300])
+def test_every_token_exactly_once(dataset, kind, shuffle_buffer):
+    root, meta = dataset
+    ref = by_token(read_all_rows(root, 1))
+    got, _ = read(kind, root, 1, 64, shuffle_buffer=shuffle_buffer, seed=7, with_metadata=True, drop_remainder=False)
+    got = by_token(got)
+    assert len(got["token_ids"]) == meta["counts"]["tokens"]
+    for k in KEYS:
+        np.testing.assert_array_equal(got[k], ref[k])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_seeded_shuffle_is_reproducible_and_permutes(dataset, kind):
+    root, _ = dataset
+    kw = dict(shuffle_buffer=500, with_metadata=True, drop_remainder=False)
+    a, _ = read(kind, root, 1, 64, seed=3, **kw)
+    b, _ = read(kind, root, 1, 64, seed=3, **kw)
+    c, _ = read(kind, root, 1, 64, seed=4, **kw)
+    plain, _ = read(kind, root, 1, 64, shuffle_buffer=0, with_metadata=True, drop_remainder=False)
+    for k in KEYS:
+        np.testing.assert_array_equal(a[k], b[k])
+    key = lambda d: d["doc_index"] * 10_000 + d["token_index"]  # noqa: E731
+    assert np.mean(key(a) != key(c)) > 0.9
+    assert np.mean(key(a) != key(plain)) > 0.9
+    # tokens of one record are spread out: neighbours in the output are rarely neighbours in a document
+    adjacent = (np.diff(a["token_index"]) == 1) & (np.diff(a["doc_index"]) == 0)
+    assert adjacent.mean() < 0.2
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_normalize_applies_scaling_factor(dataset, kind):
+    root, meta = dataset
+    scale = meta["stats"]["3"]["scaling_factor"]
+    raw, _ = read(kind, root, 3, 32, shuffle_buffer=200, seed=5)
+    norm, _ = read(kind, root, 3, 32, shuffle_buffer=200, seed=5, normalize=True)
+    assert scale != pytest.approx(1.0)
+    np.testing.assert_allclose(norm["activations"], raw["activations"] * np.float32(scale), rtol=1e-6)
+    mean_norm = np.linalg.norm(norm["activations"], axis=1).mean()
+    assert mean_norm == pytest.approx(np.sqrt(16), rel=0.05)  # the point of the factor
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_drop_remainder_and_shapes(dataset, kind):
+    root, meta = dataset
+    n = meta["counts"]["tokens"]
+    got, sizes = read(kind, root, 1, 100, shuffle_buffer=0)
+    assert sizes == [100] * (n // 100)
+    assert got["activations"].shape == (n // 100 * 100, 16)
+
+
+@pytest.mark.parametrize("dtype,compression", [("float32", "gzip"), ("float16", "none")])
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_other_dtypes_and_gzip(tmp_path, kind, dtype, compression):
+    make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=10, seq_len=32, dtype=dtype, compression=compression)
+    ref = by_token(read_all_rows(str(tmp_path), 0))
+    got = by_token(read(kind, str(tmp_path), 0, 16, shuffle_buffer=100, seed=0, with_metadata=True, drop_remainder=False)[0])
+    for k in KEYS:
+        np.testing.assert_array_equal(got[k], ref[k])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_refuses_folder_without_metadata(tmp_path, kind):
+    with pytest.raises(DatasetError, match="no metadata.json"):
+        read(kind, str(tmp_path), 0, 8)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_refuses_unknown_format_version_and_missing_layer(tmp_path, kind):
+    make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=4, seq_len=16)
+    with pytest.raises(DatasetError, match="layer 5 is not in this dataset"):
+        read(kind, str(tmp_path), 5, 8)
+    path = tmp_path / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 99
+    path.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="format_version 99 is not supported"):
+        read(kind, str(tmp_path), 0, 8)
+
+
+def test_tf_reads_gfile_urls(dataset):
+    """A URL dataset (ram://, like gs://) is read end to end through tf.io.gfile, metadata included."""
+    import tensorflow as tf
+
+    root, meta = dataset
+    url = f"ram://reader_test_{os.getpid()}"
+    for folder, _, files in os.walk(root):
+        for f in files:
+            dst = url + os.path.join(folder, f)[len(root):]
+            tf.io.gfile.makedirs(os.path.dirname(dst))
+            tf.io.gfile.copy(os.path.join(folder, f), dst, overwrite=True)
+    got, _ = read("tf", url, 3, 64, seed=0, with_metadata=True, drop_remainder=False)
+    ref = by_token(read_all_rows(root, 3))
+    np.testing.assert_array_equal(by_token(got)["activations"], ref["activations"])
+
+
+def test_numpy_reader_never_imports_tensorflow(dataset):
+    root, _ = dataset
+    code = (
+        "import sys\nfrom llm_activations import reader\n"
+        f"n = sum(len(b) for b in reader.iter_numpy_batches({root!r}, 1, 10, seed=0))\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nprint(n)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) > 0
