@@ -143,7 +143,8 @@ def _two_hosts(base, docs, **overrides):
 
 
 def _read_dataset(root):
-    """{(layer, doc_index): (token_ids, activations)} of every record, via metadata paths only."""
+    """{(layer, first doc_index, first token_index): (token_ids, activations)} of every record (row),
+    found through metadata paths only."""
     meta = md.read_metadata(str(root))
     out = {}
     for layer_key, paths in meta["files"].items():
@@ -151,7 +152,7 @@ def _read_dataset(root):
             for data in records.read_shard(md.shard_path(str(root), rel)):
                 ex = records.decode_example(data)
                 acts = records.decode_activations(ex, np.dtype(meta["dtype"]), meta["hidden_size"])
-                key = (int(layer_key), int(ex["doc_index"][0]))
+                key = (int(layer_key), int(ex["doc_index"][0]), int(ex["token_index"][0]))
                 assert key not in out, f"record {key} appears twice"
                 out[key] = (ex["token_ids"].tolist(), acts.copy())
     return meta, out
@@ -191,10 +192,10 @@ def _check_merged(meta, docs):
 
 def _check_records(root, docs):
     meta, got = _read_dataset(root)
-    assert set(got) == {(layer, d["doc_index"]) for layer in LAYERS for d in docs}
+    assert set(got) == {(layer, d["doc_index"], 0) for layer in LAYERS for d in docs}
     for d in docs:
         for layer in LAYERS:
-            token_ids, acts = got[(layer, d["doc_index"])]
+            token_ids, acts = got[(layer, d["doc_index"], 0)]
             assert token_ids == d["token_ids"].tolist()
             np.testing.assert_array_equal(acts, d["acts"][layer])
     assert [s["records"] for s in meta["shards"] if s["layer"] == LAYERS[0]] == [3, 3, 2, 2]
@@ -340,7 +341,7 @@ def test_interleaved_split_of_a_streaming_input(tmp_path, capsys):
         want = Moments.of(np.concatenate([d["acts"][layer] for d in docs]))
         np.testing.assert_allclose(meta["stats"][str(layer)]["var"], want.var, rtol=1e-12)
     _, got = _read_dataset(tmp_path)
-    assert set(got) == {(layer, d["doc_index"]) for layer in LAYERS for d in docs}
+    assert set(got) == {(layer, d["doc_index"], 0) for layer in LAYERS for d in docs}
 
     twin = os.path.join(tmp_path, "twin")
     _write_host(twin, docs[1::2], host_index=0, num_hosts=2, doc_range=(0, -1))
@@ -363,3 +364,44 @@ def test_module_entry_point(tmp_path):
 
 def _all_files(root):
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_two_hosts_through_the_pipeline_equal_one_run(tmp_path):
+    """End to end on the bundled demo: 2 hosts (--num-hosts 2) + merge == one run over all the input.
+
+    With float32 compute and per-host --num-shards that cut the same work units as the single run
+    (4 units of 10 documents either way), the rows are packed identically, so the shards must be
+    byte-identical and every count and statistic equal.
+    """
+    pytest.importorskip("llm_activations.pipeline")
+    common = ["--max-docs", "40", "--dtype", "float32", "--compute-dtype", "float32", "--layers", "0", "1"]
+    one, merged = tmp_path / "one", tmp_path / "merged"
+    assert cli.main(["extract", "--output", str(one), "--num-shards", "4", *common]) == 0
+    hosts = [str(merged / f"host-{i}") for i in range(2)]
+    for i, host in enumerate(hosts):
+        argv = ["extract", "--output", host, "--num-shards", "2", "--num-hosts", "2", "--host-index", str(i), *common]
+        assert cli.main(argv) == 0
+    assert cli.main(["merge", "--output", str(merged), *hosts]) == 0
+
+    a, b = md.read_metadata(str(one)), md.read_metadata(str(merged))
+    assert b["counts"] == a["counts"]
+    assert b["run"]["compilations"] == a["run"]["compilations"] * 2  # one per host process
+    assert b["input"]["doc_index_range"] == a["input"]["doc_index_range"] == [0, 40]
+    for layer in ("0", "1"):
+        sa, sb = a["stats"][layer], b["stats"][layer]
+        assert sb["count"] == sa["count"]
+        np.testing.assert_allclose(sb["mean"], sa["mean"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sb["var"], sa["var"], rtol=1e-9, atol=1e-12)
+        assert sb["mean_norm"] == pytest.approx(sa["mean_norm"], rel=1e-12)
+        assert sb["scaling_factor"] == pytest.approx(sa["scaling_factor"], rel=1e-12)
+    # Same files, byte for byte (their names differ: part-i-of-4 vs host-h/part-j-of-2), in doc order.
+    for layer in ("0", "1"):
+        sha = {s["path"]: s["sha256"] for s in a["shards"]}
+        sha_b = {s["path"]: s["sha256"] for s in b["shards"]}
+        assert [sha[p] for p in a["files"][layer]] == [sha_b[p] for p in b["files"][layer]]
+    _, records_a = _read_dataset(one)
+    _, records_b = _read_dataset(merged)
+    assert records_a.keys() == records_b.keys()
+    for key, (tokens, acts) in records_a.items():
+        assert records_b[key][0] == tokens
+        np.testing.assert_array_equal(records_b[key][1], acts)
