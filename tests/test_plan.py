@@ -1,0 +1,86 @@
+"""plan: numbers checked against hand computation from the public Qwen config.json values."""
+
+import json
+
+import pytest
+
+from llm_activations import plan
+from llm_activations.cli import main
+
+# Qwen2.5-7B: hidden 3584, intermediate 18944, 28 layers, 28 q heads / 4 kv heads of 128, vocab 152064, untied.
+EMBED_7B = 152064 * 3584  # 544,997,376
+BLOCK_7B = (
+    3584 * (3584 + 2 * 512)  # q, k, v weights
+    + (3584 + 2 * 512)  # q, k, v biases (Qwen2)
+    + 3584 * 3584  # o_proj, no bias
+    + 3 * 3584 * 18944  # gate, up, down
+    + 2 * 3584  # two RMSNorms
+)  # 233,057,792
+
+
+def test_qwen25_7b_parameters_and_storage():
+    assert BLOCK_7B == 233_057_792
+    p = make_7b(layers=(14,))
+    assert p.total_params == EMBED_7B * 2 + 28 * BLOCK_7B + 3584 == 7_615_616_512  # "7.6B"
+    assert p.loaded_blocks == 15
+    assert p.loaded_params == EMBED_7B + 15 * BLOCK_7B == 4_040_864_256
+    assert p.weight_bytes_per_chip == 2 * p.loaded_params
+    assert p.storage_bytes_per_token_per_layer == 7 * 1024  # 7 KiB per token per layer in bf16
+    assert p.storage_bytes_per_billion_tokens == 7168 * 10**9
+
+
+def make_7b(layers, mesh=(4, 1), chip="v5e", seq_len=1024, **kw):
+    name, config = plan.resolve_model("Qwen2.5-7B")
+    return plan.make_plan(config, model_name=name, chip=plan.CHIP_PRESETS[chip], layers=layers, seq_len=seq_len, mesh=mesh, **kw)
+
+
+def test_qwen25_7b_memory_batch_and_throughput():
+    p = make_7b(layers=(7, 14), mesh=(2, 2), chip="v5p", mfu=0.5)
+    T = 1024
+    assert p.row_bytes == {
+        "residual": 2 * T * 3584 * 2,
+        "qkv": T * (28 + 2 * 4) * 128 * 2 // 2,
+        "attention_scores": 2 * 14 * T * T * 4,
+        "attention_out": T * 28 * 128 * 2 // 2,
+        "mlp": 3 * T * 18944 * 2 // 2,
+        "outputs": 2 * T * 3584 * 2,
+    }
+    assert p.weight_bytes_per_chip == p.loaded_params  # bf16 weights split over model axis 2
+    usable = int(95 * 2**30 * 0.9)
+    assert p.max_batch == 2 * ((usable - p.loaded_params) // sum(p.row_bytes.values()))
+    flops = 2 * 15 * BLOCK_7B + 15 * 4 * T * 28 * 128
+    assert p.flops_per_token == flops == 7_211_934_720
+    assert p.tokens_per_second_per_chip == pytest.approx(459e12 * 0.5 / flops)
+    assert p.tokens_per_second_per_host == pytest.approx(4 * 459e12 * 0.5 / flops)
+    assert p.storage_bytes_per_billion_tokens == 2 * 7168 * 10**9
+
+
+def test_other_presets_match_published_sizes():
+    sizes = {"Qwen2.5-0.5B": 494_032_768, "Qwen3-8B": 8_190_735_360}
+    for name, n in sizes.items():
+        assert plan.total_params(plan.resolve_model(name)[1]) == n
+    assert 1.4e9 < plan.total_params(plan.resolve_model("Qwen2.5-1.5B")[1]) < 1.6e9
+    assert 3.0e9 < plan.total_params(plan.resolve_model("Qwen2.5-3B")[1]) < 3.2e9
+    assert 14.6e9 < plan.total_params(plan.resolve_model("Qwen2.5-14B")[1]) < 14.9e9
+
+
+def test_config_json_path_gives_the_preset_numbers(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(plan.MODEL_PRESETS["Qwen2.5-7B"]))
+    assert main(["plan", "--model", str(path), "--layers", "14", "--chip", "v5e", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "Qwen/Qwen2.5-7B", "--layers", "14", "--chip", "v5e", "--json"]) == 0
+    from_preset = json.loads(capsys.readouterr().out)
+    assert from_file["total_params"] == from_preset["total_params"] == 7_615_616_512
+    assert from_file["max_batch"] == from_preset["max_batch"] > 0
+
+
+def test_text_table_and_errors(capsys):
+    assert main(["plan", "--model", "Qwen2.5-7B", "--chip", "h100", "--layers", "14"]) == 0
+    out = capsys.readouterr().out
+    assert "7,615,616,512 parameters" in out and "7.00 KiB per layer" in out and "largest batch" in out
+    assert main(["plan", "--model", "Qwen2.5-72B", "--chip", "v5e", "--layers", "40"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+    assert main(["plan", "--layers", "28"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["plan", "--model", "no-such-model"]) == 2
