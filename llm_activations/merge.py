@@ -97,20 +97,25 @@ def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwr
     dests = _copy_destinations(metas, prefixes, inside)
     _check_output(output, inside, overwrite)
 
+    for root, meta, prefix in zip(inputs, metas, prefixes):  # every check before the first copy
+        for paths in meta["files"].values():
+            for p in paths:
+                md.shard_path(root, p)  # refuses paths that escape the host folder
+        if prefix is not None:
+            for shard in meta["shards"]:
+                _check_in_place(md.shard_path(root, shard["path"]), shard)
+
     files: dict[str, list[str]] = {str(layer): [] for layer in sorted(metas[0]["extraction"]["layers"])}
     shards, copied = [], 0
     for root, meta, prefix, dest in zip(inputs, metas, prefixes, dests):
         base = prefix if prefix is not None else dest
         for layer, paths in meta["files"].items():
-            files[str(int(layer))].extend(posixpath.join(base, p) for p in paths)
+            files[str(int(layer))].extend(posixpath.join(base, posixpath.normpath(p)) for p in paths)
         for shard in meta["shards"]:
-            src = md.shard_path(root, shard["path"])
             new_path = posixpath.join(base, posixpath.normpath(shard["path"]))
             if prefix is None:
-                _copy_verified(src, md.join(output, new_path), shard)
+                _copy_verified(md.shard_path(root, shard["path"]), md.join(output, new_path), shard)
                 copied += 1
-            else:
-                _check_in_place(src, shard)
             shards.append({**shard, "path": new_path})
         if prefix is None:
             _copy_tree(md.join(root, "rejected"), md.join(output, dest, "rejected"))

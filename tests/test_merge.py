@@ -405,3 +405,14 @@ def test_two_hosts_through_the_pipeline_equal_one_run(tmp_path):
     for key, (tokens, acts) in records_a.items():
         assert records_b[key][0] == tokens
         np.testing.assert_array_equal(records_b[key][1], acts)
+
+
+def test_escaping_file_path_is_refused(tmp_path, capsys):
+    docs = _corpus(9)
+    h0, h1 = _two_hosts(tmp_path / "hosts", docs)
+    meta = json.load(open(os.path.join(h1, "metadata.json")))
+    meta["files"]["1"][0] = "../../../etc/passwd"
+    md.write_metadata(h1, meta)
+    assert cli.main(["merge", "--output", str(tmp_path / "m"), h0, h1]) == 2
+    assert "escapes the dataset folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m" / "metadata.json")
