@@ -353,6 +353,8 @@ def finalize_metadata(base: dict, output: str, counts: dict, run: dict, shards: 
     meta["shards"] = shards
     meta["counts"] = {k: int(counts.get(k, 0)) for k in
                       ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")}
+    if run["mesh"]:  # the shape the workers actually used (the automatic choice, when not given)
+        meta["extraction"]["mesh"] = run["mesh"]
     meta["stats"] = {str(layer): run["moments"].get(layer, Moments.empty(hidden)).to_json() for layer in layers}
     end = time.time()
     wall = end - meta["run"].pop("start_unix")

@@ -256,6 +256,7 @@ class ExtractActivations(beam.DoFn):
         compilations = self._extractor.compilations - self._reported_compilations
         self._reported_compilations = self._extractor.compilations
         run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
+               "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
                "workers": {f"{socket.gethostname()}:{os.getpid()}"}, "moments": self._moments}
         yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
 
@@ -386,13 +387,14 @@ class MergeRun(beam.CombineFn):
     """Sums compilations and tokens, unions worker ids and merges per-layer Moments exactly."""
 
     def create_accumulator(self):
-        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "moments": {}}
+        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "moments": {}, "mesh": None}
 
     def add_input(self, acc, run):
         acc["compilations"] += run["compilations"]
         acc["tokens"] += run["tokens"]
         acc["extract_seconds"] += run["extract_seconds"]
         acc["workers"] |= set(run["workers"])
+        acc["mesh"] = acc["mesh"] or run["mesh"]  # every worker builds the same mesh from one spec
         for layer, m in run["moments"].items():
             acc["moments"][layer] = acc["moments"][layer].merge(m) if layer in acc["moments"] else m
         return acc
