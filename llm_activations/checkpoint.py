@@ -147,7 +147,7 @@ def _read_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray], tu
             yield key, read, shape
 
 
-def _match(key: str, c: ModelConfig) -> tuple[KeyRule, int | None] | None:
+def _match(key: str) -> tuple[KeyRule, int | None] | None:
     for regex, rule in _COMPILED:
         m = regex.match(key)
         if m:
@@ -172,7 +172,7 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
             seen.add(key)
             if IGNORED_KEYS.match(key):
                 continue
-            found = _match(key, config)
+            found = _match(key)
             if found is None:
                 raise UsageError(f"unexpected checkpoint key {key} in {os.path.basename(path)} for a {config.architecture}")
             rule, layer = found
@@ -185,10 +185,13 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
             if shape != rule.hf_shape(config):
                 raise UsageError(f"checkpoint key {key} has shape {list(shape)}, expected {list(rule.hf_shape(config))} from config.json")
             value = np.ascontiguousarray(rule.to_ours(read(), config), dtype=dtype)
+            target = shardings[rule.param] if layer is None else shardings["layers"][layer][rule.param]
+            # Wait for the transfer so at most one tensor's host buffer is alive at any time.
+            placed = jax.block_until_ready(jax.device_put(value, target))
             if layer is None:
-                params[rule.param] = jax.device_put(value, shardings[rule.param])
+                params[rule.param] = placed
             else:
-                params["layers"][layer][rule.param] = jax.device_put(value, shardings["layers"][layer][rule.param])
+                params["layers"][layer][rule.param] = placed
             del value
     _check_complete(params, specs, config)
     return params
