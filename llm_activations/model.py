@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from llm_activations.config import ModelConfig
@@ -64,16 +65,16 @@ def param_shardings(c: ModelConfig, num_layers: int, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def init_params(c: ModelConfig, num_layers: int, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random params (benchmarks and tests without a checkpoint); norms near 1, others ~1/sqrt(fan_in)."""
-    specs = param_specs(c, num_layers)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for s, k in zip(leaves, keys):
-        x = jax.random.normal(k, s.shape, jnp.float32)
-        out.append((1.0 + 0.1 * x if len(s.shape) == 1 else x / jnp.sqrt(s.shape[0])).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
+def init_params(c: ModelConfig, num_layers: int, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Random params (tests, benchmarks); norms near 1, others ~1/sqrt(fan_in). Drawn with NumPy on
+    the host: jax.random compiles one program per shape, which is slower than the draw itself."""
+    rng = np.random.default_rng(seed)
+
+    def draw(s: ParamSpec):
+        x = rng.standard_normal(s.shape, dtype=np.float32)
+        return jnp.asarray(1.0 + 0.1 * x if len(s.shape) == 1 else x / np.sqrt(s.shape[0]), dtype=dtype)
+
+    return jax.tree.map(draw, param_specs(c, num_layers), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

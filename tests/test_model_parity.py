@@ -53,3 +53,38 @@ def test_bfloat16_within_bound(variant):
     assert errors.max() <= BF16_BOUND, errors
     # Not trivially equal to float32 either: the comparison would not notice a float32 fallback.
     assert errors.max() > 1e-4
+
+
+def test_attention_mask_is_block_diagonal_causal():
+    import jax.numpy as jnp
+
+    from llm_activations.model import attention_mask
+
+    mask = np.asarray(attention_mask(jnp.array([[1, 1, 2, 2, 2, 0]])))[0]
+    want = np.array([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],  # a new segment never sees the previous one
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees only itself (finite softmax; never stored)
+    ], bool)
+    np.testing.assert_array_equal(mask, want)
+
+
+def test_forward_runs_only_the_blocks_it_needs():
+    import jax
+    import jax.numpy as jnp
+
+    from llm_activations.config import load_model_config
+    from llm_activations.model import forward, init_params
+
+    config, _ = load_model_config(cached_checkpoint("qwen2")[0])
+    params = init_params(config, 2, seed=0)  # blocks 0 and 1 only
+    tokens, segs, pos, _ = packed_batch([[5, 3]], 8)
+    run = jax.jit(forward, static_argnums=(1, 5))
+    out = run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (1,))
+    assert list(out) == [1] and out[1].shape == (1, 8, 64)
+    assert np.isfinite(np.asarray(out[1])).all()
+    with pytest.raises(ValueError, match="layer 2 requested but params hold 2 blocks"):
+        run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,))
