@@ -212,10 +212,35 @@ def activation_dataset(
 
 
 def _to_float32(x: np.ndarray) -> np.ndarray:
-    if x.dtype.itemsize == 2 and x.dtype.name == "bfloat16":
-        # bfloat16 is the top half of a float32: a shift is several times faster than ml_dtypes' cast.
-        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    # ml_dtypes' bfloat16 -> float32 cast is vectorised (measured faster than a uint16 shift trick).
     return x.astype(np.float32)
+
+
+def _activations_only(data: bytes, dtype: np.dtype, hidden_size: int) -> np.ndarray:
+    """[n, hidden] view of a record's activation bytes, skipping the int64 lists.
+
+    records.decode_example also decodes four varint lists and copies the activation bytes; at
+    small hidden sizes that decoding is most of the reader's time, so this fast path only walks
+    the Example's feature map (Features -> map entry -> key, Feature -> BytesList) and returns a
+    zero-copy view.
+    """
+    for _, features in records._fields(memoryview(data)):
+        for _, entry in records._fields(features):
+            key = value = None
+            for num, payload in records._fields(entry):
+                if num == 1:
+                    key = payload
+                elif num == 2:
+                    value = payload
+            if key is not None and key == records.ACTIVATIONS.encode() and value is not None:
+                for kind, lst in records._fields(value):
+                    if kind == 1:
+                        raw = next((p for num, p in records._fields(lst) if num == 1), memoryview(b""))
+                        acts = np.frombuffer(raw, dtype=dtype)
+                        if acts.size % hidden_size:
+                            raise ValueError(f"activations hold {acts.size} values, not a multiple of hidden size {hidden_size}")
+                        return acts.reshape(-1, hidden_size)
+    raise ValueError("record has no activations feature")
 
 
 def _interleaved_records(files: list[str], cycle_length: int, check_crc: bool) -> Iterator[bytes]:
@@ -278,12 +303,43 @@ def _shuffle_records(chunks: Iterator[dict], buffer_size: int, rng: np.random.Ge
         yield buf[i]
 
 
-def _permute_window(rng: np.random.Generator):
-    def permute(window: dict) -> dict:
-        perm = rng.permutation(len(window[records.ACTIVATIONS]))
-        return {k: v[perm] for k, v in window.items()}
+def _permuted_windows(chunks: Iterator[dict], window: int, rng: np.random.Generator, reuse: bool) -> Iterator[dict]:
+    """Cut the token stream into windows of `window` tokens, each in a uniformly random order.
 
-    return permute
+    Each incoming token is scattered straight to its random slot of a preallocated window (one
+    copy, no concatenate-then-gather). A last, partial window of m tokens keeps the slots
+    perm[:m]; reading them in increasing slot order is again a uniform random order.
+    """
+    buf: dict[str, np.ndarray] | None = None
+    spare: dict[str, np.ndarray] | None = None
+    perm = rng.permutation(window)
+    fill = 0
+    for chunk in chunks:
+        if buf is None:
+            buf = {k: np.empty((window, *v.shape[1:]), v.dtype) for k, v in chunk.items()}
+        n, start = len(chunk[records.ACTIVATIONS]), 0
+        while start < n:
+            take = min(n - start, window - fill)
+            slots = perm[fill : fill + take]
+            for k, v in chunk.items():
+                buf[k][slots] = v[start : start + take]
+            fill += take
+            start += take
+            if fill == window:
+                yield buf
+                # reuse: two buffers in turn, which avoids page-faulting a fresh window-sized
+                # allocation each time. Safe when window >= batch_size: _rebatch then copies out
+                # every token of a window (its leftover joined with the next window) before it
+                # asks for the window after next.
+                if reuse:
+                    spare = spare or {k: np.empty_like(v) for k, v in buf.items()}
+                    buf, spare = spare, buf
+                else:
+                    buf = {k: np.empty_like(v) for k, v in buf.items()}
+                perm, fill = rng.permutation(window), 0
+    if buf is not None and fill:
+        slots = np.sort(perm[:fill])
+        yield {k: v[slots] for k, v in buf.items()}
 
 
 def _rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, finish) -> Iterator:
@@ -334,20 +390,24 @@ def iter_numpy_batches(
 
     def chunks():
         for data in _interleaved_records(files, max(1, cycle_length), check_crc):
-            ex = records.decode_example(data)
-            chunk = {records.ACTIVATIONS: records.decode_activations(ex, dt, h)}
             if with_metadata:
+                ex = records.decode_example(data)
+                chunk = {records.ACTIVATIONS: records.decode_activations(ex, dt, h)}
                 chunk.update({k: ex[k] for k in records.INT_FEATURES})
+            else:
+                chunk = {records.ACTIVATIONS: _activations_only(data, dt, h)}
             yield chunk
 
-    def finish(batch):
+    def finish(batch):  # copies everything: batches never alias the reader's reused buffers
         acts = _to_float32(batch[records.ACTIVATIONS])
         if scale is not None:
             acts *= np.float32(scale)
-        return {**batch, records.ACTIVATIONS: acts} if with_metadata else acts
+        if not with_metadata:
+            return acts
+        return {**{k: np.array(v) for k, v in batch.items()}, records.ACTIVATIONS: acts}
 
     stream = _prefetched(chunks(), depth=16)
     if shuffle:
         stream = _shuffle_records(stream, spec.record_buffer(shuffle_buffer), rng)
-        stream = _rebatch(stream, shuffle_buffer, False, _permute_window(rng))
+        stream = _permuted_windows(stream, shuffle_buffer, rng, reuse=shuffle_buffer >= batch_size)
     return _rebatch(stream, batch_size, drop_remainder, finish)

@@ -49,6 +49,8 @@ def test_unshuffled_single_cycle_equals_records_in_order(dataset, kind):
     assert sizes[:-1] == [50] * (len(sizes) - 1)
     for k in KEYS:
         np.testing.assert_array_equal(got[k], ref[k])
+    plain, _ = read(kind, root, 3, 50, shuffle_buffer=0, cycle_length=1, drop_remainder=False)  # activations-only path
+    np.testing.assert_array_equal(plain["activations"], ref["activations"])
 
 
 @pytest.mark.parametrize("kind", ["numpy", "tf"])
