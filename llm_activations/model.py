@@ -106,8 +106,19 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & causal) | jnp.eye(t, dtype=bool)
 
 
+def query_block(t: int) -> int:
+    """Queries per attention block for sequence length t.
+
+    Causal attention lets query block [s, e) skip keys >= e, so blocking saves up to half the
+    attention work; small blocks also keep each [.., block, e] float32 logits tile in cache on CPU
+    (3-4x faster than one [B, N, T, T] tile at T=1024 on a 2-core CPU). Accelerators prefer fewer,
+    larger matmuls.
+    """
+    return min(t, 128 if jax.default_backend() == "cpu" else 512)
+
+
 def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D]."""
+    """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D]; mask [B, T, S] bool."""
     b, t, _ = x.shape
     # [B, T, N, H] / [B, T, K, H]
     q = jnp.einsum("btd,dnh->btnh", x, p["q"])
@@ -118,13 +129,23 @@ def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask:
     if c.qk_norm:  # Qwen3: per-head RMSNorm on q and k, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    q = q.reshape(b, t, c.num_kv_heads, c.group_size, c.head_dim)
-    # [B, K, G, T, S] logits accumulated in float32
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-    # [B, T, K, G, H]
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+    # Heads-major layout so every attention einsum is a plain batched matmul (no transposes inside
+    # the loop). [B, K, G, T, H] / [B, K, S, H]
+    q = q.reshape(b, t, c.num_kv_heads, c.group_size, c.head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    step = query_block(t)
+    outs = []
+    for s in range(0, t, step):
+        e = min(t, s + step)  # causal: queries < e never see keys >= e
+        # [B, K, G, e-s, e] logits accumulated in float32
+        logits = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, s:e], k[:, :, :e],
+                            preferred_element_type=jnp.float32) * c.head_dim**-0.5
+        logits = jnp.where(mask[:, None, None, s:e, :e], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        # [B, K, G, e-s, H]
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :e]))
+    # [B, T, N, H]
+    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, c.head_dim)
     # [B, T, D]
     out = jnp.einsum("btnh,nhd->btd", out, p["o"])
     return out + p["o_bias"] if c.o_bias else out
