@@ -164,10 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reader", choices=["numpy", "tf"], default="numpy")
     p.add_argument("--shuffle-buffer", type=int, default=1 << 15, help="tokens")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     args = p.parse_args(argv)
     out = train(
         args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer,
+        lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,
     )
     print(f"layer {out['layer']}: explained variance {out['fve']:.3f}, dead latents {out['dead_fraction']:.1%}, "
           f"{out['tokens']:,} tokens in {out['seconds']:.1f}s")
