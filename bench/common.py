@@ -1,0 +1,209 @@
+"""Shared helpers for the benchmarks in bench/: environment, machine line, corpora, checkpoints,
+in-process extract runs and the bare forward-step loop.
+
+Every bench script imports this first (`import common`), which sets the environment a local user
+would have (JAX on CPU unless told otherwise, no progress bar) before JAX is imported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("LLM_ACTIVATIONS_NO_PROGRESS", "1")
+
+import numpy as np  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def machine() -> str:
+    """'AMD EPYC, 2 cores, no accelerator' style line for BENCHMARKS.md."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print(f"# machine: {machine()}; date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+          f"command: {' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}")
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Print rows as a Markdown table (numbers formatted with thousands separators)."""
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def demo_model() -> str:
+    from llm_activations import demo
+
+    return demo.ensure_demo_model()
+
+
+def demo_corpus() -> str:
+    from llm_activations import demo
+
+    return str(demo.CORPUS)
+
+
+def lognormal_lengths(n: int, median: float, sigma: float = 1.0, seed: int = 0, lo: int = 1,
+                      hi: int = 100_000) -> np.ndarray:
+    """Document lengths in tokens, lognormal like web corpora (FineWeb-Edu: median ~600, long tail)."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), lo, hi).astype(np.int64)
+
+
+def write_corpus(path: str, lengths: np.ndarray, model: str | None = None, seed: int = 0) -> str:
+    """A JSONL corpus of real text whose documents have about `lengths` tokens each.
+
+    Each document is a random window of the demo corpus' token stream, decoded back to text, so
+    the tokenizer sees natural text (re-encoding shifts a length by a token or two at most).
+    """
+    from transformers import AutoTokenizer
+
+    from llm_activations import demo
+
+    tok = AutoTokenizer.from_pretrained(model or demo_model())
+    stream = np.concatenate([np.asarray(t, np.int64) for t in tok(demo.corpus_texts())["input_ids"]])
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for n in lengths:
+            n = int(min(n, len(stream)))
+            start = int(rng.integers(0, len(stream) - n + 1))
+            f.write(json.dumps({"text": tok.decode(stream[start:start + n])}) + "\n")
+    return path
+
+
+def token_lengths(corpus: str, model: str | None = None) -> np.ndarray:
+    """Tokens per document of a JSONL corpus, with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model or demo_model())
+    with open(corpus) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return np.array([len(t) for t in tok(texts)["input_ids"]], np.int64)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                           intermediate: int = 384, seed: int = 0) -> str:
+    """A random Qwen2 checkpoint in HF format with the demo tokenizer (so `extract` can run on it)."""
+    from safetensors.numpy import save_file
+
+    from llm_activations import demo
+
+    src = Path(demo_model())
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name.endswith(".txt") or name == "special_tokens_map.json":
+            shutil.copy(src / name, Path(folder) / name)
+    config = dict(demo.DEMO_CONFIG, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=demo.VOCAB_SIZE,
+                  bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(demo.random_qwen2_weights(config, demo.VOCAB_SIZE, seed), str(Path(folder) / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_extract(model: str, inputs: list[str], output: str, **options) -> tuple[dict, float]:
+    """One `extract` run in this process (DirectRunner), as `python -m llm_activations extract` does it.
+
+    Returns (metadata, wall seconds of the whole call: checks, planning, pipeline, metadata).
+    """
+    from llm_activations.pipeline import ExtractConfig, run_extract as run
+
+    cfg = ExtractConfig(model=model, inputs=tuple(inputs), output=output, overwrite=True, **options)
+    with Timer() as t:
+        meta = run(cfg)
+    return meta, t.seconds
+
+
+def unit_batches(model: str, corpus: str, *, seq_len: int, batch_size: int, mode: str = "pack",
+                 docs_per_unit: int | None = None, max_docs: int | None = None) -> list:
+    """The exact packing.Batch list `extract` feeds its model for this corpus, built with the
+    pipeline's own read/tokenize/segment/pack/batch functions (no Beam)."""
+    from llm_activations import inputs as I, packing, pipeline, transforms as T
+
+    cfg = pipeline.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
+                                 batch_size=batch_size, mode=mode, max_docs=max_docs,
+                                 docs_per_unit=docs_per_unit or pipeline.DOCS_PER_UNIT)
+    _, _, units = pipeline.plan(cfg)
+    tok = T.load_tokenizer(model)
+    batches = []
+    for unit in units:
+        docs = [d for d in I.read_unit(unit, "text") if isinstance(d, I.Document)]
+        ids = tok([d.text for d in docs])["input_ids"] if docs else []
+        data = T.UnitData(unit, tokens=[(d.doc_index, np.asarray(t, np.int32)) for d, t in zip(docs, ids) if t])
+        data = T.pack_unit(T.segment_unit(data, seq_len), seq_len, mode)
+        batches.extend(packing.make_batches(data.segments, data.rows, batch_size, seq_len, unit.index))
+    return batches
+
+
+def bare_step(extractor, batches: list, repeat: int = 1) -> tuple[float, int]:
+    """Seconds and real tokens of the Extractor's dispatch/result loop over `batches` (inputs already
+    on the host, nothing encoded or written): the ceiling the pipeline is measured against."""
+    extractor(batches[0].tokens, batches[0].segment_ids, batches[0].positions)  # warm (compiled at setup)
+    tokens = 0
+    with Timer() as t:
+        pending = None
+        for _ in range(repeat):
+            for b in batches:
+                following = extractor.dispatch(b.tokens, b.segment_ids, b.positions)
+                if pending is not None:
+                    pending.result()
+                pending = following
+                tokens += b.real_tokens
+        pending.result()
+    return t.seconds, tokens
