@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -229,7 +230,6 @@ class ExtractActivations(beam.DoFn):
             if why:
                 raise AcceleratorBusy(f"{AcceleratorBusy.MARK} {why}") from e
             raise
-        self._reported_compilations = 0
         self._progress = _progress_bar()
         self._fail_hook = _FailOnce.from_env()
 
@@ -253,8 +253,7 @@ class ExtractActivations(beam.DoFn):
     def finish_bundle(self):
         for value in self._drain(keep_newest=False):
             yield WindowedValue(value, 0, [GlobalWindow()])
-        compilations = self._extractor.compilations - self._reported_compilations
-        self._reported_compilations = self._extractor.compilations
+        compilations = _unreported_compilations(self._extractor)
         run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
                "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
                "workers": {f"{socket.gethostname()}:{os.getpid()}"}, "moments": self._moments}
@@ -309,6 +308,21 @@ class _FailOnce:
         if self._left < 0 and not os.path.exists(self._marker):
             open(self._marker, "w").close()
             raise RuntimeError("injected failure (LLM_ACTIVATIONS_TEST_FAIL_ONCE test hook)")
+
+
+_REPORT_LOCK = threading.Lock()
+
+
+def _unreported_compilations(extractor) -> int:
+    """Compilations not yet reported by any DoFn instance sharing this process's extractor.
+
+    Several DoFn instances (threads, stages) share one Extractor per process, so the count of
+    what was already reported lives on the shared object, not on the DoFn.
+    """
+    with _REPORT_LOCK:
+        done = getattr(extractor, "_reported_compilations", 0)
+        extractor._reported_compilations = extractor.compilations
+        return extractor.compilations - done
 
 
 def _progress_bar():
