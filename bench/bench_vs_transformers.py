@@ -1,0 +1,137 @@
+"""Against what users write otherwise: a plain transformers (PyTorch) loop with a forward hook.
+
+Same model, documents, tokens, layer and machine. The loop is written the way a user would:
+load with AutoModelForCausalLM, register a forward hook on model.model.layers[L], run documents
+(split into seq_len segments, like ours) one at a time or as a right-padded batch with an
+attention mask, keep the hooked hidden states of the real tokens in the storage dtype (bfloat16)
+and save them with safetensors every 256 documents. Variants:
+  * torch per-document: full model (logits included), batch 1, no padding;
+  * torch per-document, truncated: the layers after L dropped and model.model called (a savvy user);
+  * torch padded batch: --batch-size documents per call, padded to the longest.
+Ours: `extract` in this process (DirectRunner), whole call. Every figure is the whole job's wall
+time (model load, tokenizing, forward, saving) divided by the real tokens, for each compute dtype.
+
+    .venv/bin/python bench/bench_vs_transformers.py
+    .venv/bin/python bench/bench_vs_transformers.py --dtypes float32 --max-docs 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import common
+import numpy as np
+
+
+def torch_job(model_dir: str, texts: list[str], layer: int, seq_len: int, dtype: str, out_dir: str,
+              batch_size: int = 1, truncate: bool = False) -> tuple[float, int]:
+    """(seconds, real tokens) of the whole transformers job."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with common.Timer() as t:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if truncate:
+            model.model.layers = model.model.layers[:layer + 1]
+        captured = {}
+        model.model.layers[layer].register_forward_hook(
+            lambda mod, args, out: captured.__setitem__("x", out[0] if isinstance(out, tuple) else out))
+        segments = []  # (doc, start, token ids): documents longer than seq_len are cut into segments
+        for d, ids in enumerate(tok(texts)["input_ids"]):
+            segments += [(d, s, ids[s:s + seq_len]) for s in range(0, len(ids), seq_len)]
+        saved, tokens, part = {}, 0, 0
+        with torch.inference_mode():
+            for i in range(0, len(segments), batch_size):
+                chunk = segments[i:i + batch_size]
+                longest = max(len(s[2]) for s in chunk)
+                ids = torch.zeros((len(chunk), longest), dtype=torch.long)
+                mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+                for r, (_, _, s) in enumerate(chunk):
+                    ids[r, :len(s)] = torch.tensor(s)
+                    mask[r, :len(s)] = 1
+                (model.model if truncate else model)(input_ids=ids, attention_mask=mask, use_cache=False)
+                acts = captured["x"]
+                for r, (d, start, s) in enumerate(chunk):
+                    saved[f"doc{d}_tok{start}"] = acts[r, :len(s)].to(torch.bfloat16).contiguous()
+                    tokens += len(s)
+                if len(saved) >= 256 or i + batch_size >= len(segments):
+                    save_file(saved, os.path.join(out_dir, f"part-{part:05d}.safetensors"))
+                    saved, part = {}, part + 1
+    return t.seconds, tokens
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="checkpoint folder (default: the demo model)")
+    p.add_argument("--corpus", help="JSONL corpus (default: the demo corpus)")
+    p.add_argument("--max-docs", type=int)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--layer", type=int, help="default: the middle layer")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from llm_activations.config import load_model_config
+
+    common.header("bench_vs_transformers: extract vs a transformers loop with a forward hook")
+    model = args.model or common.demo_model()
+    corpus = args.corpus or common.demo_corpus()
+    config, _ = load_model_config(model)
+    layer = config.num_layers // 2 if args.layer is None else args.layer
+    with open(corpus) as f:
+        texts = [json.loads(line)["text"] for line in f][:args.max_docs]
+    print(f"model {config.architecture} hidden {config.hidden_size}, {config.num_layers} layers; layer {layer}; "
+          f"{len(texts):,} documents; seq_len {args.seq_len}; storage bfloat16; torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_vs_transformers_") as tmp:
+        # Warm both sides once on a few documents (imports, first-call initialisation), untimed.
+        warm = os.path.join(tmp, "warm.jsonl")
+        with open(warm, "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:4])
+        common.run_extract(model, [warm], os.path.join(tmp, "warm_ours"), layers=(layer,), seq_len=args.seq_len,
+                           batch_size=args.batch_size)
+        os.makedirs(os.path.join(tmp, "warm_torch"))
+        torch_job(model, texts[:4], layer, args.seq_len, "float32", os.path.join(tmp, "warm_torch"))
+        for dtype in args.dtypes:
+            ours_tokens = None
+            variants = [("llm_activations extract (pack)", None),
+                        ("torch per document", dict(batch_size=1)),
+                        ("torch per document, truncated", dict(batch_size=1, truncate=True)),
+                        (f"torch padded batch of {args.batch_size}", dict(batch_size=args.batch_size))]
+            for name, kw in variants:
+                out = os.path.join(tmp, f"{dtype}_{len(rows)}")
+                if kw is None:
+                    meta, seconds = common.run_extract(model, [corpus], out, layers=(layer,), seq_len=args.seq_len,
+                                                       batch_size=args.batch_size, compute_dtype=dtype,
+                                                       dtype="bfloat16", max_docs=args.max_docs)
+                    tokens = ours_tokens = meta["counts"]["tokens"]
+                else:
+                    os.makedirs(out)
+                    seconds, tokens = torch_job(model, texts, layer, args.seq_len, dtype, out, **kw)
+                    assert tokens == ours_tokens, (tokens, ours_tokens)  # the same tokens
+                rows.append({"compute dtype": dtype, "job": name, "seconds": seconds, "tokens": tokens,
+                             "tokens/s": tokens / seconds})
+            ours = rows[-len(variants)]["tokens/s"]
+            for r in rows[-len(variants):]:
+                r["ours / this"] = ours / r["tokens/s"]
+    common.table(rows)
+    for dtype in args.dtypes:
+        mine = [r for r in rows if r["compute dtype"] == dtype]
+        best = max(mine[1:], key=lambda r: r["tokens/s"])
+        print(f"{dtype}: extract {mine[0]['tokens/s']:,.0f} tok/s vs best torch loop ({best['job']}) "
+              f"{best['tokens/s']:,.0f} tok/s = {mine[0]['tokens/s'] / best['tokens/s']:.2f}x "
+              f"(goal: faster: {'met' if mine[0]['tokens/s'] > best['tokens/s'] else 'not met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
