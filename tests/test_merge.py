@@ -385,7 +385,10 @@ def test_two_hosts_through_the_pipeline_equal_one_run(tmp_path):
 
     a, b = md.read_metadata(str(one)), md.read_metadata(str(merged))
     assert b["counts"] == a["counts"]
-    assert b["run"]["compilations"] == a["run"]["compilations"] * 2  # one per host process
+    # merge sums the hosts' compilations. (All runs here share one process, which keeps the compiled
+    # step cached between runs, so a later run may report 0: it really compiled nothing.)
+    host_compiles = [md.read_metadata(h)["run"]["compilations"] for h in hosts]
+    assert b["run"]["compilations"] == sum(host_compiles) and all(c <= 1 for c in host_compiles)
     assert b["input"]["doc_index_range"] == a["input"]["doc_index_range"] == [0, 40]
     for layer in ("0", "1"):
         sa, sb = a["stats"][layer], b["stats"][layer]
