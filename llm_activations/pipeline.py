@@ -275,8 +275,11 @@ def run_extract(cfg: ExtractConfig) -> dict:
     prepare_output(cfg)
     base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options)
     try:
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, cfg, units, base)
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, cfg, units, base)
+        result = p.run()
+        result.wait_until_finish()
+        print_counters(result)
     except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
         text = str(e)
         if AcceleratorBusy.MARK in text:
@@ -379,6 +382,23 @@ def remove_partial_shards(output: str) -> None:
     stale = [m.path for m in FileSystems.match([join(output, "layer_*", "*.inprogress-*")])[0].metadata_list]
     if stale:
         FileSystems.delete(stale)
+
+
+def print_counters(result) -> None:
+    """The run's Beam metrics counters, one line (runners that do not report metrics print nothing)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from .transforms import NAMESPACE
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception:  # not every runner implements metrics queries
+        return
+    totals: dict = {}
+    for c in counters:
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    if totals:
+        print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())), file=sys.stderr)
 
 
 def print_summary(cfg: ExtractConfig, meta: dict) -> None:

@@ -166,6 +166,7 @@ class Batch(beam.DoFn):
 
     def __init__(self, batch_size: int, seq_len: int):
         self._batch_size, self._seq_len = batch_size, seq_len
+        self._padding = _counter("padding_tokens")
 
     def process(self, data: UnitData):
         counts = data.counts
@@ -174,6 +175,7 @@ class Batch(beam.DoFn):
             counts["sequences"] += int((batch.lengths > 0).sum())
             counts["tokens"] += batch.real_tokens
             counts["padding_tokens"] += batch.tokens.size - batch.real_tokens
+            self._padding.inc(batch.tokens.size - batch.real_tokens)
             yield batch
         yield UnitEnd(data.unit.index)
         yield beam.pvalue.TaggedOutput(COUNTS, dict(counts))
@@ -258,6 +260,10 @@ class ExtractActivations(beam.DoFn):
                "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
                "workers": {f"{socket.gethostname()}:{os.getpid()}"}, "moments": self._moments}
         yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
+
+    def teardown(self):
+        if getattr(self, "_progress", None) is not None:
+            self._progress.close()
 
     def _drain(self, keep_newest: bool):
         while self._queue:
