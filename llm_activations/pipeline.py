@@ -2,7 +2,7 @@
 
     PlanUnits -> Reshuffle -> ReadDocuments -> Tokenize -> Segment -> Pack -> Batch
               -> Extract -> WriteShards            (transforms.ExtractUnits)
-    rejected -> rejected/*.jsonl;  counts, run stats, shard descriptions -> metadata.json (last)
+    unit manifests (shards, counts, rejected, Moments) + run stats -> metadata.json (last)
 
 Every configuration error is found here, on the launcher, before a model is loaded or a worker is
 started, and raised as a UsageError (exit 2, one line).
@@ -18,9 +18,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import __version__, demo, inputs
+from . import __version__, demo, inputs, manifests
+from .manifests import MANIFEST_DIR
 from .errors import AcceleratorBusy, UsageError
-from .metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, write_metadata
+from .metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, read_metadata, write_metadata
 
 DTYPES = ("bfloat16", "float16", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -51,6 +52,7 @@ class ExtractConfig:
     docs_per_unit: int = DOCS_PER_UNIT
     beam_args: tuple = field(default_factory=tuple)
     is_demo: bool = False
+    resume: bool = False
 
 
 # ----------------------------------------------------------------------------- command line
@@ -79,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
+    a("--resume", action="store_true", help="continue an interrupted run in --output: units already finished by the same configuration are kept, the rest are extracted")
     a("--max-docs", type=int, help="use only the first N input records (default: all)")
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
     a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         docs_per_unit=args.docs_per_unit,
         beam_args=tuple(getattr(args, "beam_args", ()) or ()),
         is_demo=is_demo,
+        resume=args.resume,
     )
 
 
@@ -206,12 +210,15 @@ def prepare_output(cfg: ExtractConfig) -> None:
     existing = [m.path.rstrip("/") for m in FileSystems.match([join(root, "*")])[0].metadata_list]
     if "://" not in root and os.path.isdir(root):
         existing = [join(root, name) for name in os.listdir(root)]
+    if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
+        FileSystems.delete([p for p in existing if os.path.basename(p) == METADATA_FILE])
+        return
     if existing and not cfg.overwrite:
         raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, or choose another folder")
     # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
     # no longer claims to be a finished dataset.
     ours = [p for p in existing if os.path.basename(p) == METADATA_FILE]
-    ours += [p for p in existing if os.path.basename(p) == "rejected" or os.path.basename(p).startswith("layer_")]
+    ours += [p for p in existing if os.path.basename(p) in ("rejected", MANIFEST_DIR) or os.path.basename(p).startswith("layer_")]
     if ours:
         FileSystems.delete(ours)
 
@@ -233,7 +240,14 @@ def plan(cfg: ExtractConfig):
     return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
 
 
-def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict):
+def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_docs) -> dict:
+    """Everything that determines the records of a unit: its manifest's fingerprint covers it."""
+    keys = ("model", "text_field", "layers", "seq_len", "batch_size", "mode", "dtype", "compute_dtype", "compression")
+    return {**{k: getattr(cfg, k) for k in keys}, "config": hf, "num_units": num_units, "host_docs": list(host_docs),
+            "num_hosts": cfg.num_hosts, "sources": [(s.path, s.num_records) for s in sources]}
+
+
+def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base: dict, resumed: list):
     """Attach the extraction to Beam pipeline p. The whole job reads as this one screen."""
     import apache_beam as beam
     from apache_beam.pvalue import AsList, AsSingleton
@@ -245,18 +259,14 @@ def build_pipeline(p, cfg: ExtractConfig, units, metadata_base: dict):
         p
         | "PlanUnits" >> beam.Create(units)
         | "Distribute" >> beam.Reshuffle()
-        | "ExtractUnits" >> T.ExtractUnits(cfg, len(units), spec)
+        | "ExtractUnits" >> T.ExtractUnits(cfg, metadata_base["extraction"]["num_units"], spec, fingerprint)
     )
-    rejected_files = out[T.REJECTED] | "WriteRejected" >> beam.io.WriteToText(
-        join(cfg.output, "rejected", "rejected"), file_name_suffix=".jsonl", num_shards=1)
-    counts = out[T.COUNTS] | "SumCounts" >> beam.CombineGlobally(T.SumCounts())
     run_stats = out[T.RUN] | "MergeRunStats" >> beam.CombineGlobally(T.MergeRun())
     return (
         p
         | "Finalize" >> beam.Create([metadata_base])
-        | "WriteMetadata" >> beam.Map(finalize_metadata, output=cfg.output, counts=AsSingleton(counts),
-                                      run=AsSingleton(run_stats), shards=AsList(out["shards"]),
-                                      rejected_files=AsList(rejected_files))
+        | "WriteMetadata" >> beam.Map(finalize_metadata, output=cfg.output, manifests=AsList(out["manifests"]),
+                                      run=AsSingleton(run_stats), resumed=resumed)
     )
 
 
@@ -265,6 +275,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from .transforms import MergeRun
+
     cfg, model_cfg, hf = check_config(cfg)
     try:
         options = PipelineOptions(list(cfg.beam_args))
@@ -272,11 +284,17 @@ def run_extract(cfg: ExtractConfig) -> dict:
     except (SystemExit, ValueError) as e:
         raise UsageError(f"bad Beam pipeline option in {' '.join(cfg.beam_args)} ({e})") from None
     sources, host_docs, units = plan(cfg)
+    fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
     prepare_output(cfg)
-    base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options)
+    done = manifests.read_manifests(cfg.output, fp) if cfg.resume else {}
+    todo = [u for u in units if u.index not in done]
+    base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
+    if not todo:  # everything was finished before: only the metadata is missing
+        finalize_metadata(base, cfg.output, [], MergeRun().create_accumulator(), list(done.values()))
+        return read_metadata(cfg.output)
     try:
         p = beam.Pipeline(options=options)
-        build_pipeline(p, cfg, units, base)
+        build_pipeline(p, cfg, todo, fp, base, list(done.values()))
         result = p.run()
         result.wait_until_finish()
         print_counters(result)
@@ -285,8 +303,6 @@ def run_extract(cfg: ExtractConfig) -> dict:
         if AcceleratorBusy.MARK in text:
             raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
         raise
-    from .metadata import read_metadata
-
     return read_metadata(cfg.output)
 
 
@@ -318,7 +334,7 @@ def _tokenizer_info(folder: str) -> dict:
     return info
 
 
-def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, options) -> dict:
+def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, options, num_units: int) -> dict:
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
@@ -334,7 +350,7 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
         "extraction": {"layers": list(cfg.layers), "hook": "resid_post", "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                        "mode": cfg.mode, "compute_dtype": cfg.compute_dtype,
                        "mesh": {"data": cfg.mesh[0], "model": cfg.mesh[1]} if cfg.mesh else "auto",
-                       "num_shards": cfg.num_shards},
+                       "num_shards": cfg.num_shards, "num_units": num_units},
         "dtype": cfg.dtype,
         "hidden_size": model_cfg.hidden_size,
         "compression": cfg.compression,
@@ -344,21 +360,19 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
     }
 
 
-def finalize_metadata(base: dict, output: str, counts: dict, run: dict, shards: list, rejected_files: list) -> dict:
-    """Assemble metadata.json from the pipeline's side outputs and write it - the last step."""
-    from .stats import Moments
+def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resumed: list) -> dict:
+    """Assemble metadata.json from the unit manifests and run statistics and write it - the last step."""
+    from . import manifests as mf
 
     meta = json.loads(json.dumps(base))
     layers = meta["extraction"]["layers"]
-    hidden = meta["hidden_size"]
-    shards = sorted(shards, key=lambda s: (s["layer"], s["path"]))
-    meta["files"] = {str(layer): [s["path"] for s in shards if s["layer"] == layer] for layer in layers}
-    meta["shards"] = shards
-    meta["counts"] = {k: int(counts.get(k, 0)) for k in
-                      ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")}
+    summary = mf.summarize(list(manifests) + list(resumed), layers, meta["hidden_size"])
+    meta["files"] = {str(layer): [s["path"] for s in summary["shards"] if s["layer"] == layer] for layer in layers}
+    meta["shards"] = summary["shards"]
+    meta["counts"] = summary["counts"]
+    meta["stats"] = summary["stats"]
     if run["mesh"]:  # the shape the workers actually used (the automatic choice, when not given)
         meta["extraction"]["mesh"] = run["mesh"]
-    meta["stats"] = {str(layer): run["moments"].get(layer, Moments.empty(hidden)).to_json() for layer in layers}
     end = time.time()
     wall = end - meta["run"].pop("start_unix")
     meta["run"].update({
@@ -366,9 +380,11 @@ def finalize_metadata(base: dict, output: str, counts: dict, run: dict, shards: 
         "compilations": run["compilations"],
         "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall, 3),
-        "tokens_per_second": round(meta["counts"]["tokens"] / wall, 1) if wall > 0 else None,
+        # what this run extracted (units finished by an earlier, resumed run are not counted)
+        "tokens_per_second": round(run["tokens"] / wall, 1) if wall > 0 else None,
         "extract_seconds": round(run["extract_seconds"], 3),
-        "rejected_files": sorted(os.path.relpath(f, output) if "://" not in f else f for f in rejected_files),
+        "resumed_units": sorted(m["unit"] for m in resumed),
+        "rejected_files": summary["rejected_files"],
     })
     remove_partial_shards(output)
     write_metadata(output, meta)
@@ -379,7 +395,8 @@ def remove_partial_shards(output: str) -> None:
     """Delete temporary files that failed or retried shard writers left behind."""
     from apache_beam.io.filesystems import FileSystems
 
-    stale = [m.path for m in FileSystems.match([join(output, "layer_*", "*.inprogress-*")])[0].metadata_list]
+    patterns = [join(output, d, "*.inprogress-*") for d in ("layer_*", "rejected", MANIFEST_DIR)]
+    stale = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
     if stale:
         FileSystems.delete(stale)
 

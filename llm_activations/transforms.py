@@ -7,6 +7,10 @@ so a worker holds one unit's tokens and a couple of batches of activations at a 
 corpus size. Each unit is written to its own shard file per layer by the worker that processed it,
 in row order, so files depend only on input and configuration, and a retried bundle rewrites the
 same bytes under the same names.
+
+When a unit's files are complete the writer records a *unit manifest* (manifests.py): the unit's
+shards, counts, rejected records and per-layer Moments. metadata.json is built from the manifests
+alone, and `--resume` skips the units that already have one.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.transforms.window import GlobalWindow
 
-from . import inputs, packing, records
+from . import inputs, manifests, packing, records
 from .stats import Moments
 
 NAMESPACE = "llm_activations"
-REJECTED = "rejected"
-COUNTS = "counts"
 RUN = "run"
 
 
@@ -46,13 +48,20 @@ class UnitData:
     segments: list = field(default_factory=list)  # [packing.Segment]
     rows: list = field(default_factory=list)  # [[segment position, ...]]
     counts: collections.Counter = field(default_factory=collections.Counter)
+    rejected: list = field(default_factory=list)  # JSON lines for rejected/
 
 
 @dataclass(frozen=True)
 class UnitEnd:
-    """Marks that every batch of a unit has gone by: its shard files can be closed."""
+    """Follows the last batch of a unit: its files can be closed and its manifest written.
 
-    unit: int
+    Batch fills in counts and rejected records; Extract adds the unit's per-layer Moments.
+    """
+
+    unit: inputs.WorkUnit
+    counts: dict
+    rejected: list
+    moments: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def _counter(name: str):
 
 
 class ReadDocuments(beam.DoFn):
-    """WorkUnit -> UnitData with its documents; unusable records go to the 'rejected' output."""
+    """WorkUnit -> UnitData with its documents; unusable records are kept with their reason."""
 
     def __init__(self, text_field: str, num_hosts: int = 1, host_index: int = 0):
         self._text_field, self._num_hosts, self._host_index = text_field, num_hosts, host_index
@@ -87,8 +96,8 @@ class ReadDocuments(beam.DoFn):
         for item in inputs.read_unit(unit, self._text_field, self._num_hosts, self._host_index):
             if isinstance(item, inputs.Rejected):
                 data.counts["rejected"] += 1
+                data.rejected.append(item.to_json())
                 self._rejected.inc()
-                yield beam.pvalue.TaggedOutput(REJECTED, item.to_json())
             else:
                 data.docs.append(item)
                 self._documents.inc()
@@ -135,7 +144,7 @@ class Tokenize(beam.DoFn):
             for doc, tok in zip(chunk, ids):
                 if not tok:  # text that encodes to no token cannot be extracted
                     data.counts["rejected"] += 1
-                    yield beam.pvalue.TaggedOutput(REJECTED, inputs.Rejected(
+                    data.rejected.append(inputs.Rejected(
                         doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]).to_json())
                     continue
                 data.tokens.append((doc.doc_index, np.asarray(tok, dtype=np.int32)))
@@ -162,7 +171,7 @@ def pack_unit(data: UnitData, seq_len: int, mode: str) -> UnitData:
 
 
 class Batch(beam.DoFn):
-    """UnitData -> fixed-shape packing.Batch elements, then UnitEnd; unit counts on 'counts'."""
+    """UnitData -> fixed-shape packing.Batch elements, then a UnitEnd carrying the unit's counts."""
 
     def __init__(self, batch_size: int, seq_len: int):
         self._batch_size, self._seq_len = batch_size, seq_len
@@ -177,8 +186,7 @@ class Batch(beam.DoFn):
             counts["padding_tokens"] += batch.tokens.size - batch.real_tokens
             self._padding.inc(batch.tokens.size - batch.real_tokens)
             yield batch
-        yield UnitEnd(data.unit.index)
-        yield beam.pvalue.TaggedOutput(COUNTS, dict(counts))
+        yield UnitEnd(data.unit, dict(counts), data.rejected)
 
 
 # ----------------------------------------------------------------------------- extract
@@ -212,8 +220,8 @@ class ExtractActivations(beam.DoFn):
     The Extractor (weights on the device mesh, step compiled once) is built once per worker
     process in setup() and shared by its threads. JAX dispatch is asynchronous: batch i+1 is
     dispatched before blocking on batch i's results, so encoding and writing batch i overlaps with
-    the device computing batch i+1. At bundle end the DoFn reports its per-layer Moments, the
-    compilations it observed and its token count on the 'run' output.
+    the device computing batch i+1. Each UnitEnd leaves with the unit's per-layer Moments; at
+    bundle end the DoFn reports the compilations it observed on the 'run' output.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -238,7 +246,7 @@ class ExtractActivations(beam.DoFn):
     def start_bundle(self):
         self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
         self._pending_batches = 0
-        self._moments: dict = {}
+        self._moments: dict = {}  # unit index -> {layer: Moments}
         self._tokens = 0
         self._busy = 0.0
 
@@ -258,7 +266,7 @@ class ExtractActivations(beam.DoFn):
         compilations = _unreported_compilations(self._extractor)
         run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
                "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
-               "workers": {f"{socket.gethostname()}:{os.getpid()}"}, "moments": self._moments}
+               "workers": {f"{socket.gethostname()}:{os.getpid()}"}}
         yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
 
     def teardown(self):
@@ -269,7 +277,8 @@ class ExtractActivations(beam.DoFn):
         while self._queue:
             head = self._queue[0]
             if isinstance(head, UnitEnd):
-                yield self._queue.popleft()
+                self._queue.popleft()
+                yield replace(head, moments=self._moments.pop(head.unit.index, {}))
                 continue
             if keep_newest and self._pending_batches == 1:
                 return  # the newest batch is still computing; leave it in flight
@@ -282,8 +291,9 @@ class ExtractActivations(beam.DoFn):
             self._busy += time.perf_counter() - t0
 
     def _account(self, batch: packing.Batch, moments: dict) -> None:
+        unit = self._moments.setdefault(batch.unit, {})
         for layer, m in moments.items():
-            self._moments[layer] = self._moments.get(layer, Moments.empty(m.mean.shape[0])).merge(m)
+            unit[layer] = unit[layer].merge(m) if layer in unit else m
         n = batch.real_tokens
         self._tokens += n
         self._tokens_counter.inc(n)
@@ -344,15 +354,16 @@ def _progress_bar():
 
 
 class WriteShards(beam.DoFn):
-    """Appends each record to its unit's shard file for its layer; closes the files at UnitEnd.
+    """Appends each record to its unit's shard file for its layer; at UnitEnd closes the files and
+    writes the unit's rejected records and manifest.
 
     Unit u is shard u of every layer (part-0000u-of-N). A unit whose documents were all rejected
-    still gets its (empty) files, so a dataset always has N files per layer. Emits one shard
-    description per file: path relative to the output folder, layer, records, tokens, bytes, sha256.
+    still gets its (empty) files, so a dataset always has N files per layer. Emits the manifest.
     """
 
-    def __init__(self, output: str, layers: tuple, num_units: int, compression: str):
-        self._output, self._layers, self._num_units, self._compression = output, layers, num_units, compression
+    def __init__(self, output: str, layers: tuple, num_units: int, compression: str, fingerprint: str):
+        self._output, self._layers, self._num_units = output, layers, num_units
+        self._compression, self._fingerprint = compression, fingerprint
 
     def start_bundle(self):
         self._writers: dict = {}
@@ -366,48 +377,38 @@ class WriteShards(beam.DoFn):
 
     def process(self, element):
         if isinstance(element, UnitEnd):
-            for layer in self._layers:
-                self._writer(layer, element.unit)
-                yield self._close(layer, element.unit)
+            yield self._finish_unit(element)
             return
         layer, unit, example, n = element
         self._writer(layer, unit).write(example, n)
 
-    def _close(self, layer: int, unit: int) -> dict:
-        rel, writer = self._writers.pop((layer, unit))
-        return {"path": rel, "layer": layer, **writer.close()}
+    def _finish_unit(self, end: UnitEnd) -> dict:
+        u = end.unit.index
+        shards = []
+        for layer in self._layers:
+            self._writer(layer, u)  # a unit without records still gets its (empty) file
+            rel, writer = self._writers.pop((layer, u))
+            shards.append({"path": rel, "layer": layer, **writer.close()})
+        manifest = manifests.unit_manifest(end.unit, self._fingerprint, end.counts, shards, end.moments,
+                                           rejected_file=None)
+        if end.rejected:
+            manifest["rejected_file"] = manifests.write_rejected(self._output, u, self._num_units, end.rejected)
+        manifests.write_manifest(self._output, manifest, self._num_units)  # last: the unit is complete only now
+        return manifest
 
     def finish_bundle(self):
         if self._writers:  # cannot happen: every unit ends with a UnitEnd in the same bundle
             raise RuntimeError(f"shards left open at bundle end: {sorted(self._writers)}")
 
 
-# ----------------------------------------------------------------------------- combine side outputs
-
-
-class SumCounts(beam.CombineFn):
-    def create_accumulator(self):
-        return collections.Counter()
-
-    def add_input(self, acc, counts):
-        acc.update(counts)
-        return acc
-
-    def merge_accumulators(self, accs):
-        total = collections.Counter()
-        for a in accs:
-            total.update(a)
-        return total
-
-    def extract_output(self, acc):
-        return dict(acc)
+# ----------------------------------------------------------------------------- run statistics
 
 
 class MergeRun(beam.CombineFn):
-    """Sums compilations and tokens, unions worker ids and merges per-layer Moments exactly."""
+    """Sums compilations, tokens and extract time over bundles and unions worker ids."""
 
     def create_accumulator(self):
-        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "moments": {}, "mesh": None}
+        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "mesh": None}
 
     def add_input(self, acc, run):
         acc["compilations"] += run["compilations"]
@@ -415,8 +416,6 @@ class MergeRun(beam.CombineFn):
         acc["extract_seconds"] += run["extract_seconds"]
         acc["workers"] |= set(run["workers"])
         acc["mesh"] = acc["mesh"] or run["mesh"]  # every worker builds the same mesh from one spec
-        for layer, m in run["moments"].items():
-            acc["moments"][layer] = acc["moments"][layer].merge(m) if layer in acc["moments"] else m
         return acc
 
     def merge_accumulators(self, accs):
@@ -433,24 +432,23 @@ class MergeRun(beam.CombineFn):
 
 
 class ExtractUnits(beam.PTransform):
-    """Work units -> per-layer shard descriptions, with 'rejected', 'counts' and 'run' side outputs."""
+    """Work units -> unit manifests (shards, counts, rejected, Moments), plus the 'run' side output."""
 
-    def __init__(self, cfg, num_units: int, spec: ModelSpec):
+    def __init__(self, cfg, num_units: int, spec: ModelSpec, fingerprint: str):
         super().__init__()
-        self._cfg, self._num_units, self._spec = cfg, num_units, spec
+        self._cfg, self._num_units, self._spec, self._fingerprint = cfg, num_units, spec, fingerprint
 
     def expand(self, units):
         cfg = self._cfg
-        read = units | "ReadDocuments" >> beam.ParDo(ReadDocuments(cfg.text_field, cfg.num_hosts, cfg.host_index)).with_outputs(REJECTED, main="docs")
-        tokens = read.docs | "Tokenize" >> beam.ParDo(Tokenize(cfg.model)).with_outputs(REJECTED, main="tokens")
-        batches = (
-            tokens.tokens
+        extracted = (
+            units
+            | "ReadDocuments" >> beam.ParDo(ReadDocuments(cfg.text_field, cfg.num_hosts, cfg.host_index))
+            | "Tokenize" >> beam.ParDo(Tokenize(cfg.model))
             | "Segment" >> beam.Map(segment_unit, cfg.seq_len)
             | "Pack" >> beam.Map(pack_unit, cfg.seq_len, cfg.mode)
-            | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len)).with_outputs(COUNTS, main="batches")
+            | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len))
+            | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
         )
-        extracted = batches.batches | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
-        shards = extracted.records | "WriteShards" >> beam.ParDo(
-            WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression))
-        rejected = (read[REJECTED], tokens[REJECTED]) | "AllRejected" >> beam.Flatten()
-        return {"shards": shards, REJECTED: rejected, COUNTS: batches[COUNTS], RUN: extracted[RUN]}
+        manifests_out = extracted.records | "WriteShards" >> beam.ParDo(
+            WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression, self._fingerprint))
+        return {"manifests": manifests_out, RUN: extracted[RUN]}

@@ -241,3 +241,28 @@ def test_busy_tpu_message_names_the_holder_or_the_stale_lock(tmp_path):
     msg = devices.explain_busy_accelerator(err, lockfile=str(tmp_path / "lock"), proc=str(proc))
     assert "stale lock" in msg and "rm " in msg and "lsof" in msg
     assert devices.explain_busy_accelerator(ValueError("shape mismatch")) is None
+
+
+def test_resume_finishes_only_the_missing_units_exactly(model, small_corpus, baseline, tmp_path, monkeypatch):
+    out = str(tmp_path / "resumed")
+    args = extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0")
+    base_meta = read_metadata(baseline)
+    per_unit = [json.loads(p.read_text())["counts"]["batches"] for p in sorted(Path(baseline, "_units").iterdir())]
+    assert len(per_unit) == 2 and min(per_unit) >= 2
+    # Units run in any order: failing after max+1 batches lands inside whichever unit runs second.
+    monkeypatch.setenv("LLM_ACTIVATIONS_TEST_FAIL_ONCE", f"{max(per_unit) + 1}:{tmp_path / 'failed'}")
+    with pytest.raises(Exception, match="injected failure"):
+        main(args)
+    finished = sorted(os.listdir(os.path.join(out, "_units")))
+    assert len(finished) == 1  # one unit completed before the failure
+    assert main(args + ["--resume"]) == 0
+    meta = read_metadata(out)
+    assert meta["run"]["resumed_units"] == [int(finished[0].split("-")[1])]
+    assert shard_hashes(out) == shard_hashes(baseline)
+    assert meta["counts"] == base_meta["counts"]
+    for layer, stats in base_meta["stats"].items():
+        assert meta["stats"][layer]["mean"] == pytest.approx(stats["mean"], rel=1e-12, abs=1e-12)
+        assert meta["stats"][layer]["mean_norm"] == pytest.approx(stats["mean_norm"], rel=1e-12)
+    # a finished dataset resumes to the same metadata without extracting anything
+    assert main(args + ["--resume"]) == 0
+    assert read_metadata(out)["run"]["resumed_units"] == [0, 1]

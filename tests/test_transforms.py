@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import apache_beam as beam
 import numpy as np
@@ -22,10 +23,11 @@ def _unit(tmp_path, lines):
 def test_read_documents_splits_good_and_rejected(tmp_path):
     unit = _unit(tmp_path, [{"text": "alpha"}, "{not json", {"text": None}, [1, 2], {"text": "beta"}, {"body": "x"}])
     with TestPipeline() as p:
-        out = p | beam.Create([unit]) | beam.ParDo(T.ReadDocuments("text")).with_outputs(T.REJECTED, main="docs")
-        docs = out.docs | beam.FlatMap(lambda d: [(doc.doc_index, doc.text) for doc in d.docs])
+        out = p | beam.Create([unit]) | beam.ParDo(T.ReadDocuments("text"))
+        docs = out | "Docs" >> beam.FlatMap(lambda d: [(doc.doc_index, doc.text) for doc in d.docs])
         assert_that(docs, equal_to([(0, "alpha"), (4, "beta")]), label="docs")
-        reasons = out[T.REJECTED] | beam.Map(lambda r: (json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]))
+        reasons = out | "Rejected" >> beam.FlatMap(
+            lambda d: [(json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]) for r in d.rejected])
         assert_that(reasons, equal_to([(1, "malformed JSON"), (2, "field 'text' is null"),
                                        (3, "record is a JSON list, not an object"), (5, "record has no field 'text'")]),
                     label="rejected")
@@ -39,8 +41,8 @@ def test_tokenize_gives_exactly_the_tokenizers_ids(tmp_path):
     texts = [f"Document number {i}: " + "words " * i for i in range(1, 300)]  # > one tokenizer batch
     data = T.UnitData(inputs.WorkUnit(0, 0, len(texts), ()), docs=[inputs.Document(i, t) for i, t in enumerate(texts)])
     with TestPipeline() as p:
-        out = p | beam.Create([data]) | beam.ParDo(T.Tokenize(folder)).with_outputs(T.REJECTED, main="tokens")
-        got = out.tokens | beam.FlatMap(lambda d: [(i, t.tolist()) for i, t in d.tokens])
+        out = p | beam.Create([data]) | beam.ParDo(T.Tokenize(folder))
+        got = out | beam.FlatMap(lambda d: [(i, t.tolist()) for i, t in d.tokens])
         assert_that(got, equal_to([(i, tok(t)["input_ids"]) for i, t in enumerate(texts)]))
 
 
@@ -50,12 +52,11 @@ def test_segment_pack_batch_fill_fixed_shapes():
                       tokens=[(d, np.arange(1, n + 1, dtype=np.int32)) for d, n in enumerate(lengths)])
     with TestPipeline() as p:
         out = (p | beam.Create([data]) | beam.Map(T.segment_unit, 64) | beam.Map(T.pack_unit, 64, "pack")
-               | beam.ParDo(T.Batch(2, 64)).with_outputs(T.COUNTS, main="batches"))
-        shapes = out.batches | beam.Map(lambda b: ("end", b.unit) if isinstance(b, T.UnitEnd)
-                                        else (b.tokens.shape, b.unit, int(b.lengths.sum())))
-        # 150 -> 64+64+22; segments 64,64,64,40,22,10,3,1 pack into 64,64,64,64(40+22+1... ) rows
-        assert_that(shapes | beam.Map(lambda s: s[0]), equal_to([(2, 64), (2, 64), (2, 64), "end"]), label="shapes")
-        counts = out[T.COUNTS]
+               | beam.ParDo(T.Batch(2, 64)))
+        shapes = out | "Shapes" >> beam.Map(lambda b: "end" if isinstance(b, T.UnitEnd) else b.tokens.shape)
+        # 150 -> 64+64+22: segments 64,64,64,40,22,10,3,1 fill 5 rows, 3 batches of 2 rows
+        assert_that(shapes, equal_to([(2, 64), (2, 64), (2, 64), "end"]), label="shapes")
+        counts = out | "Counts" >> beam.FlatMap(lambda b: [b.counts] if isinstance(b, T.UnitEnd) else [])
         total = sum(lengths)
         assert_that(counts, equal_to([{"segments": 8, "batches": 3, "sequences": 5, "tokens": total,
                                        "padding_tokens": 3 * 2 * 64 - total}]), label="counts")
@@ -86,10 +87,16 @@ def test_write_shards_closes_files_at_unit_end(tmp_path):
 
     ex = records.encode_example(np.ones((2, 4), np.float32), token_ids=np.array([1, 2]), doc_index=np.array([0, 0]),
                                 token_index=np.array([0, 1]), position=np.array([0, 1]))
+    units = [inputs.WorkUnit(i, i * 5, i * 5 + 5, ()) for i in range(2)]
+    ends = [T.UnitEnd(units[0], {"tokens": 4}, []), T.UnitEnd(units[1], {"rejected": 1}, ['{"doc_index": 7}'])]
     with TestPipeline() as p:
-        infos = (p | beam.Create([(0, 0, ex, 2), (0, 0, ex, 2), T.UnitEnd(0), T.UnitEnd(1)])
-                 | beam.ParDo(T.WriteShards(str(tmp_path), (0,), 2, "none"))
-                 | beam.Map(lambda s: (s["path"], s["records"], s["tokens"])))
-        assert_that(infos, equal_to([("layer_00/part-00000-of-00002.tfrecord", 2, 4),
-                                     ("layer_00/part-00001-of-00002.tfrecord", 0, 0)]))
+        infos = (p | beam.Create([(0, 0, ex, 2), (0, 0, ex, 2), *ends])
+                 | beam.ParDo(T.WriteShards(str(tmp_path), (0,), 2, "none", "fp"))
+                 | beam.Map(lambda m: (m["unit"], [(s["path"], s["records"], s["tokens"]) for s in m["shards"]],
+                                       m["counts"]["tokens"], m["rejected_file"])))
+        assert_that(infos, equal_to([(0, [("layer_00/part-00000-of-00002.tfrecord", 2, 4)], 4, None),
+                                     (1, [("layer_00/part-00001-of-00002.tfrecord", 0, 0)], 0,
+                                      "rejected/part-00001-of-00002.jsonl")]))
     assert len(list(records.read_shard(str(tmp_path / "layer_00/part-00000-of-00002.tfrecord")))) == 2
+    assert (tmp_path / "rejected/part-00001-of-00002.jsonl").read_text() == '{"doc_index": 7}\n'
+    assert sorted(os.listdir(tmp_path / "_units")) == ["unit-00000-of-00002.json", "unit-00001-of-00002.json"]

@@ -1,0 +1,89 @@
+"""Unit manifests: the durable record of one finished work unit, and what metadata.json is built from.
+
+A worker writes OUT/_units/unit-00003-of-00016.json after the unit's shard files are complete
+(renamed into place), so a manifest's presence proves the unit is done. It holds the unit's
+doc_index range, counts, shard descriptions, rejected-records file and per-layer Moments (float64,
+JSON round-trips them exactly). The final metadata sums and merges manifests, which is what makes
+`--resume` exact: units with a manifest from the same configuration are skipped, and their
+manifests count as if the units had just run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from .metadata import join
+from .records import _create, _rename
+from .stats import Moments, merge_all
+
+MANIFEST_DIR = "_units"
+COUNT_KEYS = ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")
+
+
+def fingerprint(settings: dict) -> str:
+    """A short hash of everything that determines a unit's output (see pipeline.unit_settings)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def manifest_relpath(unit: int, num_units: int) -> str:
+    return f"{MANIFEST_DIR}/unit-{unit:05d}-of-{num_units:05d}.json"
+
+
+def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, rejected_file: str | None) -> dict:
+    return {
+        "unit": unit.index,
+        "doc_index_range": [unit.start, unit.stop],
+        "fingerprint": fp,
+        "counts": {k: int(counts.get(k, 0)) for k in COUNT_KEYS},
+        "shards": shards,
+        "rejected_file": rejected_file,
+        "moments": {str(layer): m.to_json() for layer, m in moments.items()},
+    }
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write atomically (temporary name, then rename): readers see the whole file or none."""
+    tmp = f"{path}.inprogress-{os.getpid()}"
+    with _create(tmp) as f:
+        f.write(text.encode())
+    _rename(tmp, path)
+
+
+def write_manifest(output: str, manifest: dict, num_units: int) -> None:
+    _write_text(join(output, manifest_relpath(manifest["unit"], num_units)), json.dumps(manifest))
+
+
+def write_rejected(output: str, unit: int, num_units: int, lines: list) -> str:
+    """rejected/part-0000u-of-N.jsonl for one unit; returns its path relative to output."""
+    rel = f"rejected/part-{unit:05d}-of-{num_units:05d}.jsonl"
+    _write_text(join(output, rel), "".join(line + "\n" for line in lines))
+    return rel
+
+
+def read_manifests(output: str, fp: str) -> dict:
+    """{unit: manifest} of the finished units in output written with the same fingerprint."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found = {}
+    pattern = join(output, MANIFEST_DIR, "unit-*.json")
+    for m in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(m.path) as f:
+            manifest = json.loads(f.read().decode())
+        if manifest.get("fingerprint") == fp:
+            found[manifest["unit"]] = manifest
+    return found
+
+
+def summarize(manifests: list, layers: list, hidden_size: int) -> dict:
+    """counts, shards, stats and rejected files of a whole run from its unit manifests."""
+    manifests = sorted(manifests, key=lambda m: m["unit"])
+    counts = {k: sum(m["counts"][k] for m in manifests) for k in COUNT_KEYS}
+    shards = sorted((s for m in manifests for s in m["shards"]), key=lambda s: (s["layer"], s["path"]))
+    stats = {}
+    for layer in layers:
+        parts = [Moments.from_json(m["moments"][str(layer)]) for m in manifests if str(layer) in m["moments"]]
+        stats[str(layer)] = merge_all(parts, hidden_size).to_json()
+    rejected = [m["rejected_file"] for m in manifests if m["rejected_file"]]
+    return {"counts": counts, "shards": shards, "stats": stats, "rejected_files": rejected}
