@@ -110,15 +110,54 @@ def query_block(t: int) -> int:
     """Queries per attention block for sequence length t.
 
     Causal attention lets query block [s, e) skip keys >= e, so blocking saves up to half the
-    attention work; small blocks also keep each [.., block, e] float32 logits tile in cache on CPU
-    (3-4x faster than one [B, N, T, T] tile at T=1024 on a 2-core CPU). Accelerators prefer fewer,
-    larger matmuls.
+    attention work; small blocks also keep each [.., block, window] float32 logits tile in cache on
+    CPU (3-4x faster than one [B, N, T, T] tile at T=1024 on a 2-core CPU). Accelerators prefer
+    fewer, larger matmuls.
     """
     return min(t, 128 if jax.default_backend() == "cpu" else 512)
 
 
-def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D]; mask [B, T, S] bool."""
+class KeyWindow(NamedTuple):
+    """Query block [start, stop) attends to keys [stop - size, stop), size = sizes[index]."""
+
+    start: int
+    stop: int
+    sizes: tuple[int, ...]  # static candidates, smallest first; the last is `stop` (all keys)
+    index: jax.Array  # int32 scalar: the smallest candidate that holds every key the block needs
+
+
+def key_windows(mask: jax.Array) -> list[KeyWindow]:
+    """Per query block, the key window it needs, from mask [B, T, S].
+
+    Packed rows hold many short segments, and a query never sees keys before its segment's first
+    token, so most blocks need far fewer keys than causality allows. The needed window is
+    data-dependent (the whole batch's earliest first key); shapes must be static, so each block
+    picks the smallest of a few static sizes (block * 2^k, then all keys) with lax.switch. Keys
+    left out are exactly the masked ones, whose softmax weight is exactly 0: results are unchanged.
+    """
+    t = mask.shape[1]
+    # [B, T] first key each query attends to (every query attends at least to itself)
+    first = jnp.argmax(mask, axis=-1).astype(jnp.int32)
+    step = query_block(t)
+    windows = []
+    for s in range(0, t, step):
+        e = min(t, s + step)
+        sizes, w = [], step
+        while w < e:
+            sizes.append(w)
+            w *= 2
+        sizes.append(e)
+        need = e - jnp.min(first[:, s:e])
+        windows.append(KeyWindow(s, e, tuple(sizes), jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < need)))
+    return windows
+
+
+def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
+              windows: Sequence[KeyWindow] | None = None) -> jax.Array:
+    """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D]; mask [B, T, S] bool.
+
+    windows: key_windows(mask), computed once per step and shared by every layer.
+    """
     b, t, _ = x.shape
     # [B, T, N, H] / [B, T, K, H]
     q = jnp.einsum("btd,dnh->btnh", x, p["q"])
@@ -133,17 +172,23 @@ def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask:
     # the loop). [B, K, G, T, H] / [B, K, S, H]
     q = q.reshape(b, t, c.num_kv_heads, c.group_size, c.head_dim).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    step = query_block(t)
-    outs = []
-    for s in range(0, t, step):
-        e = min(t, s + step)  # causal: queries < e never see keys >= e
-        # [B, K, G, e-s, e] logits accumulated in float32
-        logits = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, s:e], k[:, :, :e],
+
+    def attend(s: int, e: int, w: int) -> jax.Array:
+        """Queries [s, e) over keys [e - w, e) -> [B, K, G, e-s, H]."""
+        # [B, K, G, e-s, w] logits accumulated in float32
+        logits = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, s:e], k[:, :, e - w:e],
                             preferred_element_type=jnp.float32) * c.head_dim**-0.5
-        logits = jnp.where(mask[:, None, None, s:e, :e], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask[:, None, None, s:e, e - w:e], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        # [B, K, G, e-s, H]
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :e]))
+        return jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, e - w:e])
+
+    outs = []
+    for win in windows if windows is not None else key_windows(mask):
+        if len(win.sizes) == 1:
+            outs.append(attend(win.start, win.stop, win.sizes[0]))
+        else:
+            outs.append(jax.lax.switch(win.index, [lambda w=w, win=win: attend(win.start, win.stop, w)
+                                                   for w in win.sizes]))
     # [B, T, N, H]
     out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, c.head_dim)
     # [B, T, D]
@@ -160,9 +205,10 @@ def mlp(p: dict, x: jax.Array) -> jax.Array:
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
 
 
-def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
+          windows: Sequence[KeyWindow] | None = None) -> jax.Array:
     """One pre-norm decoder block: x [B, T, D] -> residual stream after the block [B, T, D]."""
-    x = x + attention(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, mask)
+    x = x + attention(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, mask, windows)
     return x + mlp(p, rms_norm(x, p["mlp_norm"], c.rms_norm_eps))
 
 
@@ -184,11 +230,12 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: j
         return jax.lax.with_sharding_constraint(x, named_sharding(mesh, ("batch", "seq", "embed")))
 
     mask = attention_mask(segment_ids)
+    windows = key_windows(mask)
     # [B, T, D]
     x = constrain(jnp.take(params["embed"], tokens, axis=0))
     out = {}
     for i in range(deepest + 1):
-        x = constrain(block(params["layers"][i], config, x, positions, mask))
+        x = constrain(block(params["layers"][i], config, x, positions, mask, windows))
         if i in wanted:
             out[i] = x
     return out
