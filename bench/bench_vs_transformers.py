@@ -4,7 +4,8 @@ Same model, documents, tokens, layer and machine. The loop is written the way a 
 load with AutoModelForCausalLM, register a forward hook on model.model.layers[L], run documents
 (split into seq_len segments, like ours) one at a time or as a right-padded batch with an
 attention mask, keep the hooked hidden states of the real tokens in the storage dtype (bfloat16)
-and save them with safetensors every 256 documents. Variants:
+and save them with safetensors every 256 documents. Denormals are flushed to zero in torch as in
+XLA. Variants:
   * torch per-document: full model (logits included), batch 1, no padding;
   * torch per-document, truncated: the layers after L dropped and model.model called (a savvy user);
   * torch padded batch: --batch-size documents per call, padded to the longest.
@@ -34,6 +35,9 @@ def torch_job(model_dir: str, texts: list[str], layer: int, seq_len: int, dtype:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # XLA flushes float32 denormals to zero; without the same setting torch's float32 matmuls can
+    # run 10x slower on tiny random models (the demo's logits), which would flatter us.
+    torch.set_flush_denormal(True)
     with common.Timer() as t:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--layer", type=int, help="default: the middle layer")
+    p.add_argument("--random-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,MLP",
+                   help="use a random Qwen2 of this shape (with the demo tokenizer) instead of --model, e.g. 512,8,8,2,1536")
     args = p.parse_args(argv)
 
     import torch
@@ -83,6 +89,10 @@ def main(argv=None) -> int:
 
     common.header("bench_vs_transformers: extract vs a transformers loop with a forward hook")
     model = args.model or common.demo_model()
+    if args.random_model:
+        h, n, heads, kv, f = (int(x) for x in args.random_model.split(","))
+        model = common.write_qwen2_checkpoint(tempfile.mkdtemp(prefix="bench_vs_transformers_model_"), hidden=h,
+                                              layers=n, heads=heads, kv_heads=kv, intermediate=f)
     corpus = args.corpus or common.demo_corpus()
     config, _ = load_model_config(model)
     layer = config.num_layers // 2 if args.layer is None else args.layer
