@@ -130,43 +130,35 @@ def query_block(t: int) -> int:
     return min(t, 128 if jax.default_backend() == "cpu" else 512)
 
 
-class KeyWindow(NamedTuple):
-    """Query block [start, stop) attends to keys [stop - size, stop), size = sizes[index]."""
-
-    start: int
-    stop: int
-    sizes: tuple[int, ...]  # static candidates, smallest first; the last is `stop` (all keys)
-    index: jax.Array  # int32 scalar: the smallest candidate that holds every key the block needs
+def window_sizes(t: int) -> tuple[int, ...]:
+    """Static key-window sizes a query block may use: every whole number of blocks up to the
+    padded length (a block near the start never pays for more keys than causality gives it)."""
+    step = query_block(t)
+    return tuple(range(step, -(-t // step) * step + 1, step))
 
 
-def key_windows(mask: jax.Array) -> list[KeyWindow]:
-    """Per query block, the key window it needs, from mask [B, T, S].
+def key_windows(mask: jax.Array) -> jax.Array:
+    """[T / block] int32: per query block, the index in window_sizes(T) of the key window it needs.
 
     Packed rows hold many short segments, and a query never sees keys before its segment's first
     token, so most blocks need far fewer keys than causality allows. The needed window is
-    data-dependent (the whole batch's earliest first key); shapes must be static, so each block
-    picks the smallest of a few static sizes (block * 2^k, then all keys) with lax.switch. Keys
-    left out are exactly the masked ones, whose softmax weight is exactly 0: results are unchanged.
+    data-dependent (the whole batch's earliest first key in the block); shapes must be static, so
+    each block picks the smallest static size that holds it. Keys left out are exactly masked ones,
+    whose softmax weight is exactly 0: results are unchanged.
     """
-    t = mask.shape[1]
+    b, t, _ = mask.shape
+    step, sizes = query_block(t), window_sizes(t)
+    blocks = sizes[-1] // step
     # [B, T] first key each query attends to (every query attends at least to itself)
     first = jnp.argmax(mask, axis=-1).astype(jnp.int32)
-    step = query_block(t)
-    windows = []
-    for s in range(0, t, step):
-        e = min(t, s + step)
-        sizes, w = [], step
-        while w < e:
-            sizes.append(w)
-            w *= 2
-        sizes.append(e)
-        need = e - jnp.min(first[:, s:e])
-        windows.append(KeyWindow(s, e, tuple(sizes), jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < need)))
-    return windows
+    first = jnp.pad(first, ((0, 0), (0, blocks * step - t)), constant_values=blocks * step)
+    # [blocks] keys back from each block's end to the earliest key any of its queries needs
+    need = (jnp.arange(blocks, dtype=jnp.int32) + 1) * step - first.reshape(b, blocks, step).min(axis=(0, 2))
+    return jnp.sum(jnp.asarray(sizes[:-1], jnp.int32)[None, :] < need[:, None], axis=1).astype(jnp.int32)
 
 
 def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
-              windows: Sequence[KeyWindow] | None = None) -> jax.Array:
+              windows: jax.Array | None = None) -> jax.Array:
     """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D]; mask [B, T, S] bool.
 
     windows: key_windows(mask), computed once per step and shared by every layer.
@@ -181,29 +173,46 @@ def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask:
     if c.qk_norm:  # Qwen3: per-head RMSNorm on q and k, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    # Heads-major layout so every attention einsum is a plain batched matmul (no transposes inside
-    # the loop). [B, K, G, T, H] / [B, K, S, H]
-    q = q.reshape(b, t, c.num_kv_heads, c.group_size, c.head_dim).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def attend(s: int, e: int, w: int) -> jax.Array:
-        """Queries [s, e) over keys [e - w, e) -> [B, K, G, e-s, H]."""
-        # [B, K, G, e-s, w] logits accumulated in float32
-        logits = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, s:e], k[:, :, e - w:e],
+    # Queries in blocks of `step`; block i attends to keys [e - w, e), e = (i + 1) * step, w one of
+    # `sizes` (causal: never a key >= e). A scan over blocks with a switch over sizes compiles one
+    # body per layer whatever the length. Queries are padded on the right to whole blocks, keys
+    # on the left by `left` so every window starts in range; padded keys are masked.
+    step, sizes = query_block(t), window_sizes(t)
+    padded = sizes[-1]
+    left = padded - step
+    # Heads-major layout so every attention einsum is a plain batched matmul.
+    # [B, K, G, T', H] / [B, K, S', H] / [B, T', S']
+    q = jnp.pad(q.reshape(b, t, c.num_kv_heads, c.group_size, c.head_dim).transpose(0, 2, 3, 1, 4),
+                ((0, 0), (0, 0), (0, 0), (0, padded - t), (0, 0)))
+    k, v = (jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (left, padded - t), (0, 0))) for a in (k, v))
+    keep = jnp.pad(mask, ((0, 0), (0, padded - t), (left, padded - t)))
+
+    def attend(w: int, s: jax.Array) -> jax.Array:
+        """Queries [s, s + step) over keys [s + step - w, s + step) -> [B, K, G, step, H]."""
+        start = s + step - w + left
+        # [B, K, G, step, w] logits accumulated in float32
+        logits = jnp.einsum("bkgth,bksh->bkgts", jax.lax.dynamic_slice_in_dim(q, s, step, axis=3),
+                            jax.lax.dynamic_slice_in_dim(k, start, w, axis=2),
                             preferred_element_type=jnp.float32) * c.head_dim**-0.5
-        logits = jnp.where(mask[:, None, None, s:e, e - w:e], logits, jnp.finfo(jnp.float32).min)
+        m = jax.lax.dynamic_slice(keep, (0, s, start), (b, step, w))
+        logits = jnp.where(m[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        return _dot("bkgts,bksh->bkgth", probs, v[:, :, e - w:e])
+        return _dot("bkgts,bksh->bkgth", probs, jax.lax.dynamic_slice_in_dim(v, start, w, axis=2))
 
-    outs = []
-    for win in windows if windows is not None else key_windows(mask):
-        if len(win.sizes) == 1:
-            outs.append(attend(win.start, win.stop, win.sizes[0]))
-        else:
-            outs.append(jax.lax.switch(win.index, [lambda w=w, win=win: attend(win.start, win.stop, w)
-                                                   for w in win.sizes]))
+    def body(carry, block):
+        i, window = block
+        s = i * step
+        if len(sizes) == 1:
+            return carry, attend(sizes[0], s)
+        return carry, jax.lax.switch(window, [lambda s, w=w: attend(w, s) for w in sizes], s)
+
+    blocks = padded // step
+    windows = key_windows(mask) if windows is None else windows
+    # [blocks, B, K, G, step, H]
+    _, outs = jax.lax.scan(body, None, (jnp.arange(blocks, dtype=jnp.int32), windows))
     # [B, T, N, H]
-    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, c.head_dim)
+    out = outs.transpose(1, 0, 4, 2, 3, 5).reshape(b, padded, c.num_heads, c.head_dim)[:, :t]
     # [B, T, D]
     out = _dot("btnh,nhd->btd", out, p["o"])
     return out + p["o_bias"] if c.o_bias else out
@@ -219,7 +228,7 @@ def mlp(p: dict, x: jax.Array) -> jax.Array:
 
 
 def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
-          windows: Sequence[KeyWindow] | None = None) -> jax.Array:
+          windows: jax.Array | None = None) -> jax.Array:
     """One pre-norm decoder block: x [B, T, D] -> residual stream after the block [B, T, D]."""
     x = x + attention(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, mask, windows)
     return x + mlp(p, rms_norm(x, p["mlp_norm"], c.rms_norm_eps))
