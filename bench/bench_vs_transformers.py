@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="checkpoint folder (default: the demo model)")
     p.add_argument("--corpus", help="JSONL corpus (default: the demo corpus)")
     p.add_argument("--max-docs", type=int)
+    p.add_argument("--repeat", type=int, default=1, help="concatenate the corpus this many times (a longer job)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -97,7 +98,12 @@ def main(argv=None) -> int:
     config, _ = load_model_config(model)
     layer = config.num_layers // 2 if args.layer is None else args.layer
     with open(corpus) as f:
-        texts = [json.loads(line)["text"] for line in f][:args.max_docs]
+        texts = [json.loads(line)["text"] for line in f][:args.max_docs] * args.repeat
+    if args.repeat > 1 or args.max_docs:
+        corpus = os.path.join(tempfile.mkdtemp(prefix="bench_vs_transformers_corpus_"), "corpus.jsonl")
+        with open(corpus, "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        args.max_docs = None
     print(f"model {config.architecture} hidden {config.hidden_size}, {config.num_layers} layers; layer {layer}; "
           f"{len(texts):,} documents; seq_len {args.seq_len}; storage bfloat16; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads")
