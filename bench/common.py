@@ -2,7 +2,8 @@
 in-process extract runs and the bare forward-step loop.
 
 Every bench script imports this first (`import common`), which sets the environment a local user
-would have (JAX on CPU unless told otherwise, no progress bar) before JAX is imported.
+would have (JAX on CPU unless told otherwise; no progress bar, to keep the output readable) before
+JAX is imported.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("LLM_ACTIVATIONS_NO_PROGRESS", "1")
 
