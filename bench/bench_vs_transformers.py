@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--layer", type=int, help="default: the middle layer")
+    p.add_argument("--torch-variants", nargs="+", default=["document", "truncated", "padded"],
+                   choices=["document", "truncated", "padded"], help="which torch loops to run (default: all)")
     p.add_argument("--random-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,MLP",
                    help="use a random Qwen2 of this shape (with the demo tokenizer) instead of --model, e.g. 512,8,8,2,1536")
     args = p.parse_args(argv)
@@ -119,10 +121,10 @@ def main(argv=None) -> int:
         torch_job(model, texts[:4], layer, args.seq_len, "float32", os.path.join(tmp, "warm_torch"))
         for dtype in args.dtypes:
             ours_tokens = None
-            variants = [("llm_activations extract (pack)", None),
-                        ("torch per document", dict(batch_size=1)),
-                        ("torch per document, truncated", dict(batch_size=1, truncate=True)),
-                        (f"torch padded batch of {args.batch_size}", dict(batch_size=args.batch_size))]
+            torch_loops = {"document": ("torch per document", dict(batch_size=1)),
+                           "truncated": ("torch per document, truncated", dict(batch_size=1, truncate=True)),
+                           "padded": (f"torch padded batch of {args.batch_size}", dict(batch_size=args.batch_size))}
+            variants = [("llm_activations extract (pack)", None)] + [torch_loops[v] for v in args.torch_variants]
             for name, kw in variants:
                 out = os.path.join(tmp, f"{dtype}_{len(rows)}")
                 if kw is None:
