@@ -88,3 +88,18 @@ def test_forward_runs_only_the_blocks_it_needs():
     assert np.isfinite(np.asarray(out[1])).all()
     with pytest.raises(ValueError, match="layer 2 requested but params hold 2 blocks"):
         run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,))
+
+
+def test_float32_parity_across_query_blocks_and_key_windows():
+    """seq_len 400 spans several query blocks, so the blocked attention and its per-block key
+    windows (short packed segments need few keys, a full-length segment needs all) are exercised."""
+    rows, t = [[100, 200, 90], [400], [130, 129, 7], []], 400
+    folder, torch_model = cached_checkpoint("qwen2", max_position_embeddings=512)
+    ex = Extractor(folder, layers=[0, 3], batch_size=4, seq_len=t, compute_dtype="float32",
+                   storage_dtype="float32", mesh_shape=(1, 1))
+    tokens, segs, pos, spans = packed_batch(rows, t)
+    out = ex(tokens, segs, pos)
+    for row, start, n in spans:
+        ref = reference_layers(torch_model, tokens[row, start:start + n], [0, 3])
+        for layer in (0, 3):
+            assert rel_error(out.activations[layer][row, start:start + n], ref[layer]) <= F32_BOUND
