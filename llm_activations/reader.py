@@ -227,30 +227,11 @@ def _to_float32(x: np.ndarray) -> np.ndarray:
 
 
 def _activations_only(data: bytes, dtype: np.dtype, hidden_size: int) -> np.ndarray:
-    """[n, hidden] view of a record's activation bytes, skipping the int64 lists.
-
-    records.decode_example also decodes four varint lists and copies the activation bytes; at
-    small hidden sizes that decoding is most of the reader's time, so this fast path only walks
-    the Example's feature map (Features -> map entry -> key, Feature -> BytesList) and returns a
-    zero-copy view.
-    """
-    for _, features in records._fields(memoryview(data)):
-        for _, entry in records._fields(features):
-            key = value = None
-            for num, payload in records._fields(entry):
-                if num == 1:
-                    key = payload
-                elif num == 2:
-                    value = payload
-            if key is not None and key == records.ACTIVATIONS.encode() and value is not None:
-                for kind, lst in records._fields(value):
-                    if kind == 1:
-                        raw = next((p for num, p in records._fields(lst) if num == 1), memoryview(b""))
-                        acts = np.frombuffer(raw, dtype=dtype)
-                        if acts.size % hidden_size:
-                            raise ValueError(f"activations hold {acts.size} values, not a multiple of hidden size {hidden_size}")
-                        return acts.reshape(-1, hidden_size)
-    raise ValueError("record has no activations feature")
+    """[n, hidden] zero-copy view of a record's activations (its int64 lists are not decoded)."""
+    acts = np.frombuffer(records.activation_bytes(data), dtype=dtype)
+    if acts.size % hidden_size:
+        raise ValueError(f"activations hold {acts.size} values, not a multiple of hidden size {hidden_size}")
+    return acts.reshape(-1, hidden_size)
 
 
 def _interleaved_records(files: list[str], cycle_length: int, check_crc: bool) -> Iterator[bytes]:

@@ -178,6 +178,28 @@ def decode_example(data: bytes) -> dict[str, object]:
     return out
 
 
+def activation_bytes(data: bytes) -> memoryview:
+    """The activation bytes of one Example as a zero-copy view, without decoding its int64 lists.
+
+    Readers that only want the activations (the common SAE-training case) skip most of
+    decode_example's work this way; at small hidden sizes the varint lists dominate decoding.
+    """
+    key = ACTIVATIONS.encode()
+    for _, features in _fields(memoryview(data)):
+        for _, entry in _fields(features):
+            name = value = None
+            for num, payload in _fields(entry):
+                if num == 1:
+                    name = payload
+                elif num == 2:
+                    value = payload
+            if name == key and value is not None:
+                for kind, lst in _fields(value):
+                    if kind == 1:
+                        return next((p for num, p in _fields(lst) if num == 1), memoryview(b""))
+    raise ValueError("record has no activations feature")
+
+
 def decode_activations(example: dict, dtype: np.dtype, hidden_size: int) -> np.ndarray:
     """The [n, hidden] activation matrix of a decoded example, checked against token count."""
     acts = np.frombuffer(example[ACTIVATIONS], dtype=np.dtype(dtype).newbyteorder("<"))
