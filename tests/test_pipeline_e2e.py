@@ -54,11 +54,17 @@ def corpus(tmp_path_factory):
     return folder, torch_model, path, texts, [tok(t)["input_ids"] for t in texts]
 
 
-@pytest.mark.parametrize("mode,dtype,bound", [("pack", "float32", 1e-4), ("pad", "bfloat16", 8e-3)])
-def test_extract_matches_transformers_per_segment(corpus, tmp_path, mode, dtype, bound):
+# Bounds (max |ours - reference| / max |reference|): float32 compute stored in float32 is exact to
+# float32 rounding; bfloat16 storage adds one rounding (2^-9 relative); bfloat16 compute rounds
+# every matmul input through 4 blocks (the model parity tests measure ~0.02 for it).
+@pytest.mark.parametrize("mode,dtype,compute,bound", [("pack", "float32", "float32", 1e-4),
+                                                      ("pad", "bfloat16", "float32", 8e-3),
+                                                      ("pack", "bfloat16", "bfloat16", 5e-2)])
+def test_extract_matches_transformers_per_segment(corpus, tmp_path, mode, dtype, compute, bound):
     folder, torch_model, path, texts, token_lists = corpus
     out = str(tmp_path / "out")
-    args = extract_args(folder, [path], out, "--layers", *map(str, LAYERS), "--mode", mode, "--dtype", dtype)
+    args = extract_args(folder, [path], out, "--layers", *map(str, LAYERS), "--mode", mode, "--dtype", dtype,
+                        "--compute-dtype", compute)
     assert main(args) == 0
     meta = json.load(open(os.path.join(out, "metadata.json")))
     expected_tokens = sum(len(t) for t in token_lists)
