@@ -240,6 +240,29 @@ def plan(cfg: ExtractConfig):
     return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
 
 
+def parse_beam_options(args: tuple):
+    """Beam PipelineOptions from the options extract does not know; a typo is a usage error
+    (Beam itself would only log that it discarded the option and run without it)."""
+    import logging
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    try:
+        options = PipelineOptions(list(args))
+        beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+        level, beam_log.level = beam_log.level, logging.ERROR  # we report unknown options ourselves
+        try:
+            unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+        finally:
+            beam_log.level = level
+    except (SystemExit, ValueError) as e:
+        raise UsageError(f"bad Beam pipeline option in {' '.join(args)} ({e})") from None
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join('--' + u for u in sorted(unknown))}: neither an extract "
+                         "option (see --help) nor an Apache Beam pipeline option")
+    return options
+
+
 def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_docs) -> dict:
     """Everything that determines the records of a unit: its manifest's fingerprint covers it."""
     keys = ("model", "text_field", "layers", "seq_len", "batch_size", "mode", "dtype", "compute_dtype", "compression")
@@ -273,16 +296,11 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
 def run_extract(cfg: ExtractConfig) -> dict:
     """Check, plan, run the pipeline to completion; returns the written metadata."""
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     from .transforms import MergeRun
 
+    options = parse_beam_options(cfg.beam_args)
     cfg, model_cfg, hf = check_config(cfg)
-    try:
-        options = PipelineOptions(list(cfg.beam_args))
-        options.get_all_options()  # parses now: a bad Beam option is a usage error, not a crash later
-    except (SystemExit, ValueError) as e:
-        raise UsageError(f"bad Beam pipeline option in {' '.join(cfg.beam_args)} ({e})") from None
     sources, host_docs, units = plan(cfg)
     fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
     prepare_output(cfg)

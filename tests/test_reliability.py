@@ -266,3 +266,9 @@ def test_resume_finishes_only_the_missing_units_exactly(model, small_corpus, bas
     # a finished dataset resumes to the same metadata without extracting anything
     assert main(args + ["--resume"]) == 0
     assert read_metadata(out)["run"]["resumed_units"] == [0, 1]
+
+
+def test_misspelled_option_is_a_usage_error_not_silently_dropped(model, small_corpus, tmp_path, capsys):
+    assert main(extract_args(model, [small_corpus], str(tmp_path / "o"), "--seqlen", "32")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seqlen" in err[0]
