@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         {"measure": f"bare step incl. setup (load + compile {setup.seconds:.1f} s)", "tokens/s": real / (setup.seconds + bare_before),
          "vs bare": real / (setup.seconds + bare_before) / bare},
         {"measure": f"extract, whole call ({wall:.1f} s)", "tokens/s": tokens / wall, "vs bare": tokens / wall / bare},
-        {"measure": f"extract, metadata run.tokens_per_second", "tokens/s": float(run["tokens_per_second"]),
+        {"measure": "extract, metadata run.tokens_per_second", "tokens/s": float(run["tokens_per_second"]),
          "vs bare": float(run["tokens_per_second"]) / bare},
         {"measure": f"extract, marginal (full - {args.small_docs}-doc run: {small_wall:.1f} s fixed)", "tokens/s": marginal,
          "vs bare": marginal / bare},

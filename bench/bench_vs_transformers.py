@@ -25,7 +25,6 @@ import sys
 import tempfile
 
 import common
-import numpy as np
 
 
 def torch_job(model_dir: str, texts: list[str], layer: int, seq_len: int, dtype: str, out_dir: str,

@@ -29,7 +29,6 @@ from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.transforms.window import GlobalWindow
 
 from . import inputs, manifests, packing, records
-from .stats import Moments
 
 NAMESPACE = "llm_activations"
 RUN = "run"

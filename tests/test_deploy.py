@@ -160,7 +160,7 @@ def test_dockerfile_structure_matches_the_sdk_and_pins():
     assert froms[-1].startswith("python:3.11")
     assert ("COPY", "--from=beam_sdk /opt/apache/beam /opt/apache/beam") in ins
     runs = " ".join(expand(rest) for word, rest in ins if word == "RUN")
-    assert f'"jax[tpu]==${{JAX_VERSION}}"' in " ".join(rest for word, rest in ins if word == "RUN")
+    assert '"jax[tpu]==${JAX_VERSION}"' in " ".join(rest for word, rest in ins if word == "RUN")
     assert "pip install --no-cache-dir --no-deps ." in runs
     entrypoints = [rest for word, rest in ins if word == "ENTRYPOINT"]
     assert len(entrypoints) == 1 and json.loads(entrypoints[0]) == ["/opt/apache/beam/boot"]
