@@ -189,14 +189,10 @@ def check_config(cfg: ExtractConfig):
         raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
-    if cfg.mesh is not None:
-        data, model = cfg.mesh
-        if cfg.batch_size % data:
-            raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the mesh 'data' axis ({data}); "
-                             f"use a batch size that is a multiple of {data}")
-        if model_cfg.num_kv_heads % model or model_cfg.num_heads % model:
-            raise UsageError(f"--mesh {data},{model}: the 'model' axis must divide the attention heads "
-                             f"({model_cfg.num_heads}) and key/value heads ({model_cfg.num_kv_heads})")
+    if cfg.mesh is not None:  # the device count is checked where the devices are: on the workers
+        from .sharding import check_mesh_shape
+
+        check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
     return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers))}), model_cfg, hf
 
 

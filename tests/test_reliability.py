@@ -114,7 +114,7 @@ def _checkpoint_variant(src: str, dst: Path, drop=(), config_update=None) -> str
     ("unsupported_arch", "GPT2LMHeadModel"),
     ("layer_out_of_range", "--layers 99"),
     ("seq_len_too_long", "max_position_embeddings"),
-    ("batch_not_divisible", "not divisible by the mesh 'data' axis"),
+    ("batch_not_divisible", "batch size 6 is not divisible by data=4"),
     ("no_input_match", "matches no file"),
     ("parquet_without_text", "no column 'text'"),
     ("unknown_dtype", "invalid choice: 'float8'"),
