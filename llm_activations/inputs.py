@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import fileio
 from .errors import UsageError
 
 KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
@@ -86,8 +87,6 @@ def _load_hf(spec: str):
 
 def expand_patterns(patterns: list[str]) -> list[str]:
     """Sorted, de-duplicated files matching the patterns (local or any Beam filesystem)."""
-    from apache_beam.io.filesystems import FileSystems
-
     if any(p.startswith("hf://") for p in patterns):
         if len(patterns) > 1:
             raise UsageError("an hf:// input cannot be combined with other inputs (doc_index would be ambiguous)")
@@ -95,10 +94,10 @@ def expand_patterns(patterns: list[str]) -> list[str]:
     files: set[str] = set()
     for pattern in patterns:
         try:
-            matches = FileSystems.match([pattern])[0].metadata_list
+            matches = fileio.match([pattern])
         except Exception:  # Beam raises when a glob matches nothing on some filesystems
             matches = []
-        found = [m.path for m in matches if not m.path.endswith("/")]
+        found = [m for m in matches if not m.endswith("/")]
         if not found:
             raise UsageError(f"--input {pattern!r} matches no file")
         files.update(found)
@@ -114,14 +113,6 @@ def kind_of(path: str) -> str | None:
     return KINDS.get(os.path.splitext(path)[1].lower())
 
 
-def _open(path: str):
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.open(path, compression_type="uncompressed")
-    return open(path, "rb")
-
-
 def count_records(path: str, text_field: str) -> int:
     """Number of records (doc_index slots) in one file, cheaply; checks parquet schemas."""
     kind = kind_of(path)
@@ -130,7 +121,7 @@ def count_records(path: str, text_field: str) -> int:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        with _open(path) as f:
+        with fileio.open_read(path) as f:
             try:
                 pf = pq.ParquetFile(f)
             except Exception as e:
@@ -140,7 +131,7 @@ def count_records(path: str, text_field: str) -> int:
                                  f"{', '.join(pf.schema_arrow.names)}); pass --text-field")
             return pf.metadata.num_rows
     n, last = 0, b"\n"
-    with _open(path) as f:
+    with fileio.open_read(path) as f:
         while chunk := f.read(1 << 22):
             n += chunk.count(b"\n")
             last = chunk[-1:]
@@ -222,7 +213,7 @@ def _parse_json_line(line: bytes, doc_index: int, source: str, text_field: str) 
 
 
 def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str):
-    with _open(src.path) as f:
+    with fileio.open_read(src.path) as f:
         for i, line in enumerate(f):
             if i >= hi:
                 break
@@ -237,7 +228,7 @@ def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str):
 def _read_parquet(src: SourceFile, lo: int, hi: int, text_field: str):
     import pyarrow.parquet as pq
 
-    with _open(src.path) as f:
+    with fileio.open_read(src.path) as f:
         pf = pq.ParquetFile(f)
         row0 = 0
         for g in range(pf.num_row_groups):
@@ -252,7 +243,7 @@ def _read_parquet(src: SourceFile, lo: int, hi: int, text_field: str):
 def _read_txt(src: SourceFile, lo: int, hi: int, text_field: str):
     if lo > 0 or hi < 1:
         return
-    with _open(src.path) as f:
+    with fileio.open_read(src.path) as f:
         data = f.read()
     if not data:
         yield Rejected(src.first_index, src.path, "empty file", "")

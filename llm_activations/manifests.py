@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
+from . import fileio
 from .metadata import join
-from .records import _create, _rename
 from .stats import Moments, merge_all
 
 MANIFEST_DIR = "_units"
@@ -43,34 +42,22 @@ def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, reje
     }
 
 
-def _write_text(path: str, text: str) -> None:
-    """Write atomically (temporary name, then rename): readers see the whole file or none."""
-    tmp = f"{path}.inprogress-{os.getpid()}"
-    with _create(tmp) as f:
-        f.write(text.encode())
-    _rename(tmp, path)
-
-
 def write_manifest(output: str, manifest: dict, num_units: int) -> None:
-    _write_text(join(output, manifest_relpath(manifest["unit"], num_units)), json.dumps(manifest))
+    fileio.write_text_atomic(join(output, manifest_relpath(manifest["unit"], num_units)), json.dumps(manifest))
 
 
 def write_rejected(output: str, unit: int, num_units: int, lines: list) -> str:
     """rejected/part-0000u-of-N.jsonl for one unit; returns its path relative to output."""
     rel = f"rejected/part-{unit:05d}-of-{num_units:05d}.jsonl"
-    _write_text(join(output, rel), "".join(line + "\n" for line in lines))
+    fileio.write_text_atomic(join(output, rel), "".join(line + "\n" for line in lines))
     return rel
 
 
 def read_manifests(output: str, fp: str) -> dict:
     """{unit: manifest} of the finished units in output written with the same fingerprint."""
-    from apache_beam.io.filesystems import FileSystems
-
     found = {}
-    pattern = join(output, MANIFEST_DIR, "unit-*.json")
-    for m in FileSystems.match([pattern])[0].metadata_list:
-        with FileSystems.open(m.path) as f:
-            manifest = json.loads(f.read().decode())
+    for path in fileio.match([join(output, MANIFEST_DIR, "unit-*.json")]):
+        manifest = json.loads(fileio.read_text(path))
         if manifest.get("fingerprint") == fp:
             found[manifest["unit"]] = manifest
     return found

@@ -22,9 +22,9 @@ import hashlib
 import os
 import posixpath
 
+from . import fileio
 from . import metadata as md
 from .errors import DatasetError, UsageError
-from .records import _create, _rename
 from .stats import Moments, merge_all
 
 # Settings every host of one extraction must share: (label in messages, getter).
@@ -222,22 +222,11 @@ def _copy_destinations(metas: list[dict], prefixes: list[str | None], inside: li
     return dests
 
 
-def _entries(root: str) -> list[str]:
-    """Top-level names in a folder (local) or under a prefix (Beam filesystems), [] if absent."""
-    if "://" in root:
-        from apache_beam.io.filesystems import FileSystems
-
-        result = FileSystems.match([md.join(root, "**")])[0]
-        base = root.rstrip("/") + "/"
-        return sorted({m.path[len(base) :].split("/")[0] for m in result.metadata_list if m.path.startswith(base)})
-    return sorted(os.listdir(root)) if os.path.isdir(root) else []
-
-
 def _check_output(output: str, inside: list[str | None], overwrite: bool) -> None:
     if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"--output {output} exists and is not a folder")
     holds_inputs = {p.split("/")[0] for p in inside if p is not None}
-    other = [e for e in _entries(output) if e not in holds_inputs]
+    other = [n for n in (posixpath.basename(e) for e in fileio.entries(output)) if n not in holds_inputs]
     if other and not overwrite:
         raise UsageError(
             f"--output {output} is not empty (it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''} "
@@ -245,27 +234,11 @@ def _check_output(output: str, inside: list[str | None], overwrite: bool) -> Non
         )
 
 
-def _open_read(path: str):
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.open(path, compression_type="uncompressed")
-    return open(path, "rb")
-
-
-def _exists(path: str) -> bool:
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.exists(path)
-    return os.path.isfile(path)
-
-
 def _copy_verified(src: str, dst: str, shard: dict) -> None:
     """Copy a shard byte for byte, hashing as it streams; refuse it if it is not what metadata says."""
-    sha, size, tmp = hashlib.sha256(), 0, dst + ".inprogress"
+    sha, size, tmp = hashlib.sha256(), 0, fileio.temporary_name(dst)
     try:
-        with _open_read(src) as fin, _create(tmp) as fout:
+        with fileio.open_read(src) as fin, fileio.create(tmp) as fout:
             while chunk := fin.read(1 << 22):
                 sha.update(chunk)
                 size += len(chunk)
@@ -273,46 +246,26 @@ def _copy_verified(src: str, dst: str, shard: dict) -> None:
     except FileNotFoundError:
         raise DatasetError(f"{src} is listed in its metadata.json but missing") from None
     if sha.hexdigest() != shard.get("sha256") or size != shard.get("bytes", size):
-        _delete(tmp)
+        fileio.delete([tmp])
         raise DatasetError(
             f"{src} does not match its metadata.json (sha256 {sha.hexdigest()[:12]}... / {size} bytes, "
             f"expected {str(shard.get('sha256'))[:12]}... / {shard.get('bytes')} bytes); the host folder is corrupt"
         )
-    _rename(tmp, dst)
+    fileio.rename(tmp, dst)
 
 
 def _check_in_place(src: str, shard: dict) -> None:
     """A file referenced in place must exist with its recorded size (its sha256 is `validate`'s job)."""
-    if not _exists(src):
+    if not fileio.exists(src):
         raise DatasetError(f"{src} is listed in its metadata.json but missing")
     if "://" not in src and "bytes" in shard and os.path.getsize(src) != shard["bytes"]:
         raise DatasetError(f"{src} has {os.path.getsize(src)} bytes, its metadata.json says {shard['bytes']}")
 
 
-def _delete(path: str) -> None:
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        FileSystems.delete([path])
-    else:
-        os.remove(path)
-
-
 def _copy_tree(src: str, dst: str) -> None:
     """Copy a host's rejected/ records along with its shards (absent folder: nothing to do)."""
-    if "://" in src:
-        from apache_beam.io.filesystems import FileSystems
-
-        result = FileSystems.match([md.join(src, "**")])[0]
-        rels = [m.path[len(src.rstrip("/")) + 1 :] for m in result.metadata_list]
-    elif os.path.isdir(src):
-        rels = [
-            os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for d, _, fs in os.walk(src) for f in fs
-        ]
-    else:
-        return
-    for rel in sorted(rels):
-        with _open_read(md.join(src, rel)) as fin, _create(md.join(dst, rel)) as fout:
+    for rel in fileio.files_under(src):
+        with fileio.open_read(md.join(src, rel)) as fin, fileio.create(md.join(dst, rel)) as fout:
             while chunk := fin.read(1 << 22):
                 fout.write(chunk)
 

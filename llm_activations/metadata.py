@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import posixpath
 
+from . import fileio
 from .errors import DatasetError
 
 FORMAT = "llm-activations"
@@ -22,28 +23,13 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/") or "/", *parts)
 
 
-def _read_text(path: str) -> str | None:
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        if not FileSystems.exists(path):
-            return None
-        with FileSystems.open(path) as f:
-            return f.read().decode()
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
 def read_metadata(root: str, read_text=None) -> dict:
     """The parsed metadata.json of a dataset folder, validated; DatasetError otherwise.
 
     read_text(path) -> str | None (None: no such file) replaces the default reader (local files and
     Beam filesystems), e.g. with tf.io.gfile in processes that read through TensorFlow.
     """
-    text = (read_text or _read_text)(join(root, METADATA_FILE))
+    text = (read_text or fileio.read_text)(join(root, METADATA_FILE))
     if text is None:
         raise DatasetError(
             f"{root} has no {METADATA_FILE}: it is not a finished llm-activations dataset "
@@ -81,19 +67,7 @@ def layer_files(meta: dict, layer: int) -> list[str]:
 
 
 def write_metadata(root: str, meta: dict) -> str:
-    """Write metadata.json (atomically for local folders: a reader never sees half a file)."""
+    """Write metadata.json atomically: a reader never sees half a file."""
     path = join(root, METADATA_FILE)
-    text = json.dumps(meta, indent=1, sort_keys=False)
-    if "://" in root:
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.create(path) as f:
-            f.write(text.encode())
-        return path
-    import os
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fileio.write_text_atomic(path, json.dumps(meta, indent=1, sort_keys=False))
     return path

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import __version__, demo, inputs, manifests
+from . import __version__, demo, fileio, inputs, manifests
 from .manifests import MANIFEST_DIR
 from .errors import AcceleratorBusy, UsageError
 from .metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, read_metadata, write_metadata
@@ -198,16 +198,12 @@ def check_config(cfg: ExtractConfig):
 
 def prepare_output(cfg: ExtractConfig) -> None:
     """Refuse a non-empty output folder unless --overwrite; then remove the previous dataset."""
-    from apache_beam.io.filesystems import FileSystems
-
     root = cfg.output.rstrip("/")
-    if "://" not in root and os.path.exists(root) and not os.path.isdir(root):
+    if not fileio.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
         raise UsageError(f"--output {root} exists and is not a folder")
-    existing = [m.path.rstrip("/") for m in FileSystems.match([join(root, "*")])[0].metadata_list]
-    if "://" not in root and os.path.isdir(root):
-        existing = [join(root, name) for name in os.listdir(root)]
+    existing = fileio.entries(root)
     if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
-        FileSystems.delete([p for p in existing if os.path.basename(p) == METADATA_FILE])
+        fileio.delete([p for p in existing if os.path.basename(p) == METADATA_FILE])
         return
     if existing and not cfg.overwrite:
         raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, or choose another folder")
@@ -215,8 +211,7 @@ def prepare_output(cfg: ExtractConfig) -> None:
     # no longer claims to be a finished dataset.
     ours = [p for p in existing if os.path.basename(p) == METADATA_FILE]
     ours += [p for p in existing if os.path.basename(p) in ("rejected", MANIFEST_DIR) or os.path.basename(p).startswith("layer_")]
-    if ours:
-        FileSystems.delete(ours)
+    fileio.delete(ours)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -406,13 +401,8 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
 
 
 def remove_partial_shards(output: str) -> None:
-    """Delete temporary files that failed or retried shard writers left behind."""
-    from apache_beam.io.filesystems import FileSystems
-
-    patterns = [join(output, d, "*.inprogress-*") for d in ("layer_*", "rejected", MANIFEST_DIR)]
-    stale = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
-    if stale:
-        FileSystems.delete(stale)
+    """Delete temporary files that failed or retried writers left behind."""
+    fileio.delete(fileio.match([join(output, d, "*.inprogress-*") for d in ("layer_*", "rejected", MANIFEST_DIR)]))
 
 
 def print_counters(result) -> None:

@@ -15,13 +15,15 @@ against real TensorFlow (tf.io.parse_single_example).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import struct
-import uuid
 from typing import BinaryIO, Iterator
 
 import google_crc32c
 import numpy as np
+
+from . import fileio
 
 INT_FEATURES = ("token_ids", "doc_index", "token_index", "position")
 ACTIVATIONS = "activations"
@@ -245,15 +247,10 @@ def iter_records(stream: BinaryIO, check_crc: bool = True) -> Iterator[bytes]:
 
 def open_shard(path: str) -> BinaryIO:
     """A binary stream of a shard's decompressed bytes: local paths or any Beam filesystem URL."""
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        raw = FileSystems.open(path, compression_type="uncompressed")
-    else:
-        raw = open(path, "rb")
+    raw = fileio.open_read(path)
     if compression_of(path) == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
-    return io.BufferedReader(raw, buffer_size=1 << 20) if not isinstance(raw, io.BufferedReader) else raw
+    return raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, buffer_size=1 << 20)
 
 
 def read_shard(path: str, check_crc: bool = True) -> Iterator[bytes]:
@@ -269,96 +266,56 @@ class ShardWriter:
 
     Writes to a temporary name and renames on close, so a crashed or retried writer never leaves a
     half-written shard under the final name, and a retry that rewrites the same rows produces the
-    same bytes. Local paths and Beam filesystem URLs (gs://...) both work.
+    same bytes. Local paths and Beam filesystem URLs (gs://...) both work. The sha256 and size are
+    of the bytes on disk (compressed, with gzip), hashed as they are written.
     """
 
     def __init__(self, path: str, compression: str = "none"):
-        import hashlib
-
         self.path = path
         self.compression = compression
-        # A unique temporary name: a retried or speculative duplicate of this writer may run at once.
-        self._tmp = f"{path}.inprogress-{uuid.uuid4().hex[:12]}"
+        self._tmp = fileio.temporary_name(path)
         self._sha = hashlib.sha256()
         self.records = self.tokens = self.bytes = 0
-        self._raw = _create(self._tmp)
-        # mtime=0 and no filename keep gzip output byte-identical across reruns.
-        self._out = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0, filename="") if compression == "gzip" else None
+        self._raw = fileio.create(self._tmp)
         self._hashing = _HashingWriter(self._raw, self)
+        # mtime=0 and no filename keep gzip output byte-identical across reruns.
+        self._out = (gzip.GzipFile(fileobj=self._hashing, mode="wb", mtime=0, filename="")
+                     if compression == "gzip" else self._hashing)
 
     def write(self, example: bytes, num_tokens: int) -> None:
-        framed = frame_record(example)
-        (self._out or self._hashing).write(framed)
+        self._out.write(frame_record(example))
         self.records += 1
         self.tokens += num_tokens
 
     def close(self) -> dict:
-        if self._out is not None:
-            # GzipFile writes compressed bytes into _raw directly; hash them from the file below.
-            self._out.close()
+        if self._out is not self._hashing:
+            self._out.close()  # writes the gzip trailer through the hashing writer
         self._raw.close()
-        _rename(self._tmp, self.path)
-        if self._out is not None:
-            self._sha, self.bytes = _hash_file(self.path)
+        fileio.rename(self._tmp, self.path)
         return {"records": self.records, "tokens": self.tokens, "bytes": self.bytes, "sha256": self._sha.hexdigest()}
 
 
 class _HashingWriter:
+    """Passes bytes to the file and into the owner's sha256 and byte count."""
+
     def __init__(self, raw, owner: ShardWriter):
         self._raw, self._owner = raw, owner
 
-    def write(self, data: bytes) -> None:
+    def write(self, data) -> int:
         self._raw.write(data)
         self._owner._sha.update(data)
         self._owner.bytes += len(data)
+        return len(data)
 
-
-def _create(path: str):
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.create(path, compression_type="uncompressed")
-    import os
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return open(path, "wb", buffering=1 << 20)
-
-
-def _rename(src: str, dst: str) -> None:
-    if "://" in src:
-        from apache_beam.io.filesystems import FileSystems
-
-        if FileSystems.exists(dst):
-            FileSystems.delete([dst])
-        FileSystems.rename([src], [dst])
-    else:
-        import os
-
-        os.replace(src, dst)
-
-
-def _hash_file(path: str):
-    import hashlib
-
-    sha, size = hashlib.sha256(), 0
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        f = FileSystems.open(path, compression_type="uncompressed")
-    else:
-        f = open(path, "rb")
-    with f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha, size
+    def flush(self) -> None:
+        self._raw.flush()
 
 
 def describe_shard(path: str) -> dict:
     """Recount a shard from its bytes: records, tokens, bytes and sha256 (CRC-checked)."""
-    sha, size = _hash_file(path)
+    sha, size = fileio.sha256_file(path)
     records = tokens = 0
     for data in read_shard(path):
         records += 1
         tokens += len(decode_example(data)["token_ids"])
-    return {"records": records, "tokens": tokens, "bytes": size, "sha256": sha.hexdigest()}
+    return {"records": records, "tokens": tokens, "bytes": size, "sha256": sha}

@@ -21,6 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import fileio
 from . import metadata as md
 from . import records
 from .reader import numpy_dtype
@@ -65,19 +66,12 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-def _exists_and_open(path: str):
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.open(path, compression_type="uncompressed") if FileSystems.exists(path) else None
-    return open(path, "rb") if os.path.isfile(path) else None
-
-
 def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
     """Validate one shard against its metadata entry; problems are collected, never raised."""
     rel = entry["path"]
     report = FileReport(rel, int(entry.get("layer", -1)))
-    raw = _exists_and_open(md.shard_path(root, rel))
+    path = md.shard_path(root, rel)
+    raw = fileio.open_read(path) if fileio.exists(path) else None
     if raw is None:
         report.problems.append("missing file")
         return report
