@@ -14,6 +14,7 @@ import hashlib
 import json
 
 from . import fileio
+from .errors import UsageError
 from .metadata import join
 from .stats import Moments, merge_all
 
@@ -54,12 +55,15 @@ def write_rejected(output: str, unit: int, num_units: int, lines: list) -> str:
 
 
 def read_manifests(output: str, fp: str) -> dict:
-    """{unit: manifest} of the finished units in output written with the same fingerprint."""
+    """{unit: manifest} of the finished units in output; UsageError if any came from another
+    configuration (resuming would mix two extractions in one folder)."""
     found = {}
     for path in fileio.match([join(output, MANIFEST_DIR, "unit-*.json")]):
         manifest = json.loads(fileio.read_text(path))
-        if manifest.get("fingerprint") == fp:
-            found[manifest["unit"]] = manifest
+        if manifest.get("fingerprint") != fp:
+            raise UsageError(f"--resume: {output} holds units extracted with other options, input or model "
+                             f"({path.rsplit('/', 1)[-1]}); rerun with the original options, or use --overwrite")
+        found[manifest["unit"]] = manifest
     return found
 
 

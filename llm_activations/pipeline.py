@@ -294,8 +294,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     cfg, model_cfg, hf = check_config(cfg)
     sources, host_docs, units = plan(cfg)
     fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
+    done = manifests.read_manifests(cfg.output, fp) if cfg.resume else {}  # before anything is deleted
     prepare_output(cfg)
-    done = manifests.read_manifests(cfg.output, fp) if cfg.resume else {}
     todo = [u for u in units if u.index not in done]
     base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
     if not todo:  # everything was finished before: only the metadata is missing

@@ -266,6 +266,10 @@ def test_resume_finishes_only_the_missing_units_exactly(model, small_corpus, bas
     # a finished dataset resumes to the same metadata without extracting anything
     assert main(args + ["--resume"]) == 0
     assert read_metadata(out)["run"]["resumed_units"] == [0, 1]
+    # resuming with other options would mix two extractions: refused in one line, folder untouched
+    before = shard_hashes(out)
+    assert main(args + ["--resume", "--seq-len", "32"]) == 2
+    assert shard_hashes(out) == before and read_metadata(out)["run"]["resumed_units"] == [0, 1]
 
 
 def test_misspelled_option_is_a_usage_error_not_silently_dropped(model, small_corpus, tmp_path, capsys):
