@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llm_activations.checkpoint import INDEX_FILE, KEY_TABLE  # noqa: E402
-from llm_activations.config import ModelConfig, model_config_to_hf  # noqa: E402
-from llm_activations.model import layer_specs  # noqa: E402
+from llm_activations.model.checkpoint import INDEX_FILE, KEY_TABLE  # noqa: E402
+from llm_activations.model.config import ModelConfig, model_config_to_hf  # noqa: E402
+from llm_activations.model.transformer import layer_specs  # noqa: E402
 
 
 def bench_config(args) -> ModelConfig:
@@ -87,9 +87,9 @@ def write_checkpoint(folder: str, c: ModelConfig, shard_mb: int, seed: int = 0) 
 RSS_SCRIPT = r"""
 import resource, sys, time
 import numpy as np, ml_dtypes
-from llm_activations.config import load_model_config
-from llm_activations.sharding import make_mesh
-from llm_activations import checkpoint
+from llm_activations.model.config import load_model_config
+from llm_activations.model.sharding import make_mesh
+from llm_activations.model import checkpoint
 folder, load = sys.argv[1], sys.argv[2] == "load"
 config, _ = load_model_config(folder)
 mesh = make_mesh((1, 1), config, 1, ml_dtypes.bfloat16)
@@ -113,7 +113,7 @@ def peak_rss(folder: str, load: bool) -> tuple[int, float]:
 
 
 def throughput(folder: str, args) -> tuple[float, int, float]:
-    from llm_activations.extractor import Extractor
+    from llm_activations.model.extractor import Extractor
 
     t = time.perf_counter()
     ex = Extractor(folder, layers=[args.layers - 1], batch_size=args.batch_size, seq_len=args.seq_len,

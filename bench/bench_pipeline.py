@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--small-docs", type=int, default=16, help="documents of the run that measures fixed costs")
     args = p.parse_args(argv)
 
-    from llm_activations.config import load_model_config
-    from llm_activations.extractor import Extractor
+    from llm_activations.model.config import load_model_config
+    from llm_activations.model.extractor import Extractor
 
     common.header("bench_pipeline: extract end to end vs the bare forward step")
     model = args.model or common.demo_model()

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
 
-    from llm_activations.extractor import Extractor
+    from llm_activations.model.extractor import Extractor
 
     n = args.num_layers
     ks = sorted(set(args.ks or [0, n // 4, n // 2, 3 * n // 4, n - 1]))

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from llm_activations.config import load_model_config
+    from llm_activations.model.config import load_model_config
 
     common.header("bench_vs_transformers: extract vs a transformers loop with a forward hook")
     model = args.model or common.demo_model()

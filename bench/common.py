@@ -174,7 +174,10 @@ def unit_batches(model: str, corpus: str, *, seq_len: int, batch_size: int, mode
                  docs_per_unit: int | None = None, max_docs: int | None = None) -> list:
     """The exact packing.Batch list `extract` feeds its model for this corpus, built with the
     pipeline's own read/tokenize/segment/pack/batch functions (no Beam)."""
-    from llm_activations import inputs as I, packing, pipeline, transforms as T
+    from llm_activations import inputs as I
+    from llm_activations import packing
+    from llm_activations import pipeline
+    from llm_activations import transforms as T
 
     cfg = pipeline.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
                                  batch_size=batch_size, mode=mode, max_docs=max_docs,

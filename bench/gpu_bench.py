@@ -59,7 +59,7 @@ def random_params_on_device(c, dtype, seed: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from llm_activations import model
+    from llm_activations.model import transformer as model
 
     specs = model.param_specs(c, c.num_layers)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, model.ParamSpec))
@@ -82,9 +82,9 @@ def bench_one(name: str, batch: int, seq_len: int, steps: int, peak: float | Non
     import ml_dtypes
     import numpy as np
 
-    from llm_activations import model
-    from llm_activations.config import model_config_from_hf
-    from llm_activations.extractor import make_step
+    from llm_activations.model import transformer as model
+    from llm_activations.model.config import model_config_from_hf
+    from llm_activations.model.extractor import make_step
 
     default_block = model.query_block
     if query_block:

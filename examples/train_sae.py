@@ -118,7 +118,7 @@ def train(
     import jax
     import optax
 
-    from llm_activations import metadata as md
+    from llm_activations.format import metadata as md
     from llm_activations import reader as rd
 
     meta = md.read_metadata(path)

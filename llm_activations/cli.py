@@ -11,15 +11,15 @@ import importlib
 import logging
 import sys
 
-from .errors import AcceleratorBusy, UsageError
+from llm_activations.errors import AcceleratorBusy, UsageError
 
 # command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "extract": ("llm_activations.pipeline", "extract activations into per-layer TFRecord shards (Beam pipeline)"),
-    "validate": ("llm_activations.validate", "check every shard of a dataset against its metadata.json"),
-    "inspect": ("llm_activations.inspect_dataset", "summarise a dataset (and optionally plot norm histograms)"),
-    "plan": ("llm_activations.plan", "estimate memory, batch size, storage and throughput for a model on a chip"),
-    "merge": ("llm_activations.merge", "merge per-host datasets into one dataset with exact statistics"),
+    "validate": ("llm_activations.commands.validate", "check every shard of a dataset against its metadata.json"),
+    "inspect": ("llm_activations.commands.inspect", "summarise a dataset (and optionally plot norm histograms)"),
+    "plan": ("llm_activations.commands.plan", "estimate memory, batch size, storage and throughput for a model on a chip"),
+    "merge": ("llm_activations.commands.merge", "merge per-host datasets into one dataset with exact statistics"),
 }
 
 

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import fileio
-from .errors import UsageError
+from llm_activations.format import fileio
+from llm_activations.errors import UsageError
 
 KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 EXCERPT = 200

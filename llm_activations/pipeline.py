@@ -18,10 +18,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import __version__, demo, fileio, inputs, manifests
-from .manifests import MANIFEST_DIR
-from .errors import AcceleratorBusy, UsageError
-from .metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, read_metadata, write_metadata
+from llm_activations import __version__
+from llm_activations import demo
+from llm_activations.format import fileio
+from llm_activations import inputs
+from llm_activations.format import manifests
+from llm_activations.format.manifests import MANIFEST_DIR
+from llm_activations.errors import AcceleratorBusy, UsageError
+from llm_activations.format.metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, read_metadata, write_metadata
 
 DTYPES = ("bfloat16", "float16", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -168,7 +172,7 @@ def check_model_folder(folder: str) -> None:
 
 def check_config(cfg: ExtractConfig):
     """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
-    from .config import load_model_config
+    from llm_activations.model.config import load_model_config
 
     if cfg.seq_len < 1 or cfg.batch_size < 1:
         raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
@@ -190,7 +194,7 @@ def check_config(cfg: ExtractConfig):
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
     if cfg.mesh is not None:  # the device count is checked where the devices are: on the workers
-        from .sharding import check_mesh_shape
+        from llm_activations.model.sharding import check_mesh_shape
 
         check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
     return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers))}), model_cfg, hf
@@ -266,7 +270,7 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
     import apache_beam as beam
     from apache_beam.pvalue import AsList, AsSingleton
 
-    from . import transforms as T
+    from llm_activations import transforms as T
 
     spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh)
     out = (
@@ -288,7 +292,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     """Check, plan, run the pipeline to completion; returns the written metadata."""
     import apache_beam as beam
 
-    from .transforms import MergeRun
+    from llm_activations.transforms import MergeRun
 
     options = parse_beam_options(cfg.beam_args)
     cfg, model_cfg, hf = check_config(cfg)
@@ -371,7 +375,7 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
 
 def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resumed: list) -> dict:
     """Assemble metadata.json from the unit manifests and run statistics and write it - the last step."""
-    from . import manifests as mf
+    from llm_activations.format import manifests as mf
 
     meta = json.loads(json.dumps(base))
     layers = meta["extraction"]["layers"]
@@ -409,7 +413,7 @@ def print_counters(result) -> None:
     """The run's Beam metrics counters, one line (runners that do not report metrics print nothing)."""
     from apache_beam.metrics.metric import MetricsFilter
 
-    from .transforms import NAMESPACE
+    from llm_activations.transforms import NAMESPACE
 
     try:
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]

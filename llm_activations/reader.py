@@ -48,9 +48,9 @@ from typing import Iterator
 
 import numpy as np
 
-from . import metadata as md
-from . import records
-from .errors import DatasetError, UsageError
+from llm_activations.format import metadata as md
+from llm_activations.format import records
+from llm_activations.errors import DatasetError, UsageError
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 16
 DEFAULT_CYCLE_LENGTH = 8

@@ -28,7 +28,10 @@ from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.transforms.window import GlobalWindow
 
-from . import inputs, manifests, packing, records
+from llm_activations import inputs
+from llm_activations.format import manifests
+from llm_activations import packing
+from llm_activations.format import records
 
 NAMESPACE = "llm_activations"
 RUN = "run"
@@ -195,7 +198,7 @@ _MODELS = shared.Shared()
 
 
 def load_extractor(spec: ModelSpec):
-    from .extractor import Extractor
+    from llm_activations.model.extractor import Extractor
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
                      compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape)
@@ -232,8 +235,8 @@ class ExtractActivations(beam.DoFn):
         try:
             self._extractor = _MODELS.acquire(lambda: load_extractor(self._spec), tag=repr(self._spec))
         except Exception as e:
-            from .devices import explain_busy_accelerator
-            from .errors import AcceleratorBusy
+            from llm_activations.model.devices import explain_busy_accelerator
+            from llm_activations.errors import AcceleratorBusy
 
             why = explain_busy_accelerator(e)
             if why:

@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-from llm_activations import metadata as md
-from llm_activations import records
-from llm_activations.stats import Moments
+from llm_activations.format import metadata as md
+from llm_activations.format import records
+from llm_activations.format.stats import Moments
 
 VOCAB_SIZE = 1000
 

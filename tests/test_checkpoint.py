@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from llm_activations import checkpoint
-from llm_activations.config import load_model_config
+from llm_activations.model import checkpoint
+from llm_activations.model.config import load_model_config
 from llm_activations.errors import UsageError
-from llm_activations.sharding import make_mesh
+from llm_activations.model.sharding import make_mesh
 from tiny_models import cached_checkpoint
 
 

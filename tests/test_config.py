@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm_activations.config import ModelConfig, load_model_config, model_config_from_hf, model_config_to_hf
+from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf, model_config_to_hf
 from llm_activations.errors import UsageError
 from tiny_models import VARIANTS, build_model
 

@@ -330,7 +330,7 @@ def _started_extract(command: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["fleet", "slice"])
 def test_independent_hosts_cover_the_input_once_and_merge_in_place(mode):
-    from llm_activations.merge import _inside
+    from llm_activations.commands.merge import _inside
 
     env = {"ZONE": "us-central2-b", "OUTPUT": "gs://b/run1", "PROJECT": "p"}
     env.update({"TPU_NAMES": "tpu-a tpu-b tpu-c"} if mode == "fleet" else {"TPU_NAME": "v4-32", "NUM_HOSTS": "3"})

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from llm_activations.errors import UsageError
-from llm_activations.extractor import Extractor
-from llm_activations.stats import Moments, merge_all
+from llm_activations.model.extractor import Extractor
+from llm_activations.format.stats import Moments, merge_all
 from tiny_models import cached_checkpoint, packed_batch, reference_layers, rel_error
 
 BATCH, SEQ_LEN = 4, 32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from synthetic import make_dataset
 
-from llm_activations import inspect_dataset
+from llm_activations.commands import inspect as inspect_dataset
 from llm_activations.cli import main
 
 

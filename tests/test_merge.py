@@ -17,10 +17,11 @@ import sys
 import numpy as np
 import pytest
 
-from llm_activations import cli, records
-from llm_activations import metadata as md
-from llm_activations.merge import merge_datasets
-from llm_activations.stats import Moments
+from llm_activations import cli
+from llm_activations.format import records
+from llm_activations.format import metadata as md
+from llm_activations.commands.merge import merge_datasets
+from llm_activations.format.stats import Moments
 
 HIDDEN = 16
 LAYERS = (1, 3)

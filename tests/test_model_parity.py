@@ -4,7 +4,7 @@ run on that segment alone (SPEC: every segment is an independent context)."""
 import numpy as np
 import pytest
 
-from llm_activations.extractor import Extractor
+from llm_activations.model.extractor import Extractor
 from tiny_models import cached_checkpoint, packed_batch, reference_layers, rel_error
 
 SEQ_LEN = 64
@@ -58,7 +58,7 @@ def test_bfloat16_within_bound(variant):
 def test_attention_mask_is_block_diagonal_causal():
     import jax.numpy as jnp
 
-    from llm_activations.model import attention_mask
+    from llm_activations.model.transformer import attention_mask
 
     mask = np.asarray(attention_mask(jnp.array([[1, 1, 2, 2, 2, 0]])))[0]
     want = np.array([
@@ -76,8 +76,8 @@ def test_forward_runs_only_the_blocks_it_needs():
     import jax
     import jax.numpy as jnp
 
-    from llm_activations.config import load_model_config
-    from llm_activations.model import forward, init_params
+    from llm_activations.model.config import load_model_config
+    from llm_activations.model.transformer import forward, init_params
 
     config, _ = load_model_config(cached_checkpoint("qwen2")[0])
     params = init_params(config, 2, seed=0)  # blocks 0 and 1 only

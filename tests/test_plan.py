@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llm_activations import plan
+from llm_activations.commands import plan
 from llm_activations.cli import main
 
 # Qwen2.5-7B: hidden 3584, intermediate 18944, 28 layers, 28 q heads / 4 kv heads of 128, vocab 152064, untied.

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from llm_activations import devices, records
+from llm_activations.model import devices
+from llm_activations.format import records
 from llm_activations.cli import main
 from llm_activations.errors import DatasetError
-from llm_activations.metadata import read_metadata
+from llm_activations.format.metadata import read_metadata
 from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer, write_jsonl
 
 
@@ -215,7 +216,8 @@ def test_inputs_are_only_read(model, small_corpus, baseline):
 
 def test_reader_and_tools_never_unpickle():
     package = Path(__file__).parent.parent / "llm_activations"
-    for name in ("reader.py", "validate.py", "inspect_dataset.py", "merge.py", "metadata.py", "records.py", "plan.py"):
+    for name in ("reader.py", "commands/validate.py", "commands/inspect.py", "commands/merge.py", "commands/plan.py",
+                 *(f"format/{f.name}" for f in (package / "format").glob("*.py"))):
         tree = ast.parse((package / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from llm_activations import records
+from llm_activations.format import records
 from llm_activations.cli import main
-from llm_activations.metadata import read_metadata
+from llm_activations.format.metadata import read_metadata
 from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer, write_jsonl
 
 

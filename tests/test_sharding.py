@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llm_activations import sharding
-from llm_activations.config import load_model_config
+from llm_activations.model import sharding
+from llm_activations.model.config import load_model_config
 from llm_activations.errors import UsageError
-from llm_activations.extractor import Extractor
+from llm_activations.model.extractor import Extractor
 from tiny_models import cached_checkpoint, packed_batch
 
 BATCH, SEQ_LEN, LAYERS = 8, 32, [1, 3]

@@ -10,7 +10,9 @@ import numpy as np
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from llm_activations import inputs, packing, transforms as T
+from llm_activations import inputs
+from llm_activations import packing
+from llm_activations import transforms as T
 from pipeline_fixtures import tiny_model_with_tokenizer, write_jsonl
 
 
@@ -83,7 +85,7 @@ def test_pad_mode_one_segment_per_row():
 
 
 def test_write_shards_closes_files_at_unit_end(tmp_path):
-    from llm_activations import records
+    from llm_activations.format import records
 
     ex = records.encode_example(np.ones((2, 4), np.float32), token_ids=np.array([1, 2]), doc_index=np.array([0, 0]),
                                 token_index=np.array([0, 1]), position=np.array([0, 1]))

@@ -18,9 +18,9 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from llm_activations.config import ModelConfig
+from llm_activations.model.config import ModelConfig
 from llm_activations.errors import UsageError
-from llm_activations.model import param_shardings, param_specs
+from llm_activations.model.transformer import param_shardings, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

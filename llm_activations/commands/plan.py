@@ -30,8 +30,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from .config import ModelConfig, load_model_config, model_config_from_hf
-from .errors import UsageError
+from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf
+from llm_activations.errors import UsageError
 
 GIB = 1 << 30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llm_activations.config import ModelConfig
-from llm_activations.sharding import named_sharding
+from llm_activations.model.config import ModelConfig
+from llm_activations.model.sharding import named_sharding
 
 
 class ParamSpec(NamedTuple):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import posixpath
 
-from . import fileio
-from .errors import DatasetError
+from llm_activations.format import fileio
+from llm_activations.errors import DatasetError
 
 FORMAT = "llm-activations"
 FORMAT_VERSION = 1

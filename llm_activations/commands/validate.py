@@ -21,10 +21,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import fileio
-from . import metadata as md
-from . import records
-from .reader import numpy_dtype
+from llm_activations.format import fileio
+from llm_activations.format import metadata as md
+from llm_activations.format import records
+from llm_activations.reader import numpy_dtype
 
 
 @dataclass

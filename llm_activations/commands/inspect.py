@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from . import metadata as md
-from . import records
-from .reader import numpy_dtype
+from llm_activations.format import metadata as md
+from llm_activations.format import records
+from llm_activations.reader import numpy_dtype
 
 
 def sample_records(root: str, meta: dict, layer: int, max_records: int) -> list[dict]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from . import fileio
-from .errors import UsageError
-from .metadata import join
-from .stats import Moments, merge_all
+from llm_activations.format import fileio
+from llm_activations.errors import UsageError
+from llm_activations.format.metadata import join
+from llm_activations.format.stats import Moments, merge_all
 
 MANIFEST_DIR = "_units"
 COUNT_KEYS = ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")

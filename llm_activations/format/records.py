@@ -23,7 +23,7 @@ from typing import BinaryIO, Iterator
 import google_crc32c
 import numpy as np
 
-from . import fileio
+from llm_activations.format import fileio
 
 INT_FEATURES = ("token_ids", "doc_index", "token_index", "position")
 ACTIVATIONS = "activations"

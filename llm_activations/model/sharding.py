@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_activations.config import ModelConfig
+from llm_activations.model.config import ModelConfig
 from llm_activations.errors import UsageError
 
 MESH_AXES = ("data", "model")

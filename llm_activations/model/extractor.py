@@ -19,10 +19,12 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm_activations import checkpoint, model, sharding
-from llm_activations.config import ModelConfig, load_model_config
+from llm_activations.model import checkpoint
+from llm_activations.model import transformer as model
+from llm_activations.model import sharding
+from llm_activations.model.config import ModelConfig, load_model_config
 from llm_activations.errors import UsageError
-from llm_activations.stats import Moments
+from llm_activations.format.stats import Moments
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}

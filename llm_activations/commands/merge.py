@@ -22,10 +22,10 @@ import hashlib
 import os
 import posixpath
 
-from . import fileio
-from . import metadata as md
-from .errors import DatasetError, UsageError
-from .stats import Moments, merge_all
+from llm_activations.format import fileio
+from llm_activations.format import metadata as md
+from llm_activations.errors import DatasetError, UsageError
+from llm_activations.format.stats import Moments, merge_all
 
 # Settings every host of one extraction must share: (label in messages, getter).
 _SAME = (

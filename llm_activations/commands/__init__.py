@@ -1,0 +1,1 @@
+"""The subcommands besides extract: validate, inspect, plan and merge."""

@@ -1,0 +1,1 @@
+"""The JAX model: config, checkpoint loading, sharding, the transformer, attention and the extractor."""
