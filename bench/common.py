@@ -162,7 +162,8 @@ def run_extract(model: str, inputs: list[str], output: str, **options) -> tuple[
 
     Returns (metadata, wall seconds of the whole call: checks, planning, pipeline, metadata).
     """
-    from llm_activations.pipeline import ExtractConfig, run_extract as run
+    from llm_activations.options import ExtractConfig
+    from llm_activations.pipeline import run_extract as run
 
     cfg = ExtractConfig(model=model, inputs=tuple(inputs), output=output, overwrite=True, **options)
     with Timer() as t:
@@ -176,12 +177,13 @@ def unit_batches(model: str, corpus: str, *, seq_len: int, batch_size: int, mode
     pipeline's own read/tokenize/segment/pack/batch functions (no Beam)."""
     from llm_activations import inputs as I
     from llm_activations import packing
+    from llm_activations import options
     from llm_activations import pipeline
     from llm_activations import transforms as T
 
-    cfg = pipeline.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
-                                 batch_size=batch_size, mode=mode, max_docs=max_docs,
-                                 docs_per_unit=docs_per_unit or pipeline.DOCS_PER_UNIT)
+    cfg = options.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
+                                batch_size=batch_size, mode=mode, max_docs=max_docs,
+                                docs_per_unit=docs_per_unit or options.DOCS_PER_UNIT)
     _, _, units = pipeline.plan(cfg)
     tok = T.load_tokenizer(model)
     batches = []

@@ -77,12 +77,12 @@ def _unquote(line: str) -> list[str]:
 
 def _split_extract(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """`... -m llm_activations extract ARGS` -> (our options, Beam options), parsed like the CLI does."""
-    from llm_activations import pipeline
+    from llm_activations import options
 
     i = argv.index("extract")
     assert argv[i - 2 : i] == ["-m", "llm_activations"], argv
     parser = argparse.ArgumentParser()
-    pipeline.add_arguments(parser)
+    options.add_arguments(parser)
     ours, beam_args = parser.parse_known_args(argv[i + 1 :])
     return ours, beam_args
 

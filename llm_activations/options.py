@@ -1,0 +1,200 @@
+"""`extract`'s configuration: the frozen ExtractConfig, its command-line options, and every check
+that can run on the launcher before a model is loaded or a worker is started (each raised as a
+UsageError: exit 2, one line)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field
+
+from llm_activations import demo
+from llm_activations.errors import UsageError
+
+DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("bfloat16", "float32")
+MODES = ("pack", "pad")
+COMPRESSIONS = ("none", "gzip")
+DOCS_PER_UNIT = 4096
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str
+    inputs: tuple
+    output: str
+    text_field: str = "text"
+    layers: tuple = ()
+    seq_len: int = 1024
+    batch_size: int = 8
+    mode: str = "pack"
+    dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+    num_shards: int = 0
+    compression: str = "none"
+    overwrite: bool = False
+    max_docs: int | None = None
+    mesh: tuple | None = None  # (data, model) or None for automatic
+    num_hosts: int = 1
+    host_index: int = 0
+    docs_per_unit: int = DOCS_PER_UNIT
+    beam_args: tuple = field(default_factory=tuple)
+    is_demo: bool = False
+    resume: bool = False
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "Any other --option is passed to Apache Beam as a pipeline option, e.g.\n"
+        "  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp\n"
+        "  --direct_num_workers 2 --direct_running_mode multi_processing\n"
+        "With no --model and no --input the bundled demo runs (tiny Qwen2 + sample corpus)."
+    )
+    a = p.add_argument
+    a("--model", help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer) or hub id (default: the bundled demo model)")
+    a("--input", nargs="+", dest="inputs", metavar="PATTERN",
+      help="files or globs (.jsonl, .json lines, .parquet, .txt = one document per file) or hf://NAME[/CONFIG]:SPLIT (default: the bundled demo corpus)")
+    a("--text-field", default="text", help="field holding the text in JSON/parquet/HF records (default: text)")
+    a("--output", help=f"output folder, local or a Beam filesystem URL such as gs://... (default for the demo: ./{demo.DEMO_OUTPUT})")
+    a("--layers", nargs="+", type=int, metavar="L", help="0-based decoder blocks; stores the residual stream after each (default: the middle layer)")
+    a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
+    a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
+    a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
+    a("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype of activations (default: bfloat16)")
+    a("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="dtype the model computes in (default: bfloat16)")
+    a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
+    a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
+    a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
+    a("--resume", action="store_true", help="continue an interrupted run in --output: units already finished by the same configuration are kept, the rest are extracted")
+    a("--max-docs", type=int, help="use only the first N input records (default: all)")
+    a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
+    a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
+    a("--host-index", type=int, default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
+    a("--docs-per-unit", type=int, default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    is_demo = args.model is None and args.inputs is None
+    output = args.output or (demo.DEMO_OUTPUT if is_demo else None)
+    if output is None:
+        raise UsageError("--output is required (a folder for the activation dataset)")
+    return ExtractConfig(
+        model=args.model or demo.ensure_demo_model(),
+        inputs=tuple(args.inputs or [str(demo.CORPUS)]),
+        output=output,
+        text_field=args.text_field,
+        layers=tuple(args.layers or ()),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
+        num_shards=args.num_shards,
+        compression=args.compression,
+        overwrite=args.overwrite,
+        max_docs=args.max_docs,
+        mesh=parse_mesh(args.mesh),
+        num_hosts=args.num_hosts,
+        host_index=args.host_index,
+        docs_per_unit=args.docs_per_unit,
+        beam_args=tuple(getattr(args, "beam_args", ()) or ()),
+        is_demo=is_demo,
+        resume=args.resume,
+    )
+
+
+def parse_mesh(text: str | None) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        data, model = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--mesh {text!r}: expected DATA,MODEL, e.g. 4,1") from None
+    if data < 1 or model < 1:
+        raise UsageError(f"--mesh {text!r}: both axes must be at least 1")
+    return data, model
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def resolve_model(model: str) -> str:
+    """A local checkpoint folder for `model` (a folder, or a hub id fetched with huggingface_hub)."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise UsageError(f"--model {model!r}: no such checkpoint folder (expected config.json, *.safetensors and tokenizer files)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise UsageError(f"--model {model!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}); "
+                         "download it first and pass the folder") from None
+
+
+def check_model_folder(folder: str) -> None:
+    files = set(os.listdir(folder))
+    if "config.json" not in files:
+        raise UsageError(f"--model {folder}: no config.json in the folder")
+    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
+        raise UsageError(f"--model {folder}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)")
+    if not files & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}:
+        raise UsageError(f"--model {folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
+def check_config(cfg: ExtractConfig):
+    """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
+    from llm_activations.model.config import load_model_config
+
+    if cfg.seq_len < 1 or cfg.batch_size < 1:
+        raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
+    if cfg.num_shards < 0:
+        raise UsageError(f"--num-shards {cfg.num_shards}: must be 0 (automatic) or positive")
+    if cfg.max_docs is not None and cfg.max_docs < 1:
+        raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
+    if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
+        raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
+    folder = resolve_model(cfg.model)
+    check_model_folder(folder)
+    model_cfg, hf = load_model_config(folder)
+    layers = cfg.layers or (model_cfg.num_layers // 2,)
+    for layer in layers:
+        if not 0 <= layer < model_cfg.num_layers:
+            raise UsageError(f"--layers {layer}: out of range; this model has layers 0..{model_cfg.num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
+    if cfg.mesh is not None:  # the device count is checked where the devices are: on the workers
+        from llm_activations.model.sharding import check_mesh_shape
+
+        check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
+    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers))}), model_cfg, hf
+
+
+def parse_beam_options(args: tuple):
+    """Beam PipelineOptions from the options extract does not know; a typo is a usage error
+    (Beam itself would only log that it discarded the option and run without it)."""
+    import logging
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    try:
+        options = PipelineOptions(list(args))
+        beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+        level, beam_log.level = beam_log.level, logging.ERROR  # we report unknown options ourselves
+        try:
+            unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+        finally:
+            beam_log.level = level
+    except (SystemExit, ValueError) as e:
+        raise UsageError(f"bad Beam pipeline option in {' '.join(args)} ({e})") from None
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join('--' + u for u in sorted(unknown))}: neither an extract "
+                         "option (see --help) nor an Apache Beam pipeline option")
+    return options
