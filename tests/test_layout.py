@@ -1,0 +1,64 @@
+"""The package's import rules, enforced as folder boundaries.
+
+* format/ (records, metadata, manifests, stats, fileio) imports no JAX, Beam or TensorFlow: every
+  consumer of a dataset can use it.
+* The NumPy reader and the validate, inspect and merge commands run where JAX and Beam cannot be
+  imported at all (a training host, a laptop).
+* model/ never imports Beam: the extractor is usable without a pipeline.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import llm_activations
+
+PACKAGE = Path(llm_activations.__file__).parent
+
+
+def modules(sub: str) -> list[str]:
+    return [f"llm_activations.{sub}.{m.name}" for m in pkgutil.iter_modules([str(PACKAGE / sub)])]
+
+
+def import_without(blocked: list[str], targets: list[str]) -> subprocess.CompletedProcess:
+    """Import `targets` in a fresh interpreter in which every module under `blocked` raises ImportError."""
+    code = textwrap.dedent(f"""
+        import importlib, sys
+        BLOCKED = {blocked!r}
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is blocked by test_layout")
+        sys.meta_path.insert(0, Block())
+        for t in {targets!r}:
+            importlib.import_module(t)
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not leaked, leaked
+        print("ok", len({targets!r}))
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+
+
+@pytest.mark.parametrize("targets", [
+    modules("format"),
+    ["llm_activations.reader", "llm_activations.commands.validate", "llm_activations.commands.inspect",
+     "llm_activations.commands.merge", "llm_activations.commands.plan", "llm_activations.cli"],
+], ids=["format", "reader-and-tools"])
+def test_runs_without_jax_beam_or_tensorflow(targets):
+    assert targets
+    r = import_without(["jax", "jaxlib", "flax", "apache_beam", "tensorflow", "torch"], targets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"ok {len(targets)}"
+
+
+def test_model_never_imports_beam():
+    targets = modules("model")
+    assert "llm_activations.model.extractor" in targets
+    r = import_without(["apache_beam", "tensorflow", "torch"], targets)
+    assert r.returncode == 0, r.stderr[-2000:]
