@@ -21,6 +21,8 @@
 # up front), so only one worker would extract. For a job that fans out, copy the split's parquet
 # files to GCS and pass INPUT='gs://BUCKET/fineweb-edu/sample/10BT/*.parquet' (see deploy/README.md).
 set -euo pipefail
+# shellcheck source=deploy/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 : "${PROJECT:?set PROJECT to your Google Cloud project id}"
 : "${REGION:?set REGION to a Dataflow region with TPU capacity for TPU=${TPU:-v5e}}"
@@ -41,25 +43,11 @@ case "$TPU" in
 esac
 
 PYTHON="${PYTHON:-python3}"
-MODEL="${MODEL:-Qwen/Qwen2.5-7B}"
-INPUT="${INPUT:-hf://HuggingFaceFW/fineweb-edu/sample-10BT:train}"
-read -r -a LAYERS_ARR <<< "${LAYERS:-7 14 21}"
 OUTPUT="${OUTPUT:-$BUCKET/activations/qwen2.5-7b-fineweb-edu}"
 MAX_WORKERS="${MAX_WORKERS:-8}"
 JOB_NAME="${JOB_NAME:-llm-activations-$(date -u +%Y%m%d-%H%M%S)}"
-read -r -a EXTRA_BEAM_ARR <<< "${EXTRA_BEAM_ARGS:-}"
 
-EXTRACT_ARGS=(
-  --model "$MODEL"
-  --input "$INPUT"
-  --layers "${LAYERS_ARR[@]}"
-  --output "$OUTPUT"
-  --seq-len "${SEQ_LEN:-1024}"
-  --batch-size "${BATCH_SIZE:-8}"
-  --num-shards "${NUM_SHARDS:-0}"
-)
-if [[ -n "${MAX_DOCS:-}" ]]; then EXTRACT_ARGS+=(--max-docs "$MAX_DOCS"); fi
-if [[ -n "${MESH:-}" ]]; then EXTRACT_ARGS+=(--mesh "$MESH"); fi
+extract_args "$OUTPUT"
 
 BEAM_ARGS=(
   --runner=DataflowRunner
@@ -82,9 +70,5 @@ BEAM_ARGS=(
   --disk_size_gb="${DISK_SIZE_GB:-200}"
   "${EXTRA_BEAM_ARR[@]}"
 )
-
-run() {  # DRY_RUN=1: print the command, shell-quoted, instead of running it
-  if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
-}
 
 run "$PYTHON" -m llm_activations extract "${EXTRACT_ARGS[@]}" "${BEAM_ARGS[@]}"

@@ -24,15 +24,13 @@
 #           FLINK_VERSION, EXTRA_BEAM_ARGS, PYTHON (this machine's interpreter with this package).
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+# shellcheck source=deploy/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 : "${OUTPUT:?set OUTPUT to a folder every TPU VM can write, e.g. gs://my-bucket/activations/run1}"
 ENGINE="${ENGINE:-flink}"
 ENVIRONMENT="${ENVIRONMENT:-PROCESS}"
 PYTHON="${PYTHON:-python3}"
-MODEL="${MODEL:-Qwen/Qwen2.5-7B}"
-INPUT="${INPUT:-hf://HuggingFaceFW/fineweb-edu/sample-10BT:train}"
-read -r -a LAYERS_ARR <<< "${LAYERS:-7 14 21}"
-read -r -a EXTRA_BEAM_ARR <<< "${EXTRA_BEAM_ARGS:-}"
 
 case "$ENGINE" in
   flink)
@@ -70,17 +68,7 @@ case "$ENVIRONMENT" in
   *) echo "ENVIRONMENT must be PROCESS or DOCKER (got $ENVIRONMENT)" >&2; exit 2 ;;
 esac
 
-EXTRACT_ARGS=(
-  --model "$MODEL"
-  --input "$INPUT"
-  --layers "${LAYERS_ARR[@]}"
-  --output "$OUTPUT"
-  --seq-len "${SEQ_LEN:-1024}"
-  --batch-size "${BATCH_SIZE:-8}"
-  --num-shards "${NUM_SHARDS:-0}"
-)
-if [[ -n "${MAX_DOCS:-}" ]]; then EXTRACT_ARGS+=(--max-docs "$MAX_DOCS"); fi
-if [[ -n "${MESH:-}" ]]; then EXTRACT_ARGS+=(--mesh "$MESH"); fi
+extract_args "$OUTPUT"
 
 BEAM_ARGS=(
   "${ENGINE_ARGS[@]}"
@@ -89,9 +77,5 @@ BEAM_ARGS=(
   --sdk_worker_parallelism=1
   "${EXTRA_BEAM_ARR[@]}"
 )
-
-run() {  # DRY_RUN=1: print the command, shell-quoted, instead of running it
-  if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
-}
 
 run "$PYTHON" -m llm_activations extract "${EXTRACT_ARGS[@]}" "${BEAM_ARGS[@]}"

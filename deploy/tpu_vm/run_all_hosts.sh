@@ -30,6 +30,8 @@
 #           with OVERWRITE=1), then `merge` as usual.
 # DRY_RUN=1 prints every gcloud command instead of running it (`wait` then assumes success).
 set -euo pipefail
+# shellcheck source=deploy/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 if [[ $# -eq 0 ]]; then
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -49,16 +51,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 REMOTE_PYTHON="${REMOTE_PYTHON:-python3}"
 REMOTE_VENV="${REMOTE_VENV:-llm-activations-venv}"
-MODEL="${MODEL:-Qwen/Qwen2.5-7B}"
-INPUT="${INPUT:-hf://HuggingFaceFW/fineweb-edu/sample-10BT:train}"
-read -r -a LAYERS_ARR <<< "${LAYERS:-7 14 21}"
 POLL_SECONDS="${POLL_SECONDS:-300}"
 GCLOUD_ARGS=(--zone "$ZONE")
 if [[ -n "${PROJECT:-}" ]]; then GCLOUD_ARGS+=(--project "$PROJECT"); fi
-
-run() {  # DRY_RUN=1: print the command, shell-quoted, instead of running it
-  if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
-}
 
 # ----------------------------------------------------------------------------- the hosts
 
@@ -145,15 +140,9 @@ $(printf '%q' "$REMOTE_VENV")/bin/python -c 'import jax; print(jax.local_device_
 
 extract_command() {  # the extraction of host I, as one shell-quoted line
   local i="$1"
+  extract_args "$(host_dir "$i")"
   local args=(
-    "$REMOTE_VENV/bin/python" -m llm_activations extract
-    --model "$MODEL"
-    --input "$INPUT"
-    --layers "${LAYERS_ARR[@]}"
-    --output "$(host_dir "$i")"
-    --seq-len "${SEQ_LEN:-1024}"
-    --batch-size "${BATCH_SIZE:-8}"
-    --num-shards "${NUM_SHARDS:-0}"
+    "$REMOTE_VENV/bin/python" -m llm_activations extract "${EXTRACT_ARGS[@]}"
     --num-hosts "$N"
     --host-index "$i"
     # One process per host owns all of its chips: the DirectRunner in this process, one worker.
@@ -161,8 +150,6 @@ extract_command() {  # the extraction of host I, as one shell-quoted line
     --direct_num_workers=1
     --direct_running_mode=in_memory
   )
-  if [[ -n "${MAX_DOCS:-}" ]]; then args+=(--max-docs "$MAX_DOCS"); fi
-  if [[ -n "${MESH:-}" ]]; then args+=(--mesh "$MESH"); fi
   if [[ -n "${OVERWRITE:-}" ]]; then args+=(--overwrite); fi
   printf '%q ' "${args[@]}"
 }
