@@ -18,18 +18,11 @@ import math
 import numpy as np
 
 from llm_activations.format import metadata as md
+from llm_activations.format.dtypes import numpy_dtype
 from llm_activations.format import records
 from llm_activations.format.stats import Moments
 
 VOCAB_SIZE = 1000
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def _segments(doc_lengths: np.ndarray, seq_len: int):

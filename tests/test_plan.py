@@ -40,7 +40,7 @@ def test_qwen25_7b_memory_batch_and_throughput():
     assert p.row_bytes == {
         "residual": 2 * T * 3584 * 2,
         "qkv": T * (28 + 2 * 4) * 128 * 2 // 2,
-        "attention_scores": 2 * 14 * T * T * 4,
+        "attention_scores": 2 * 14 * 512 * T * 4,  # one 512-query block of float32 logits + probs live
         "attention_out": T * 28 * 128 * 2 // 2,
         "mlp": 3 * T * 18944 * 2 // 2,
         "outputs": 2 * T * 3584 * 2,
@@ -48,8 +48,10 @@ def test_qwen25_7b_memory_batch_and_throughput():
     assert p.weight_bytes_per_chip == p.loaded_params  # bf16 weights split over model axis 2
     usable = int(95 * 2**30 * 0.9)
     assert p.max_batch == 2 * ((usable - p.loaded_params) // sum(p.row_bytes.values()))
-    flops = 2 * 15 * BLOCK_7B + 15 * 4 * T * 28 * 128
-    assert p.flops_per_token == flops == 7_211_934_720
+    # matmul weights only (BLOCK_7B less biases and norms), and causal attention: 2 x 2 x q x (T+1)/2
+    matmuls = BLOCK_7B - (3584 + 2 * 512) - 2 * 3584
+    flops = 15 * (2 * matmuls + 2 * 28 * 128 * (T + 1))
+    assert p.flops_per_token == flops == 7_101_588_480
     assert p.tokens_per_second_per_chip == pytest.approx(459e12 * 0.5 / flops)
     assert p.tokens_per_second_per_host == pytest.approx(4 * 459e12 * 0.5 / flops)
     assert p.storage_bytes_per_billion_tokens == 2 * 7168 * 10**9

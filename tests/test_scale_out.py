@@ -9,6 +9,7 @@ import pytest
 
 from llm_activations.format import records
 from llm_activations.cli import main
+from llm_activations.format.dtypes import numpy_dtype
 from llm_activations.format.metadata import read_metadata
 from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer, write_jsonl
 
@@ -20,7 +21,7 @@ def rows_by_key(out: str, layer: int) -> dict:
     for rel in meta["files"][str(layer)]:
         for data in records.read_shard(os.path.join(out, rel)):
             ex = records.decode_example(data)
-            acts = records.decode_activations(ex, np.dtype(meta["dtype"]) if meta["dtype"] != "bfloat16" else __import__("ml_dtypes").bfloat16, meta["hidden_size"])
+            acts = records.decode_activations(ex, numpy_dtype(meta["dtype"]), meta["hidden_size"])
             key = (int(ex["doc_index"][0]), int(ex["token_index"][0]))
             assert key not in rows
             rows[key] = (ex["token_ids"].tolist(), ex["doc_index"].tolist(), acts.astype(np.float32))

@@ -1,23 +1,15 @@
 """`python -m llm_activations plan`: memory, batch size, storage and throughput before a run.
 
-Everything is arithmetic on the model config and the chip; nothing is loaded. The formulas, so a
-user can check them by hand (T = seq_len, H = hidden, I = intermediate, nq/nkv = query/kv heads,
-d = head_dim, M = model-axis size, D = data-axis size, b = compute dtype bytes, s = storage bytes):
+Everything is arithmetic on the model config and the chip; nothing is loaded. FLOPs and working
+memory come from model/cost.py (its docstring gives the formulas), which the benchmarks share. M =
+model-axis size, D = data-axis size, b = compute dtype bytes, s = storage bytes:
 
 * loaded parameters: embedding + blocks 0..deepest requested layer. The extractor stops at the
   deepest hook, so later blocks, the final norm and the lm_head are never loaded.
 * weights per chip = loaded params x b / M (replicated over the data axis, sharded over model).
-* working memory per row (one sequence, per chip), the peak of one block (blocks run in turn):
-    residual + normed input      2 T H b
-    q, k, v                      T (nq + 2 nkv) d b / M
-    attention scores + probs     2 (nq / M) T^2 x 4      (float32, dense masked attention)
-    attention output             T nq d b / M
-    MLP gate, up, gate*up        3 T I b / M
-    captured outputs             len(layers) T H s      (held until the step ends)
-  No KV cache: one forward pass per row, nothing is generated.
+* working memory per row: cost.row_bytes (the peak of one block; no KV cache, nothing is generated).
 * largest batch = D x floor((HBM x (1 - reserve) - weights per chip) / working memory per row).
-* FLOPs per token = 2 x loaded matmul params (loaded params minus the embedding, which is a
-  lookup) + per loaded block 4 T nq d (QK^T and AV with a dense mask: XLA computes all T^2).
+* FLOPs per token: cost.flops_per_token over the loaded blocks (matmuls + causal attention).
   tokens/s per chip = peak bf16 FLOP/s x MFU / FLOPs per token.
 * storage per token per layer = H x s bytes (+ about 8-12 bytes of varint token ids/positions).
 """
@@ -30,11 +22,12 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf
 from llm_activations.errors import UsageError
+from llm_activations.format import dtypes
+from llm_activations.model import cost
+from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf
 
 GIB = 1 << 30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def _qwen2(hidden, inter, layers, heads, kv, vocab, tied, max_pos=32768, theta=1000000.0):
@@ -149,27 +142,18 @@ def make_plan(
     data, model = mesh
     if data < 1 or model < 1:
         raise UsageError(f"--mesh {data} {model}: both axes must be >= 1")
-    if dtype not in DTYPE_BYTES or compute_dtype not in DTYPE_BYTES:
-        raise UsageError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
-    b, s = DTYPE_BYTES[compute_dtype], DTYPE_BYTES[dtype]
-    T, H, I = seq_len, config.hidden_size, config.intermediate_size  # noqa: E741
-    nq, nkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    if dtype not in dtypes.STORAGE or compute_dtype not in dtypes.COMPUTE:
+        raise UsageError(f"--dtype must be one of {', '.join(dtypes.STORAGE)} and --compute-dtype one of {', '.join(dtypes.COMPUTE)}")
+    b, s = dtypes.itemsize(compute_dtype), dtypes.itemsize(dtype)
+    T, H = seq_len, config.hidden_size
     blocks = max(layers) + 1
     loaded = config.param_count(blocks)
-    embedding = config.vocab_size * H
     weights = math.ceil(loaded * b / model)
-    row = {
-        "residual": 2 * T * H * b,
-        "qkv": T * (nq + 2 * nkv) * d * b // model,
-        "attention_scores": 2 * math.ceil(nq / model) * T * T * 4,
-        "attention_out": T * nq * d * b // model,
-        "mlp": 3 * T * I * b // model,
-        "outputs": len(layers) * T * H * s,
-    }
+    row = cost.row_bytes(config, T, model_axis=model, compute_bytes=b, storage_bytes=s, outputs=len(layers))
     row_total = sum(row.values())
     usable = int(chip.hbm_bytes * (1 - reserve))
     rows = max(0, (usable - weights) // row_total)
-    flops = 2 * (loaded - embedding) + blocks * 4 * T * nq * d
+    flops = cost.flops_per_token(config, T, blocks)
     per_chip = chip.peak_bf16_flops * mfu / flops
     per_host = per_chip * chip.chips_per_host
     return Plan(
@@ -255,8 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", help="0-based layers to extract (default: the middle one)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--mesh", type=int, nargs=2, metavar=("DATA", "MODEL"), help="mesh shape (default: chips per host x 1)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="storage dtype")
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(dtypes.STORAGE), help="storage dtype")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=list(dtypes.COMPUTE))
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0-1]")
     parser.add_argument("--reserve", type=float, default=0.1, help="fraction of HBM kept for the runtime")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")

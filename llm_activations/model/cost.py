@@ -1,0 +1,60 @@
+"""FLOPs and memory of the forward step: one model, shared by `plan` and the benchmarks.
+
+Pure arithmetic on a ModelConfig (no JAX), so `plan` stays light. Symbols: T = seq_len, D = hidden,
+F = intermediate, q = heads x head_dim, kv = kv_heads x head_dim, n = heads, M = the mesh's model
+axis, b = compute bytes, s = storage bytes.
+
+FLOPs per token (the MFU numerator, the convention of the PaLM paper's appendix B):
+    per block: 2 x matmul weights [D (q + 2 kv) + q D + 3 D F]   (biases and norms are negligible)
+             + causal attention 2 x 2 x q x (T + 1) / 2          (QK^T and AV over the keys a query sees)
+The embedding is a lookup (no FLOPs); no final norm or lm_head runs. The attention runs causally in
+every implementation (query blocks that skip later keys on CPU, splash / flash kernels on
+accelerators), so this count matches the work actually done up to the kernels' block granularity.
+
+Working memory per row, the peak of one block (blocks run one after another in a scan):
+    residual + normed input           2 T D b
+    q, k, v                           T (q + 2 kv) b / M
+    attention logits + probabilities  2 (n / M) x query_block x T x 4    (float32; one query block of
+                                      the blocked attention is live at a time; flash kernels need less)
+    attention output                  T q b / M
+    MLP gate, up, gate*up             3 T F b / M
+    captured outputs                  outputs x T D s                    (held until the step ends)
+"""
+
+from __future__ import annotations
+
+import math
+
+from llm_activations.model.config import ModelConfig
+
+# Queries per attention block on accelerators (the CPU reference path uses smaller blocks); the
+# largest logits tile the blocked attention keeps live.
+ACCELERATOR_QUERY_BLOCK = 512
+
+
+def matmul_params_per_block(c: ModelConfig) -> int:
+    """Weights of one block's matmuls (q, k, v, o projections and the SwiGLU MLP)."""
+    d = c.hidden_size
+    return d * (c.q_size + 2 * c.kv_size) + c.q_size * d + 3 * d * c.intermediate_size
+
+
+def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> float:
+    """Model FLOPs per token of a step running blocks 0..blocks-1 (all blocks when None)."""
+    blocks = c.num_layers if blocks is None else blocks
+    attention = 2 * 2 * c.q_size * (seq_len + 1) / 2
+    return blocks * (2 * matmul_params_per_block(c) + attention)
+
+
+def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
+              storage_bytes: int = 2, outputs: int = 1,
+              query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
+    """Peak working memory of one row (sequence) on one chip, by component (module doc)."""
+    t, d, m, b = seq_len, c.hidden_size, model_axis, compute_bytes
+    return {
+        "residual": 2 * t * d * b,
+        "qkv": t * (c.q_size + 2 * c.kv_size) * b // m,
+        "attention_scores": 2 * math.ceil(c.num_heads / m) * min(query_block, t) * t * 4,
+        "attention_out": t * c.q_size * b // m,
+        "mlp": 3 * t * c.intermediate_size * b // m,
+        "outputs": outputs * t * d * storage_bytes,
+    }
