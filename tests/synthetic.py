@@ -121,10 +121,8 @@ def make_dataset(
     tokens_per_layer = total_tokens
     num_segments = sum(len(r) for r in rows)
 
-    meta = {
-        "format": md.FORMAT,
-        "format_version": md.FORMAT_VERSION,
-        "model": {
+    meta = md.build_metadata(
+        model={
             "name_or_path": "synthetic/model",
             "architecture": "Qwen2ForCausalLM",
             "model_type": "qwen2",
@@ -132,13 +130,13 @@ def make_dataset(
             "num_layers": max(layers) + 1 if layers else 1,
             "config": {"hidden_size": hidden_size, "num_hidden_layers": max(layers) + 1 if layers else 1},
         },
-        "tokenizer": {
+        tokenizer={
             "name_or_path": tokenizer,
             "vocab_size": VOCAB_SIZE,
             "special_token_ids": {"bos_token_id": None, "eos_token_id": 0, "pad_token_id": 0},
         },
-        "input": {"patterns": ["synthetic"], "text_field": "text", "max_docs": None, "num_hosts": 1, "host_index": 0},
-        "extraction": {
+        input={"patterns": ["synthetic"], "text_field": "text", "max_docs": None, "num_hosts": 1, "host_index": 0},
+        extraction={
             "layers": list(layers),
             "hook": "resid_post",
             "seq_len": seq_len,
@@ -148,12 +146,11 @@ def make_dataset(
             "mesh": {"data": 1, "model": 1},
             "num_shards": num_shards,
         },
-        "dtype": dtype,
-        "hidden_size": hidden_size,
-        "compression": compression,
-        "files": files,
-        "shards": shards,
-        "counts": {
+        dtype=dtype,
+        hidden_size=hidden_size,
+        compression=compression,
+        shards=shards,
+        counts={
             "documents": num_docs,
             "rejected": 0,
             "segments": num_segments,
@@ -162,8 +159,8 @@ def make_dataset(
             "tokens": tokens_per_layer,
             "padding_tokens": len(rows) * seq_len - tokens_per_layer,
         },
-        "stats": {str(layer): moments[layer].to_json() for layer in layers},
-        "run": {
+        stats={str(layer): moments[layer].to_json() for layer in layers},
+        run={
             "runner": "synthetic",
             "workers": 1,
             "compilations": 0,
@@ -173,7 +170,8 @@ def make_dataset(
             "end_time": "2026-11-27T22:00:00Z",
             "versions": {"llm_activations": "0.1.0"},
         },
-    }
+    )
+    assert meta["files"] == files
     md.write_metadata(root, meta)
     return meta
 

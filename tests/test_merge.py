@@ -68,10 +68,9 @@ def _write_host(root, docs, *, host_index, num_hosts, doc_range, num_shards=2, c
         vectors = np.concatenate([d["acts"][layer] for d in docs]) if docs else np.zeros((0, HIDDEN))
         stats[str(layer)] = Moments.of(vectors.astype(dtype)).to_json()
     tokens = sum(len(d["token_ids"]) for d in docs)
-    meta = {
-        "format": "llm-activations",
-        "format_version": overrides.get("format_version", 1),
-        "model": {
+    meta = md.build_metadata(
+        format_version=overrides.get("format_version", md.FORMAT_VERSION),
+        model={
             "name_or_path": overrides.get("model", "tiny-qwen2"),
             "architecture": "Qwen2ForCausalLM",
             "model_type": "qwen2",
@@ -79,8 +78,8 @@ def _write_host(root, docs, *, host_index, num_hosts, doc_range, num_shards=2, c
             "num_layers": 4,
             "config": {"hidden_size": HIDDEN, "num_hidden_layers": 4, "vocab_size": 1000},
         },
-        "tokenizer": {"name_or_path": "tiny-qwen2", "vocab_size": 1000, "special_token_ids": {"eos_token_id": 2}},
-        "input": {
+        tokenizer={"name_or_path": "tiny-qwen2", "vocab_size": 1000, "special_token_ids": {"eos_token_id": 2}},
+        input={
             "patterns": ["corpus/*.jsonl"],
             "text_field": "text",
             "max_docs": None,
@@ -88,7 +87,7 @@ def _write_host(root, docs, *, host_index, num_hosts, doc_range, num_shards=2, c
             "host_index": host_index,
             "doc_index_range": list(doc_range),
         },
-        "extraction": {
+        extraction={
             "layers": list(layers),
             "hook": "resid_post",
             "seq_len": 16,
@@ -98,12 +97,11 @@ def _write_host(root, docs, *, host_index, num_hosts, doc_range, num_shards=2, c
             "mesh": {"data": 1, "model": 1},
             "num_shards": num_shards,
         },
-        "dtype": dtype,
-        "hidden_size": HIDDEN,
-        "compression": compression,
-        "files": files,
-        "shards": shards,
-        "counts": {
+        dtype=dtype,
+        hidden_size=HIDDEN,
+        compression=compression,
+        shards=shards,
+        counts={
             "documents": len(docs),
             "rejected": 1,
             "segments": len(docs),
@@ -112,8 +110,8 @@ def _write_host(root, docs, *, host_index, num_hosts, doc_range, num_shards=2, c
             "tokens": tokens,
             "padding_tokens": 16 * len(docs) - tokens,
         },
-        "stats": stats,
-        "run": {
+        stats=stats,
+        run={
             "runner": "DirectRunner",
             "workers": 1,
             "compilations": 1,
@@ -123,7 +121,8 @@ def _write_host(root, docs, *, host_index, num_hosts, doc_range, num_shards=2, c
             "end_time": f"2026-11-27T22:00:1{host_index}Z",
             "versions": {"llm_activations": "0.1.0"},
         },
-    }
+    )
+    assert meta["files"] == files
     os.makedirs(os.path.join(root, "rejected"), exist_ok=True)
     with open(os.path.join(root, "rejected", "part-00000.jsonl"), "w") as f:
         f.write(json.dumps({"doc_index": doc_range[0], "reason": "empty text"}) + "\n")

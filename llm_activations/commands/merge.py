@@ -105,12 +105,9 @@ def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwr
             for shard in meta["shards"]:
                 _check_in_place(md.shard_path(root, shard["path"]), shard)
 
-    files: dict[str, list[str]] = {str(layer): [] for layer in sorted(metas[0]["extraction"]["layers"])}
     shards, copied = [], 0
     for root, meta, prefix, dest in zip(inputs, metas, prefixes, dests):
         base = prefix if prefix is not None else dest
-        for layer, paths in meta["files"].items():
-            files[str(int(layer))].extend(posixpath.join(base, posixpath.normpath(p)) for p in paths)
         for shard in meta["shards"]:
             new_path = posixpath.join(base, posixpath.normpath(shard["path"]))
             if prefix is None:
@@ -120,7 +117,7 @@ def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwr
         if prefix is None:
             _copy_tree(md.join(root, "rejected"), md.join(output, dest, "rejected"))
 
-    merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copied)
+    merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied)
     md.write_metadata(output, merged)  # last: OUT is a finished dataset only now
     return merged
 
@@ -358,7 +355,7 @@ def _merged_input(metas: list[dict], ranges: list) -> dict:
     return inp
 
 
-def _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copied) -> dict:
+def _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied) -> dict:
     first = metas[0]
     counts = _sum_counts(metas)
     inp = _merged_input(metas, ranges)
@@ -373,18 +370,18 @@ def _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copi
     extraction = dict(first["extraction"])
     # Hosts may differ in chips and file counts: keep the per-host values beside the totals.
     extraction["meshes"] = [m["extraction"].get("mesh") for m in metas]
-    extraction["num_shards"] = len(next(iter(files.values()), []))  # files per layer, all hosts
+    first_layer = first["extraction"]["layers"][0]
+    extraction["num_shards"] = sum(s["layer"] == first_layer for s in shards)  # files per layer, all hosts
     extraction["num_shards_per_host"] = [m["extraction"].get("num_shards") for m in metas]
-    return {
-        **first,
-        "input": inp,
-        "extraction": extraction,
-        "files": files,
-        "shards": shards,
-        "counts": counts,
-        "stats": _merged_stats(metas, first["hidden_size"]),
-        "run": _merged_run(metas, counts, [p if p is not None else d for p, d in zip(prefixes, dests)], inputs),
-        "merge": {
+    return md.build_metadata(
+        **{k: first[k] for k in ("model", "tokenizer", "dtype", "hidden_size", "compression")},
+        input=inp,
+        extraction=extraction,
+        shards=shards,
+        counts=counts,
+        stats=_merged_stats(metas, first["hidden_size"]),
+        run=_merged_run(metas, counts, [p if p is not None else d for p, d in zip(prefixes, dests)], inputs),
+        merge={
             "inputs": [
                 {"source": root, "path": p if p is not None else d, "in_place": p is not None, "host_index": h}
                 for root, p, d, h in zip(inputs, prefixes, dests, hosts)
@@ -392,4 +389,4 @@ def _merged_metadata(inputs, metas, prefixes, dests, ranges, files, shards, copi
             "copied_files": copied,
             "complete": complete,
         },
-    }
+    )

@@ -66,6 +66,39 @@ def layer_files(meta: dict, layer: int) -> list[str]:
     return files
 
 
+def build_metadata(*, model: dict, tokenizer: dict, input: dict, extraction: dict, dtype: str, hidden_size: int,
+                   compression: str, shards: list[dict], counts: dict, stats: dict, run: dict,
+                   format_version: int = FORMAT_VERSION, **extra) -> dict:
+    """metadata.json as a dict, in its one key order: the only place a dataset's metadata is assembled
+    (extract, merge and the tests' synthetic datasets all call it).
+
+    `files` ({layer: [paths]}) is derived from `shards` (one dict per file: path, layer, records,
+    tokens, bytes, sha256), in their order, for every layer of extraction["layers"]. `extra` keys
+    (e.g. merge's "merge" section) follow "run".
+    """
+    layers = extraction["layers"]
+    unknown = {s["layer"] for s in shards} - set(layers)
+    if unknown:
+        raise ValueError(f"shards of layers {sorted(unknown)} are not in extraction.layers {layers}")
+    return {
+        "format": FORMAT,
+        "format_version": format_version,
+        "model": model,
+        "tokenizer": tokenizer,
+        "input": input,
+        "extraction": extraction,
+        "dtype": dtype,
+        "hidden_size": hidden_size,
+        "compression": compression,
+        "files": {str(layer): [s["path"] for s in shards if s["layer"] == layer] for layer in layers},
+        "shards": shards,
+        "counts": counts,
+        "stats": stats,
+        "run": run,
+        **extra,
+    }
+
+
 def write_metadata(root: str, meta: dict) -> str:
     """Write metadata.json atomically: a reader never sees half a file."""
     path = join(root, METADATA_FILE)
