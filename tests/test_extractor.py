@@ -49,13 +49,13 @@ def test_many_batches_one_compilation_and_pipelined_dispatch(f32, qwen3):
         pending = following
     assert f32.compilations == 1
     for (tokens, segs, pos, spans), out in zip(batches, outputs):
-        np.testing.assert_array_equal(out.activations[2], f32(tokens, segs, pos).activations[2])
+        np.testing.assert_array_equal(out.activations[("resid_post", 2)], f32(tokens, segs, pos).activations[("resid_post", 2)])
         row, start, n = spans[-1]
         ref = reference_layers(torch_model, tokens[row, start:start + n], [2])[2]
-        assert rel_error(out.activations[2][row, start:start + n], ref) <= 1e-4
-        assert out.moments[0].count == int((segs > 0).sum())
+        assert rel_error(out.activations[("resid_post", 2)][row, start:start + n], ref) <= 1e-4
+        assert out.moments[("resid_post", 0)].count == int((segs > 0).sum())
     # contents really differed between batches
-    assert not np.array_equal(outputs[0].activations[0], outputs[1].activations[0])
+    assert not np.array_equal(outputs[0].activations[("resid_post", 0)], outputs[1].activations[("resid_post", 0)])
     assert f32.compilations == 1
 
 
@@ -64,16 +64,16 @@ def test_moments_over_real_tokens(f32):
     out = f32(tokens, segs, pos)
     real = segs > 0
     for layer in (0, 2):
-        want = Moments.of(out.activations[layer][real])
-        got = out.moments[layer]
+        want = Moments.of(out.activations[("resid_post", layer)][real])
+        got = out.moments[("resid_post", layer)]
         assert got.count == want.count == 58
         assert got.mean.dtype == np.float64
         np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.m2, want.m2, rtol=1e-4)
         assert got.norm_sum == pytest.approx(want.norm_sum, rel=1e-5)
     # an all-padding batch contributes nothing and merges cleanly
-    empty = f32(tokens, np.zeros_like(segs), pos).moments[0]
-    assert empty.count == 0 and merge_all([empty, out.moments[0]], 64).count == 58
+    empty = f32(tokens, np.zeros_like(segs), pos).moments[("resid_post", 0)]
+    assert empty.count == 0 and merge_all([empty, out.moments[("resid_post", 0)]], 64).count == 58
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
@@ -84,10 +84,10 @@ def test_storage_dtype_is_a_cast_of_the_compute_result(qwen3, f32, storage):
     assert ex.storage_dtype == np.dtype(want)
     batch = packed_batch([[12, 9], [], [32], [5]], SEQ_LEN, seed=4)[:3]
     a, b = ex(*batch), f32(*batch)
-    assert a.activations[2].dtype == want
-    np.testing.assert_array_equal(a.activations[2], b.activations[2].astype(want))
+    assert a.activations[("resid_post", 2)].dtype == want
+    np.testing.assert_array_equal(a.activations[("resid_post", 2)], b.activations[("resid_post", 2)].astype(want))
     # moments come from the compute dtype, before the storage cast
-    np.testing.assert_allclose(a.moments[2].mean, b.moments[2].mean, rtol=1e-6)
+    np.testing.assert_allclose(a.moments[("resid_post", 2)].mean, b.moments[("resid_post", 2)].mean, rtol=1e-6)
 
 
 def test_bad_inputs(f32):

@@ -32,7 +32,7 @@ def _run(variant, compute_dtype):
     for row, start, n in spans:
         ref = reference_layers(torch_model, tokens[row, start:start + n], LAYERS)
         for layer in LAYERS:
-            errors.append(rel_error(out.activations[layer][row, start:start + n], ref[layer]))
+            errors.append(rel_error(out.activations[("resid_post", layer)][row, start:start + n], ref[layer]))
     return np.array(errors), out, segs
 
 
@@ -42,8 +42,8 @@ def test_float32_matches_transformers_per_segment(variant):
     assert len(errors) == 6 * len(LAYERS)
     assert errors.max() <= F32_BOUND, errors
     for layer in LAYERS:
-        assert np.isfinite(out.activations[layer]).all()
-        assert out.moments[layer].count == int((segs > 0).sum())
+        assert np.isfinite(out.activations[("resid_post", layer)]).all()
+        assert out.moments[("resid_post", layer)].count == int((segs > 0).sum())
 
 
 @pytest.mark.parametrize("variant", ["qwen2", "qwen3"])
@@ -84,8 +84,8 @@ def test_forward_runs_only_the_blocks_it_needs():
     tokens, segs, pos, _ = packed_batch([[5, 3]], 8)
     run = jax.jit(forward, static_argnums=(1, 5))
     out = run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (1,))
-    assert list(out) == [1] and out[1].shape == (1, 8, 64)
-    assert np.isfinite(np.asarray(out[1])).all()
+    assert list(out) == [("resid_post", 1)] and out[("resid_post", 1)].shape == (1, 8, 64)
+    assert np.isfinite(np.asarray(out[("resid_post", 1)])).all()
     with pytest.raises(ValueError, match="layer 2 requested but params hold 2 blocks"):
         run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,))
 
@@ -102,4 +102,4 @@ def test_float32_parity_across_query_blocks_and_key_windows():
     for row, start, n in spans:
         ref = reference_layers(torch_model, tokens[row, start:start + n], [0, 3])
         for layer in (0, 3):
-            assert rel_error(out.activations[layer][row, start:start + n], ref[layer]) <= F32_BOUND
+            assert rel_error(out.activations[("resid_post", layer)][row, start:start + n], ref[layer]) <= F32_BOUND

@@ -55,8 +55,8 @@ def test_sharded_equals_one_device(folder, one_device, shape):
     out = ex(*packed_batch(ROWS, SEQ_LEN)[:3])
     for layer in LAYERS:
         # only the summation order of the split matmuls differs
-        np.testing.assert_allclose(out.activations[layer], one_device.activations[layer], rtol=1e-5, atol=1e-5)
-        a, b = out.moments[layer], one_device.moments[layer]
+        np.testing.assert_allclose(out.activations[("resid_post", layer)], one_device.activations[("resid_post", layer)], rtol=1e-5, atol=1e-5)
+        a, b = out.moments[("resid_post", layer)], one_device.moments[("resid_post", layer)]
         assert a.count == b.count == sum(map(sum, ROWS))
         np.testing.assert_allclose(a.mean, b.mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(a.m2, b.m2, rtol=1e-4)

@@ -80,6 +80,53 @@ def reference_layers(torch_model, token_ids, layers) -> dict[int, np.ndarray]:
     return captured
 
 
+@torch.no_grad()
+def reference_hooks(torch_model, token_ids, layers, hooks) -> dict[tuple[str, int], np.ndarray]:
+    """transformers' hook points for ONE segment, through forward hooks on the matching modules:
+    {(hook, layer): [n, width]} float32 (hook names: llm_activations/format/hooks.py).
+
+    resid_pre: the block's input; attn_out: self_attn's output; z: o_proj's input
+    (forward_pre_hook); mlp_in: post_attention_layernorm's output; mlp_out: mlp's output;
+    resid_post: the block's output; resid_mid = resid_pre + attn_out (HF has no module there).
+    """
+    captured, handles = {}, []
+
+    def keep(hook, layer, value):
+        value = value[0] if isinstance(value, tuple) else value
+        captured[(hook, layer)] = value[0].float().numpy().copy()
+
+    for layer in layers:
+        block = torch_model.model.layers[layer]
+        attn = block.self_attn
+        wanted = set(hooks) | ({"resid_pre", "attn_out"} if "resid_mid" in hooks else set())
+        sites = {
+            "resid_pre": (block, "pre", lambda m, args, kwargs: args[0] if args else kwargs["hidden_states"]),
+            "attn_out": (attn, "post", lambda m, args, kwargs, out: out),
+            "z": (attn.o_proj, "pre", lambda m, args, kwargs: args[0]),
+            "mlp_in": (block.post_attention_layernorm, "post", lambda m, args, kwargs, out: out),
+            "mlp_out": (block.mlp, "post", lambda m, args, kwargs, out: out),
+            "resid_post": (block, "post", lambda m, args, kwargs, out: out),
+        }
+        for hook, (module, when, get) in sites.items():
+            if hook not in wanted:
+                continue
+            if when == "pre":
+                fn = lambda m, a, k, hook=hook, layer=layer, get=get: keep(hook, layer, get(m, a, k))
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                fn = lambda m, a, k, o, hook=hook, layer=layer, get=get: keep(hook, layer, get(m, a, k, o))
+                handles.append(module.register_forward_hook(fn, with_kwargs=True))
+    try:
+        torch_model.model(input_ids=torch.as_tensor(np.asarray(token_ids, np.int64))[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in layers:
+        if "resid_mid" in hooks:
+            captured[("resid_mid", layer)] = captured[("resid_pre", layer)] + captured[("attn_out", layer)]
+    return {(h, layer): captured[(h, layer)] for h in hooks for layer in layers}
+
+
 _CACHE: dict = {}
 _CACHE_DIR: list[str] = []
 

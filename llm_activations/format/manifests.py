@@ -2,7 +2,7 @@
 
 A worker writes OUT/_units/unit-00003-of-00016.json after the unit's shard files are complete
 (renamed into place), so a manifest's presence proves the unit is done. It holds the unit's
-doc_index range, counts, shard descriptions, rejected-records file and per-layer Moments (float64,
+doc_index range, counts, shard descriptions, rejected-records file and per-(hook, layer) Moments (float64,
 JSON round-trips them exactly). The final metadata sums and merges manifests, which is what makes
 `--resume` exact: units with a manifest from the same configuration are skipped, and their
 manifests count as if the units had just run.
@@ -15,6 +15,7 @@ import json
 
 from llm_activations.format import fileio
 from llm_activations.errors import UsageError
+from llm_activations.format import hooks as hk
 from llm_activations.format.metadata import join
 from llm_activations.format.stats import Moments, merge_all
 
@@ -39,7 +40,8 @@ def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, reje
         "counts": {k: int(counts.get(k, 0)) for k in COUNT_KEYS},
         "shards": shards,
         "rejected_file": rejected_file,
-        "moments": {str(layer): m.to_json() for layer, m in moments.items()},
+        # keyed like metadata `stats`: "<layer>" for resid_post, "<hook>/<layer>" for other hooks
+        "moments": {hk.key(hook, layer): m.to_json() for (hook, layer), m in moments.items()},
     }
 
 
@@ -67,14 +69,22 @@ def read_manifests(output: str, fp: str) -> dict:
     return found
 
 
-def summarize(manifests: list, layers: list, hidden_size: int) -> dict:
-    """counts, shards, stats and rejected files of a whole run from its unit manifests."""
+def summarize(manifests: list, layers: list, hidden_size: int, hooks=hk.DEFAULT_HOOKS,
+              widths: dict | None = None) -> dict:
+    """counts, shards, stats and rejected files of a whole run from its unit manifests.
+
+    stats has one entry per hook and layer (hooks.key); widths gives a hook's values per token
+    where it is not hidden_size (z). Shards are ordered by hook (block order), layer, path.
+    """
     manifests = sorted(manifests, key=lambda m: m["unit"])
     counts = {k: sum(m["counts"][k] for m in manifests) for k in COUNT_KEYS}
-    shards = sorted((s for m in manifests for s in m["shards"]), key=lambda s: (s["layer"], s["path"]))
+    shards = sorted((s for m in manifests for s in m["shards"]),
+                    key=lambda s: (hk.HOOKS.index(s.get("hook", hk.DEFAULT)), s["layer"], s["path"]))
     stats = {}
-    for layer in layers:
-        parts = [Moments.from_json(m["moments"][str(layer)]) for m in manifests if str(layer) in m["moments"]]
-        stats[str(layer)] = merge_all(parts, hidden_size).to_json()
+    for hook in hooks:
+        for layer in layers:
+            k = hk.key(hook, layer)
+            parts = [Moments.from_json(m["moments"][k]) for m in manifests if k in m["moments"]]
+            stats[k] = merge_all(parts, (widths or {}).get(hook, hidden_size)).to_json()
     rejected = [m["rejected_file"] for m in manifests if m["rejected_file"]]
     return {"counts": counts, "shards": shards, "stats": stats, "rejected_files": rejected}

@@ -11,10 +11,12 @@ import json
 import posixpath
 
 from llm_activations.format import fileio
+from llm_activations.format import hooks as hk
 from llm_activations.errors import DatasetError
 
 FORMAT = "llm-activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a dataset of resid_post alone; other hooks make it version 2 (hooks.format_version)
+FORMAT_VERSIONS = (1, 2)  # what this package reads
 METADATA_FILE = "metadata.json"
 
 
@@ -41,10 +43,10 @@ def read_metadata(root: str, read_text=None) -> dict:
         raise DatasetError(f"{join(root, METADATA_FILE)} is not valid JSON ({e})") from None
     if meta.get("format") != FORMAT:
         raise DatasetError(f"{root}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in FORMAT_VERSIONS:
         raise DatasetError(
             f"{root}: format_version {meta.get('format_version')!r} is not supported by this version of "
-            f"llm_activations (it reads version {FORMAT_VERSION}); upgrade the package"
+            f"llm_activations (it reads versions {', '.join(map(str, FORMAT_VERSIONS))}); upgrade the package"
         )
     for shard in meta.get("shards", []):
         shard_path(root, shard["path"])  # refuse escaping paths before any tool opens one
@@ -59,38 +61,76 @@ def shard_path(root: str, relpath: str) -> str:
     return join(root, norm)
 
 
-def layer_files(meta: dict, layer: int) -> list[str]:
-    files = meta["files"].get(str(layer))
+def hooks_of(meta: dict) -> tuple[str, ...]:
+    """The hooks a dataset holds: extraction.hooks (version 2) or extraction.hook (version 1)."""
+    ext = meta.get("extraction", {})
+    return tuple(ext.get("hooks") or (ext.get("hook") or hk.DEFAULT,))
+
+
+def shard_hook(shard: dict) -> str:
+    """The hook of a `shards` entry (version 1 entries have no "hook": they are resid_post)."""
+    return shard.get("hook", hk.DEFAULT)
+
+
+def hook_width(meta: dict, hook: str = hk.DEFAULT) -> int:
+    """Values per token of a hook's activations: hook_widths[hook] (version 2), else hidden_size."""
+    return int(meta.get("hook_widths", {}).get(hook, meta["hidden_size"]))
+
+
+def entries(meta: dict) -> list[tuple[str, int]]:
+    """Every (hook, layer) with files in the dataset, in `files` order."""
+    return [hk.parse_key(k) for k in meta["files"]]
+
+
+def layer_files(meta: dict, layer: int, hook: str = hk.DEFAULT) -> list[str]:
+    files = meta["files"].get(hk.key(hook, layer))
     if files is None:
-        raise DatasetError(f"layer {layer} is not in this dataset; it has layers {sorted(int(k) for k in meta['files'])}")
+        have = ", ".join(f"{h} {l}" for h, l in entries(meta))
+        raise DatasetError(f"hook {hook} at layer {layer} is not in this dataset; it has (hook layer): {have}")
     return files
+
+
+def files_index(shards: list[dict], hooks, layers) -> dict:
+    """`files`: {key(hook, layer): [shard paths in `shards` order]} for every hook and layer."""
+    return {hk.key(h, layer): [s["path"] for s in shards if shard_hook(s) == h and s["layer"] == layer]
+            for h in hooks for layer in layers}
 
 
 def build_metadata(*, model: dict, tokenizer: dict, input: dict, extraction: dict, dtype: str, hidden_size: int,
                    compression: str, shards: list[dict], counts: dict, stats: dict, run: dict,
-                   format_version: int = FORMAT_VERSION, **extra) -> dict:
+                   hook_widths: dict | None = None, format_version: int | None = None, **extra) -> dict:
     """metadata.json as a dict, in its one key order: the only place a dataset's metadata is assembled
     (extract, merge and the tests' synthetic datasets all call it).
 
-    `files` ({layer: [paths]}) is derived from `shards` (one dict per file: path, layer, records,
-    tokens, bytes, sha256), in their order, for every layer of extraction["layers"]. `extra` keys
-    (e.g. merge's "merge" section) follow "run".
+    `files` ({key(hook, layer): [paths]}) is derived from `shards` (one dict per file: path, [hook,]
+    layer, records, tokens, bytes, sha256), in their order, for every hook of extraction["hooks"]
+    (or ["hook"]) and layer of extraction["layers"]. format_version follows from the hooks
+    (hooks.format_version) unless given; version 2 adds `hook_widths` ({hook: values per token}).
+    `extra` keys (e.g. merge's "merge" section) follow "run".
     """
     layers = extraction["layers"]
-    unknown = {s["layer"] for s in shards} - set(layers)
+    hooks = hooks_of({"extraction": extraction})
+    unknown = {(shard_hook(s), s["layer"]) for s in shards} - {(h, layer) for h in hooks for layer in layers}
     if unknown:
-        raise ValueError(f"shards of layers {sorted(unknown)} are not in extraction.layers {layers}")
+        raise ValueError(f"shards of (hook, layer) {sorted(unknown)} are not in extraction hooks {list(hooks)} x layers {layers}")
+    version = hk.format_version(hooks) if format_version is None else format_version
+    widths = {}
+    if hk.format_version(hooks) == 2:
+        if "z" in hooks and "z" not in (hook_widths or {}):  # heads x head_dim: only the model knows it
+            raise ValueError("hook_widths must give z's width (num_heads x head_dim)")
+        widths = {"hook_widths": {h: int((hook_widths or {}).get(h, hidden_size)) for h in hooks}}
     return {
         "format": FORMAT,
-        "format_version": format_version,
+        "format_version": version,
         "model": model,
         "tokenizer": tokenizer,
         "input": input,
         "extraction": extraction,
         "dtype": dtype,
         "hidden_size": hidden_size,
+        **widths,
         "compression": compression,
-        "files": {str(layer): [s["path"] for s in shards if s["layer"] == layer] for layer in layers},
+        "files": files_index(shards, hooks, layers),
         "shards": shards,
         "counts": counts,
         "stats": stats,

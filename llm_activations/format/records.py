@@ -24,6 +24,7 @@ import google_crc32c
 import numpy as np
 
 from llm_activations.format import fileio
+from llm_activations.format import hooks as hk
 
 INT_FEATURES = ("token_ids", "doc_index", "token_index", "position")
 ACTIVATIONS = "activations"
@@ -33,14 +34,14 @@ COMPRESSION_SUFFIX = {"none": ".tfrecord", "gzip": ".tfrecord.gz"}
 # ----------------------------------------------------------------------------- paths
 
 
-def layer_dirname(layer: int) -> str:
-    """Folder of one layer's shards, relative to the dataset root: layer_03."""
-    return f"layer_{layer:02d}"
+def layer_dirname(layer: int, hook: str = hk.DEFAULT) -> str:
+    """Folder of one layer's shards, relative to the dataset root: layer_03 (resid_post), z/layer_03."""
+    return hk.dirname(hook, layer)
 
 
-def shard_relpath(layer: int, shard: int, num_shards: int, compression: str = "none") -> str:
-    """Relative path of one shard: layer_03/part-00000-of-00004.tfrecord."""
-    return f"{layer_dirname(layer)}/part-{shard:05d}-of-{num_shards:05d}{COMPRESSION_SUFFIX[compression]}"
+def shard_relpath(layer: int, shard: int, num_shards: int, compression: str = "none", hook: str = hk.DEFAULT) -> str:
+    """Relative path of one shard: layer_03/part-00000-of-00004.tfrecord (mlp_out/layer_03/... for other hooks)."""
+    return f"{layer_dirname(layer, hook)}/part-{shard:05d}-of-{num_shards:05d}{COMPRESSION_SUFFIX[compression]}"
 
 
 def compression_of(path: str) -> str:

@@ -1,6 +1,6 @@
 """Extractor: a checkpoint on a device mesh with its forward step compiled once for (batch, seq_len).
 
-The step returns, per requested layer, the activations already cast to the storage dtype on
+The step returns, per requested (hook, layer), the activations already cast to the storage dtype on
 device (only stored bytes cross to the host) and float32 moments over real tokens, which the host
 turns into float64 `stats.Moments`.
 """
@@ -24,6 +24,7 @@ from llm_activations.model import transformer as model
 from llm_activations.model import sharding
 from llm_activations.model.config import ModelConfig, load_model_config
 from llm_activations.errors import UsageError
+from llm_activations.format import hooks as hk
 from llm_activations.format.stats import Moments
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -51,24 +52,24 @@ def _listen_for_compiles() -> None:
 
 @dataclass(frozen=True)
 class StepOutput:
-    activations: dict[int, np.ndarray]  # layer -> [B, T, H] in the storage dtype
-    moments: dict[int, Moments]  # layer -> moments over real tokens (segment_ids > 0)
+    activations: dict[tuple[str, int], np.ndarray]  # (hook, layer) -> [B, T, width] in the storage dtype
+    moments: dict[tuple[str, int], Moments]  # (hook, layer) -> moments over real tokens (segment_ids > 0)
 
 
 class Pending:
     """A dispatched step; result() blocks until its outputs are on the host."""
 
-    def __init__(self, layers: Sequence[int], outputs: dict):
-        self._layers = layers
+    def __init__(self, keys: Sequence[tuple[str, int]], outputs: dict):
+        self._keys = keys
         self._outputs = outputs
 
     def result(self) -> StepOutput:
         host = jax.device_get(self._outputs)
         acts, moments = {}, {}
-        for layer in self._layers:
-            a, count, mean, m2, norm_sum = host[layer]
-            acts[layer] = a
-            moments[layer] = Moments(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64), float(norm_sum))
+        for key in self._keys:
+            a, count, mean, m2, norm_sum = host[key]
+            acts[key] = a
+            moments[key] = Moments(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64), float(norm_sum))
         return StepOutput(acts, moments)
 
 
@@ -83,13 +84,13 @@ def layer_moments(x: jax.Array, real: jax.Array):
     return count, mean, m2, norm_sum
 
 
-def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype):
-    """step(params, tokens, segment_ids, positions) -> {layer: (acts, count, mean, m2, norm_sum)}."""
+def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, hooks: Sequence[str] = hk.DEFAULT_HOOKS):
+    """step(params, tokens, segment_ids, positions) -> {(hook, layer): (acts, count, mean, m2, norm_sum)}."""
 
     def step(params, tokens, segment_ids, positions):
-        acts = model.forward(params, config, tokens, segment_ids, positions, layers, mesh=mesh)
+        acts = model.forward(params, config, tokens, segment_ids, positions, layers, mesh=mesh, hooks=hooks)
         real = segment_ids > 0
-        return {layer: (x.astype(storage_dtype),) + layer_moments(x, real) for layer, x in acts.items()}
+        return {key: (x.astype(storage_dtype),) + layer_moments(x, real) for key, x in acts.items()}
 
     return step
 
@@ -97,14 +98,15 @@ def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype):
 class Extractor:
     """A model loaded onto a ("data", "model") mesh with its step compiled once.
 
-    model: checkpoint folder or hub id. layers: 0-based block indices (resid_post). Inputs of
+    model: checkpoint folder or hub id. layers: 0-based block indices; hooks: hook points taken at
+    each of them (format/hooks.py; outputs are keyed (hook, layer)). Inputs of
     dispatch / __call__ are int32 numpy [batch_size, seq_len]: token ids, segment ids (0 = padding)
     and position ids.
     """
 
     def __init__(self, model: str, *, layers: Sequence[int], batch_size: int, seq_len: int,
                  compute_dtype: str = "bfloat16", storage_dtype: str = "bfloat16",
-                 mesh_shape: tuple[int, int] | None = None):
+                 mesh_shape: tuple[int, int] | None = None, hooks: Sequence[str] = hk.DEFAULT_HOOKS):
         if compute_dtype not in COMPUTE_DTYPES:
             raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if storage_dtype not in STORAGE_DTYPES:
@@ -118,6 +120,8 @@ class Extractor:
         bad = [l for l in self.layers if not 0 <= l < self.config.num_layers]
         if bad:
             raise UsageError(f"layer {bad[0]} is out of range: {self.config.architecture} has layers 0..{self.config.num_layers - 1}")
+        self.hooks = hk.check_hooks(hooks, option="hooks")
+        self.keys = tuple((h, l) for h in self.hooks for l in self.layers)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.compute_dtype = np.dtype(COMPUTE_DTYPES[compute_dtype])
         self.storage_dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
@@ -131,6 +135,10 @@ class Extractor:
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    def width(self, hook: str) -> int:
+        """Values per token of a hook's activations."""
+        return hk.width(hook, self.config.hidden_size, self.config.num_heads, self.config.head_dim)
+
     @property
     def compilations(self) -> int:
         """XLA compilations of this extractor's step observed in this process (1 after setup)."""
@@ -138,13 +146,13 @@ class Extractor:
 
     def _compile(self) -> None:
         _listen_for_compiles()
-        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype)
+        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.hooks)
         # A unique name lets the compile listener count this step's compilations alone.
         self._name = step.__name__ = step.__qualname__ = f"extract_step_{next(_ids)}"
         self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
         acts = sharding.named_sharding(self.mesh, ("batch", "seq", "embed"))
         scalar = NamedSharding(self.mesh, PartitionSpec())
-        out_shardings = {l: (acts, scalar, scalar, scalar, scalar) for l in self.layers}
+        out_shardings = {k: (acts, scalar, scalar, scalar, scalar) for k in self.keys}
         param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
         jitted = jax.jit(step, in_shardings=(param_shardings,) + (self._input_sharding,) * 3,
                          out_shardings=out_shardings)
@@ -171,7 +179,7 @@ class Extractor:
         outputs = self._step(self.params, *args)
         for leaf in jax.tree.leaves(outputs):
             leaf.copy_to_host_async()
-        return Pending(self.layers, outputs)
+        return Pending(self.keys, outputs)
 
     def __call__(self, tokens, segment_ids, positions) -> StepOutput:
         return self.dispatch(tokens, segment_ids, positions).result()

@@ -1,8 +1,8 @@
 """The Qwen2/Qwen3/Llama decoder as pure functions over a params pytree.
 
 params = {"embed": [V, D], "layers": [block params, ...]} holding only the blocks up to the
-deepest requested layer. `forward` returns the residual stream after each requested block
-("resid_post"); no later block, final norm or lm_head ever runs.
+deepest requested layer. `forward` returns the requested hook points (format/hooks.py: resid_post,
+attn_out, z, ...) of each requested block; no later block, final norm or lm_head ever runs.
 
 Einsum axes: B batch, T query position, S key position, D hidden, N query heads, K kv heads,
 G query heads per kv head, H head_dim, F MLP hidden, V vocab.
@@ -163,6 +163,19 @@ def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask:
 
     windows: key_windows(mask), computed once per step and shared by every layer.
     """
+    return o_proj(p, c, attention_heads(p, c, x, positions, mask, windows))
+
+
+def o_proj(p: dict, c: ModelConfig, heads: jax.Array) -> jax.Array:
+    """The attention output projection: per-head outputs [B, T, N, H] -> [B, T, D]."""
+    # [B, T, D]
+    out = _dot("btnh,nhd->btd", heads, p["o"])
+    return out + p["o_bias"] if c.o_bias else out
+
+
+def attention_heads(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                    windows: jax.Array | None = None) -> jax.Array:
+    """Per-head attention outputs before o_proj (the "z" hook): normed x [B, T, D] -> [B, T, N, H]."""
     b, t, _ = x.shape
     # [B, T, N, H] / [B, T, K, H]
     q = _dot("btd,dnh->btnh", x, p["q"])
@@ -212,10 +225,7 @@ def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask:
     # [blocks, B, K, G, step, H]
     _, outs = jax.lax.scan(body, None, (jnp.arange(blocks, dtype=jnp.int32), windows))
     # [B, T, N, H]
-    out = outs.transpose(1, 0, 4, 2, 3, 5).reshape(b, padded, c.num_heads, c.head_dim)[:, :t]
-    # [B, T, D]
-    out = _dot("btnh,nhd->btd", out, p["o"])
-    return out + p["o_bias"] if c.o_bias else out
+    return outs.transpose(1, 0, 4, 2, 3, 5).reshape(b, padded, c.num_heads, c.head_dim)[:, :t]
 
 
 def mlp(p: dict, x: jax.Array) -> jax.Array:
@@ -228,18 +238,45 @@ def mlp(p: dict, x: jax.Array) -> jax.Array:
 
 
 def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
-          windows: jax.Array | None = None) -> jax.Array:
-    """One pre-norm decoder block: x [B, T, D] -> residual stream after the block [B, T, D]."""
-    x = x + attention(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, mask, windows)
-    return x + mlp(p, rms_norm(x, p["mlp_norm"], c.rms_norm_eps))
+          windows: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One pre-norm decoder block: x [B, T, D] -> (residual stream after the block [B, T, D],
+    {hook: [B, T, width]} of every hook point in it, format/hooks.py).
+
+    The dict costs nothing by itself: under jit, XLA drops the hooks nobody selects (select_hooks).
+    """
+    b, t, _ = x.shape
+    # [B, T, N, H]
+    heads = attention_heads(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, mask, windows)
+    attn_out = o_proj(p, c, heads)
+    mid = x + attn_out
+    mlp_in = rms_norm(mid, p["mlp_norm"], c.rms_norm_eps)
+    mlp_out = mlp(p, mlp_in)
+    post = mid + mlp_out
+    return post, {
+        "resid_pre": x,
+        "attn_out": attn_out,
+        # [B, T, N * H], head-major: exactly the input of HF's o_proj
+        "z": heads.reshape(b, t, c.num_heads * c.head_dim),
+        "resid_mid": mid,
+        "mlp_in": mlp_in,
+        "mlp_out": mlp_out,
+        "resid_post": post,
+    }
+
+
+def select_hooks(hook_dict: dict[str, jax.Array], hooks: Sequence[str], layer: int) -> dict[tuple[str, int], jax.Array]:
+    """The requested hooks of one block's hook dict, keyed (hook, layer); the rest are dropped."""
+    return {(h, layer): hook_dict[h] for h in hooks}
 
 
 def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: jax.Array,
-            positions: jax.Array, layers: Sequence[int], mesh: Mesh | None = None) -> dict[int, jax.Array]:
-    """Residual streams after the requested blocks.
+            positions: jax.Array, layers: Sequence[int], mesh: Mesh | None = None,
+            hooks: Sequence[str] = ("resid_post",)) -> dict[tuple[str, int], jax.Array]:
+    """The requested hook points of the requested blocks, in one pass that stops at the deepest layer.
 
-    tokens, segment_ids (0 = padding), positions: int [B, T]. Returns {layer: [B, T, D]} in the
-    params' dtype. With a mesh, the residual stream is constrained to batch-over-"data" at block edges.
+    tokens, segment_ids (0 = padding), positions: int [B, T]. Returns {(hook, layer): [B, T, width]}
+    in the params' dtype (width: hidden, or heads x head_dim for z). With a mesh, the residual
+    stream is constrained to batch-over-"data" at block edges.
     """
     wanted = set(layers)
     deepest = max(wanted)
@@ -257,7 +294,8 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: j
     x = constrain(jnp.take(params["embed"], tokens, axis=0))
     out = {}
     for i in range(deepest + 1):
-        x = constrain(block(params["layers"][i], config, x, positions, mask, windows))
+        x, hook_dict = block(params["layers"][i], config, x, positions, mask, windows)
+        x = constrain(x)
         if i in wanted:
-            out[i] = x
+            out.update(select_hooks({**hook_dict, "resid_post": x}, hooks, i))
     return out
