@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
 from llm_activations.errors import UsageError
+from llm_activations.format import hooks as hk
 
 DTYPES = ("bfloat16", "float16", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -25,6 +26,7 @@ class ExtractConfig:
     output: str
     text_field: str = "text"
     layers: tuple = ()
+    hooks: tuple = hk.DEFAULT_HOOKS
     seq_len: int = 1024
     batch_size: int = 8
     mode: str = "pack"
@@ -60,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="files or globs (.jsonl, .json lines, .parquet, .txt = one document per file) or hf://NAME[/CONFIG]:SPLIT (default: the bundled demo corpus)")
     a("--text-field", default="text", help="field holding the text in JSON/parquet/HF records (default: text)")
     a("--output", help=f"output folder, local or a Beam filesystem URL such as gs://... (default for the demo: ./{demo.DEMO_OUTPUT})")
-    a("--layers", nargs="+", type=int, metavar="L", help="0-based decoder blocks; stores the residual stream after each (default: the middle layer)")
+    a("--layers", nargs="+", type=int, metavar="L", help="0-based decoder blocks; stores the --hooks of each (default: the middle layer)")
+    a("--hooks", nargs="+", metavar="H", default=list(hk.DEFAULT_HOOKS),
+      help=f"hook points stored at every layer, one or more of {', '.join(hk.HOOKS)} (TransformerLens names; default: resid_post)")
     a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
     a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
     a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
@@ -88,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         output=output,
         text_field=args.text_field,
         layers=tuple(args.layers or ()),
+        hooks=tuple(args.hooks),
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         mode=args.mode,
@@ -153,6 +158,7 @@ def check_config(cfg: ExtractConfig):
 
     if cfg.seq_len < 1 or cfg.batch_size < 1:
         raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
+    hooks = hk.check_hooks(cfg.hooks)
     if cfg.num_shards < 0:
         raise UsageError(f"--num-shards {cfg.num_shards}: must be 0 (automatic) or positive")
     if cfg.max_docs is not None and cfg.max_docs < 1:
@@ -174,7 +180,7 @@ def check_config(cfg: ExtractConfig):
         from llm_activations.model.sharding import check_mesh_shape
 
         check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
-    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers))}), model_cfg, hf
+    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers)), "hooks": hooks}), model_cfg, hf
 
 
 def parse_beam_options(args: tuple):

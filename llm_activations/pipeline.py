@@ -21,8 +21,10 @@ import time
 from llm_activations import __version__, inputs
 from llm_activations.errors import AcceleratorBusy, UsageError
 from llm_activations.format import fileio, manifests
+from llm_activations.format import hooks as hk
+from llm_activations.format import metadata as md
 from llm_activations.format.manifests import MANIFEST_DIR
-from llm_activations.format.metadata import FORMAT, FORMAT_VERSION, METADATA_FILE, join, read_metadata, write_metadata
+from llm_activations.format.metadata import FORMAT, METADATA_FILE, join, read_metadata, write_metadata
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
 from llm_activations.options import ExtractConfig, add_arguments, check_config, config_from_args, parse_beam_options  # noqa: F401
 
@@ -53,7 +55,7 @@ def prepare_output(cfg: ExtractConfig) -> None:
     # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
     # no longer claims to be a finished dataset.
     ours = [p for p in existing if os.path.basename(p) == METADATA_FILE]
-    ours += [p for p in existing if os.path.basename(p) in ("rejected", MANIFEST_DIR) or os.path.basename(p).startswith("layer_")]
+    ours += [p for p in existing if os.path.basename(p) in ("rejected", MANIFEST_DIR, *hk.HOOKS) or os.path.basename(p).startswith("layer_")]
     fileio.delete(ours)
 
 
@@ -77,8 +79,11 @@ def plan(cfg: ExtractConfig):
 def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_docs) -> dict:
     """Everything that determines the records of a unit: its manifest's fingerprint covers it."""
     keys = ("model", "text_field", "layers", "seq_len", "batch_size", "mode", "dtype", "compute_dtype", "compression")
-    return {**{k: getattr(cfg, k) for k in keys}, "config": hf, "num_units": num_units, "host_docs": list(host_docs),
-            "num_hosts": cfg.num_hosts, "sources": [(s.path, s.num_records) for s in sources]}
+    settings = {**{k: getattr(cfg, k) for k in keys}, "config": hf, "num_units": num_units, "host_docs": list(host_docs),
+                "num_hosts": cfg.num_hosts, "sources": [(s.path, s.num_records) for s in sources]}
+    if tuple(cfg.hooks) != hk.DEFAULT_HOOKS:  # resid_post alone keeps its fingerprint: older runs stay resumable
+        settings["hooks"] = list(cfg.hooks)
+    return settings
 
 
 def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base: dict, resumed: list):
@@ -88,7 +93,8 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
 
     from llm_activations import transforms as T
 
-    spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh)
+    spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
+                       tuple(cfg.hooks))
     out = (
         p
         | "PlanUnits" >> beam.Create(units)
@@ -169,19 +175,20 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": hk.format_version(cfg.hooks),
         "model": {"name_or_path": cfg.model, "architecture": model_cfg.architecture, "model_type": model_cfg.model_type,
                   "hidden_size": model_cfg.hidden_size, "num_layers": model_cfg.num_layers, "config": hf},
         "tokenizer": _tokenizer_info(cfg.model),
         "input": {"patterns": list(cfg.inputs), "files": [s.path for s in sources], "text_field": cfg.text_field,
                   "max_docs": cfg.max_docs, "num_hosts": cfg.num_hosts, "host_index": cfg.host_index,
                   "doc_index_range": list(host_docs)},
-        "extraction": {"layers": list(cfg.layers), "hook": "resid_post", "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+        "extraction": {"layers": list(cfg.layers), **hk.extraction_fields(cfg.hooks), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                        "mode": cfg.mode, "compute_dtype": cfg.compute_dtype,
                        "mesh": {"data": cfg.mesh[0], "model": cfg.mesh[1]} if cfg.mesh else "auto",
                        "num_shards": cfg.num_shards, "num_units": num_units},
         "dtype": cfg.dtype,
         "hidden_size": model_cfg.hidden_size,
+        **hook_widths(cfg.hooks, model_cfg),
         "compression": cfg.compression,
         "run": {"runner": str(runner), "direct_num_workers": options.view_as(DirectOptions).direct_num_workers,
                 "start_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -189,14 +196,21 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
     }
 
 
+def hook_widths(hooks, model_cfg) -> dict:
+    """{"hook_widths": {hook: values per token}} for a version-2 dataset; nothing for version 1."""
+    if hk.format_version(hooks) == 1:
+        return {}
+    return {"hook_widths": {h: hk.width(h, model_cfg.hidden_size, model_cfg.num_heads, model_cfg.head_dim) for h in hooks}}
+
+
 def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resumed: list) -> dict:
     """Assemble metadata.json from the unit manifests and run statistics and write it - the last step."""
     from llm_activations.format import manifests as mf
 
     meta = json.loads(json.dumps(base))
-    layers = meta["extraction"]["layers"]
-    summary = mf.summarize(list(manifests) + list(resumed), layers, meta["hidden_size"])
-    meta["files"] = {str(layer): [s["path"] for s in summary["shards"] if s["layer"] == layer] for layer in layers}
+    layers, hooks = meta["extraction"]["layers"], md.hooks_of(meta)
+    summary = mf.summarize(list(manifests) + list(resumed), layers, meta["hidden_size"], hooks, meta.get("hook_widths"))
+    meta["files"] = md.files_index(summary["shards"], hooks, layers)
     meta["shards"] = summary["shards"]
     meta["counts"] = summary["counts"]
     meta["stats"] = summary["stats"]
@@ -222,7 +236,8 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
 
 def remove_partial_shards(output: str) -> None:
     """Delete temporary files that failed or retried writers left behind."""
-    fileio.delete(fileio.match([join(output, d, "*.inprogress-*") for d in ("layer_*", "rejected", MANIFEST_DIR)]))
+    folders = ("layer_*", "rejected", MANIFEST_DIR, *(f"{h}/layer_*" for h in hk.HOOKS))
+    fileio.delete(fileio.match([join(output, d, "*.inprogress-*") for d in folders]))
 
 
 def print_counters(result) -> None:
@@ -247,7 +262,8 @@ def print_summary(cfg: ExtractConfig, meta: dict) -> None:
     files = sum(len(v) for v in meta["files"].values())
     size = sum(s["bytes"] for s in meta["shards"])
     print(
-        f"done: {c['documents']} documents ({c['rejected']} rejected), {c['tokens']} tokens x {len(meta['files'])} layer(s), "
+        f"done: {c['documents']} documents ({c['rejected']} rejected), {c['tokens']} tokens x {len(meta['files'])} "
+        f"{'layer(s)' if meta['format_version'] == 1 else '(hook, layer) pair(s)'}, "
         f"{r['tokens_per_second']:.0f} tokens/s, {files} files ({size / 2**20:.1f} MiB), "
         f"padding {c['padding_tokens'] / max(1, c['tokens'] + c['padding_tokens']):.1%}, compilations {r['compilations']}\n"
         f"      -> {os.path.abspath(cfg.output) if '://' not in cfg.output else cfg.output}/{METADATA_FILE}"

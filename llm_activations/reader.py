@@ -7,8 +7,9 @@ Two readers with one meaning:
 * `iter_numpy_batches(...)` -> iterator of NumPy arrays, for processes that must not import
   TensorFlow (JAX on TPU: TF can grab the accelerator). It reads shards with records.read_shard.
 
-Both take the schema (dtype, hidden size, files, scaling factor) from metadata.json and refuse a
-folder without one, or with an unknown format_version, in one line (errors.DatasetError).
+Both take the schema (dtype, width, files, scaling factor) from metadata.json and refuse a
+folder without one, or with an unknown format_version, in one line (errors.DatasetError). Both read
+one hook point (`hook=`, default "resid_post") of one layer.
 
 What the shuffle guarantees (both readers)
 ------------------------------------------
@@ -35,6 +36,11 @@ order (faster). Permuting whole windows with array ops instead of passing single
 a buffer is what keeps the reader near or above 1 GiB/s: a per-token tf.data shuffle makes each
 7 KiB token vector its own element and measured 0.47 GiB/s against ~1.5 GiB/s on 2 CPU cores.
 
+Hooks of one layer hold the same rows in the same order, and the NumPy reader's order depends on
+the records' token counts only (never on their values or width): two hooks of one layer read by
+iter_numpy_batches with the same seed and arguments come out aligned token for token (the
+transcoder example reads mlp_in and mlp_out this way and checks doc_index/token_index).
+
 `shuffle_buffer <= 1` disables shuffling: files in metadata order, records round-robin across
 `cycle_length` files, tokens in record order.
 """
@@ -48,6 +54,7 @@ from typing import Iterator
 
 import numpy as np
 
+from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import records
 from llm_activations.errors import DatasetError, UsageError
@@ -70,17 +77,18 @@ def numpy_dtype(name: str) -> np.dtype:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What a reader needs to know about one layer of a dataset, taken from metadata.json."""
+    """What a reader needs to know about one hook of one layer of a dataset, taken from metadata.json."""
 
     root: str
     layer: int
     files: tuple[str, ...]  # full paths, metadata order
     dtype: str
-    hidden_size: int
+    hidden_size: int  # values per token of this hook (heads x head_dim for z)
     compression: str
     scaling_factor: float | None
     tokens: int
     records: int
+    hook: str = hk.DEFAULT
 
     def record_buffer(self, shuffle_buffer: int) -> int:
         """Records in the record-level shuffle buffer: about shuffle_buffer tokens' worth, >= 2."""
@@ -99,20 +107,21 @@ def _check_args(batch_size: int, shuffle_buffer: int) -> None:
         raise UsageError(f"shuffle_buffer must be >= 0 tokens (0 or 1: no shuffle), got {shuffle_buffer}")
 
 
-def layer_spec(path: str, layer: int, *, read_text=None) -> LayerSpec:
-    """Read and check metadata.json of the dataset at path and describe `layer`."""
+def layer_spec(path: str, layer: int, *, hook: str = hk.DEFAULT, read_text=None) -> LayerSpec:
+    """Read and check metadata.json of the dataset at path and describe `hook` at `layer`."""
     meta = md.read_metadata(path, read_text=read_text)
-    files = tuple(md.shard_path(path, rel) for rel in md.layer_files(meta, layer))
+    files = tuple(md.shard_path(path, rel) for rel in md.layer_files(meta, layer, hook))
     if not files:
-        raise DatasetError(f"{path}: layer {layer} has no shard files")
+        raise DatasetError(f"{path}: hook {hook} at layer {layer} has no shard files")
     numpy_dtype(meta["dtype"])  # refuse unknown dtypes here, in one line
-    stats = meta.get("stats", {}).get(str(layer), {})
+    stats = meta.get("stats", {}).get(hk.key(hook, layer), {})
     return LayerSpec(
         root=path,
         layer=layer,
+        hook=hook,
         files=files,
         dtype=meta["dtype"],
-        hidden_size=int(meta["hidden_size"]),
+        hidden_size=md.hook_width(meta, hook),
         compression=meta.get("compression") or records.compression_of(files[0]),
         scaling_factor=stats.get("scaling_factor"),
         tokens=int(meta.get("counts", {}).get("tokens", 0)),
@@ -124,7 +133,7 @@ def _scale(spec: LayerSpec, normalize: bool) -> float | None:
     if not normalize:
         return None
     if not spec.scaling_factor:
-        raise DatasetError(f"{spec.root}: metadata has no scaling_factor for layer {spec.layer}; cannot normalize")
+        raise DatasetError(f"{spec.root}: metadata has no scaling_factor for {spec.hook} at layer {spec.layer}; cannot normalize")
     return float(spec.scaling_factor)
 
 
@@ -151,10 +160,11 @@ def activation_dataset(
     normalize: bool = False,
     with_metadata: bool = False,
     cycle_length: int = DEFAULT_CYCLE_LENGTH,
+    hook: str = hk.DEFAULT,
 ):
-    """A tf.data.Dataset of one pass over a layer's tokens (see the module doc for the shuffle).
+    """A tf.data.Dataset of one pass over one hook's tokens at a layer (module doc: the shuffle).
 
-    Elements: float32 [batch_size, hidden_size] activations; with_metadata: a dict with
+    Elements: float32 [batch_size, width] activations (width: hidden_size, or heads x head_dim for z); with_metadata: a dict with
     "activations" and int64 [batch_size] "token_ids", "doc_index", "token_index", "position".
     normalize multiplies activations by the layer's stored scaling_factor (sqrt(H) / mean norm).
     path may be any tf.io.gfile location (local, gs://...). Call .repeat() for more passes.
@@ -165,7 +175,7 @@ def activation_dataset(
     _check_args(batch_size, shuffle_buffer)
     import tensorflow as tf
 
-    spec = layer_spec(path, layer, read_text=_gfile_read_text if "://" in path else None)
+    spec = layer_spec(path, layer, hook=hook, read_text=_gfile_read_text if "://" in path else None)
     scale = _scale(spec, normalize)
     h = spec.hidden_size
     tf_dtype = tf.dtypes.as_dtype(spec.dtype)
@@ -363,15 +373,16 @@ def iter_numpy_batches(
     with_metadata: bool = False,
     cycle_length: int = DEFAULT_CYCLE_LENGTH,
     check_crc: bool = True,
+    hook: str = hk.DEFAULT,
 ) -> Iterator:
-    """One pass over a layer's tokens as NumPy, never importing TensorFlow.
+    """One pass over one hook's tokens at a layer as NumPy, never importing TensorFlow.
 
-    Yields float32 [batch_size, hidden_size] arrays (with_metadata: dicts as activation_dataset's).
+    Yields float32 [batch_size, width] arrays (with_metadata: dicts as activation_dataset's).
     Same shuffle guarantees as activation_dataset (module doc); seed=None draws a fresh order.
     Reading, CRC checks and decoding run in a background thread.
     """
     _check_args(batch_size, shuffle_buffer)
-    spec = layer_spec(path, layer)
+    spec = layer_spec(path, layer, hook=hook)
     scale = _scale(spec, normalize)
     dt, h = numpy_dtype(spec.dtype), spec.hidden_size
     rng = np.random.default_rng(seed)

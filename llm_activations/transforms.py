@@ -29,6 +29,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.transforms.window import GlobalWindow
 
 from llm_activations import inputs
+from llm_activations.format import hooks as hk
 from llm_activations.format import manifests
 from llm_activations import packing
 from llm_activations.format import records
@@ -77,6 +78,7 @@ class ModelSpec:
     compute_dtype: str
     storage_dtype: str
     mesh_shape: tuple | None
+    hooks: tuple = hk.DEFAULT_HOOKS
 
 
 def _counter(name: str):
@@ -201,18 +203,19 @@ def load_extractor(spec: ModelSpec):
     from llm_activations.model.extractor import Extractor
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape)
+                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape,
+                     hooks=spec.hooks)
 
 
 def encode_rows(batch: packing.Batch, activations: dict) -> list:
-    """(layer, unit, Example bytes, tokens) for every non-empty row of a finished batch."""
+    """((hook, layer), unit, Example bytes, tokens) for every non-empty row of a finished batch."""
     out = []
     for r in np.flatnonzero(batch.lengths):
         n = int(batch.lengths[r])
         ints = {"token_ids": batch.tokens[r, :n], "doc_index": batch.doc_index[r, :n],
                 "token_index": batch.token_index[r, :n], "position": batch.positions[r, :n]}
-        for layer, acts in activations.items():
-            out.append((layer, batch.unit, records.encode_example(acts[r, :n], **ints), n))
+        for key, acts in activations.items():
+            out.append((key, batch.unit, records.encode_example(acts[r, :n], **ints), n))
     return out
 
 
@@ -248,7 +251,7 @@ class ExtractActivations(beam.DoFn):
     def start_bundle(self):
         self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
         self._pending_batches = 0
-        self._moments: dict = {}  # unit index -> {layer: Moments}
+        self._moments: dict = {}  # unit index -> {(hook, layer): Moments}
         self._tokens = 0
         self._busy = 0.0
 
@@ -294,8 +297,8 @@ class ExtractActivations(beam.DoFn):
 
     def _account(self, batch: packing.Batch, moments: dict) -> None:
         unit = self._moments.setdefault(batch.unit, {})
-        for layer, m in moments.items():
-            unit[layer] = unit[layer].merge(m) if layer in unit else m
+        for key, m in moments.items():
+            unit[key] = unit[key].merge(m) if key in unit else m
         n = batch.real_tokens
         self._tokens += n
         self._tokens_counter.inc(n)
@@ -356,24 +359,27 @@ def _progress_bar():
 
 
 class WriteShards(beam.DoFn):
-    """Appends each record to its unit's shard file for its layer; at UnitEnd closes the files and
-    writes the unit's rejected records and manifest.
+    """Appends each record to its unit's shard file for its hook and layer; at UnitEnd closes the
+    files and writes the unit's rejected records and manifest.
 
-    Unit u is shard u of every layer (part-0000u-of-N). A unit whose documents were all rejected
-    still gets its (empty) files, so a dataset always has N files per layer. Emits the manifest.
+    Unit u is shard u of every hook and layer (part-0000u-of-N). A unit whose documents were all
+    rejected still gets its (empty) files, so a dataset always has N files per hook and layer.
+    Emits the manifest.
     """
 
-    def __init__(self, output: str, layers: tuple, num_units: int, compression: str, fingerprint: str):
+    def __init__(self, output: str, layers: tuple, num_units: int, compression: str, fingerprint: str,
+                 hooks: tuple = hk.DEFAULT_HOOKS):
         self._output, self._layers, self._num_units = output, layers, num_units
-        self._compression, self._fingerprint = compression, fingerprint
+        self._compression, self._fingerprint, self._hooks = compression, fingerprint, hooks
 
     def start_bundle(self):
         self._writers: dict = {}
 
-    def _writer(self, layer: int, unit: int) -> records.ShardWriter:
-        key = (layer, unit)
+    def _writer(self, hook_layer: tuple, unit: int) -> records.ShardWriter:
+        key = (hook_layer, unit)
         if key not in self._writers:
-            rel = records.shard_relpath(layer, unit, self._num_units, self._compression)
+            hook, layer = hook_layer
+            rel = records.shard_relpath(layer, unit, self._num_units, self._compression, hook=hook)
             self._writers[key] = (rel, records.ShardWriter(f"{self._output.rstrip('/')}/{rel}", self._compression))
         return self._writers[key][1]
 
@@ -381,16 +387,17 @@ class WriteShards(beam.DoFn):
         if isinstance(element, UnitEnd):
             yield self._finish_unit(element)
             return
-        layer, unit, example, n = element
-        self._writer(layer, unit).write(example, n)
+        hook_layer, unit, example, n = element
+        self._writer(hook_layer, unit).write(example, n)
 
     def _finish_unit(self, end: UnitEnd) -> dict:
         u = end.unit.index
         shards = []
-        for layer in self._layers:
-            self._writer(layer, u)  # a unit without records still gets its (empty) file
-            rel, writer = self._writers.pop((layer, u))
-            shards.append({"path": rel, "layer": layer, **writer.close()})
+        for hook in self._hooks:
+            for layer in self._layers:
+                self._writer((hook, layer), u)  # a unit without records still gets its (empty) file
+                rel, writer = self._writers.pop(((hook, layer), u))
+                shards.append({"path": rel, **hk.shard_fields(hook, layer, self._hooks), **writer.close()})
         manifest = manifests.unit_manifest(end.unit, self._fingerprint, end.counts, shards, end.moments,
                                            rejected_file=None)
         if end.rejected:
@@ -452,5 +459,6 @@ class ExtractUnits(beam.PTransform):
             | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
         )
         manifests_out = extracted.records | "WriteShards" >> beam.ParDo(
-            WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression, self._fingerprint))
+            WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression, self._fingerprint,
+                        tuple(cfg.hooks)))
         return {"manifests": manifests_out, RUN: extracted[RUN]}

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format.dtypes import numpy_dtype
 from llm_activations.format import records
@@ -63,11 +64,17 @@ def make_dataset(
     noise: float = 0.05,
     signal: str = "sparse",
     tokenizer: str = "synthetic-tokenizer",
+    hooks=hk.DEFAULT_HOOKS,
+    z_width: int | None = None,
+    pairs: tuple = (),
 ) -> dict:
     """Write a finished dataset folder at root and return its metadata dict.
 
     signal="sparse": sparse dictionary structure (learnable); "noise": i.i.d. Gaussian (fast, for
-    benchmarks at large hidden sizes).
+    benchmarks at large hidden sizes). hooks: hook points written at every layer (each its own
+    data; z is z_width wide, default 2 x hidden_size); any hook besides resid_post makes a
+    format_version 2 dataset. pairs: (source, target) hooks where target = tanh(source @ W) with a
+    fixed W per layer (a learnable map, as a transcoder's MLP).
     """
     rng = np.random.default_rng(seed)
     np_dtype = numpy_dtype(dtype)
@@ -79,22 +86,28 @@ def make_dataset(
     bounds = np.linspace(0, len(rows), num_shards + 1).round().astype(int)
 
     num_atoms = num_atoms or 4 * hidden_size
-    dictionaries, offsets = {}, {}
-    for layer in layers:
-        lrng = np.random.default_rng([seed, layer])
-        atoms = lrng.standard_normal((num_atoms, hidden_size)).astype(np.float32)
-        dictionaries[layer] = atoms / np.linalg.norm(atoms, axis=1, keepdims=True) * math.sqrt(hidden_size)
-        offsets[layer] = lrng.standard_normal(hidden_size).astype(np.float32) * 0.5
+    hooks = hk.check_hooks(hooks)
+    widths = {h: (z_width or 2 * hidden_size) if h == "z" else hidden_size for h in hooks}
+    keys = [(h, layer) for h in hooks for layer in layers]
+    targets = {t: s for s, t in pairs}
+    dictionaries, offsets, maps = {}, {}, {}
+    for i, (hook, layer) in enumerate(keys):
+        # resid_post keeps the seeds it always had (datasets of other tests stay the same)
+        lrng = np.random.default_rng([seed, layer] if hook == hk.DEFAULT else [seed, layer, 1 + i])
+        atoms = lrng.standard_normal((num_atoms, widths[hook])).astype(np.float32)
+        dictionaries[(hook, layer)] = atoms / np.linalg.norm(atoms, axis=1, keepdims=True) * math.sqrt(widths[hook])
+        offsets[(hook, layer)] = lrng.standard_normal(widths[hook]).astype(np.float32) * 0.5
+        maps[(hook, layer)] = lrng.standard_normal((hidden_size, widths[hook])).astype(np.float32) / math.sqrt(hidden_size)
 
-    files = {str(layer): [] for layer in layers}
-    shards, moments = [], {layer: Moments.empty(hidden_size) for layer in layers}
+    files = {hk.key(*k): [] for k in keys}
+    shards, moments = [], {k: Moments.empty(widths[k[0]]) for k in keys}
     total_tokens = 0
     for s in range(num_shards):
         writers = {}
-        for layer in layers:
-            rel = records.shard_relpath(layer, s, num_shards, compression)
-            files[str(layer)].append(rel)
-            writers[layer] = records.ShardWriter(md.join(root, rel), compression)
+        for hook, layer in keys:
+            rel = records.shard_relpath(layer, s, num_shards, compression, hook=hook)
+            files[hk.key(hook, layer)].append(rel)
+            writers[(hook, layer)] = records.ShardWriter(md.join(root, rel), compression)
         for row in rows[bounds[s] : bounds[s + 1]]:
             ints = {
                 "doc_index": np.concatenate([np.full(n, d) for d, _, n in row]),
@@ -104,20 +117,25 @@ def make_dataset(
             ints["token_ids"] = np.concatenate([doc_tokens[d][t : t + n] for d, t, n in row])
             n = len(ints["token_ids"])
             total_tokens += n
-            for layer in layers:
-                if signal == "sparse":
+            row_values = {}
+            for hook, layer in sorted(keys, key=lambda k: k[0] in targets):  # sources before their targets
+                w = widths[hook]
+                if hook in targets:
+                    source = row_values[(targets[hook], layer)].astype(np.float32)
+                    x = np.tanh(source @ maps[(hook, layer)]) * math.sqrt(w) / 2
+                elif signal == "sparse":
                     idx = rng.integers(0, num_atoms, size=(n, k_active))
                     mags = rng.exponential(1.0, size=(n, k_active)).astype(np.float32)
-                    x = np.einsum("nk,nkh->nh", mags, dictionaries[layer][idx]) + offsets[layer]
-                    x += noise * rng.standard_normal((n, hidden_size), dtype=np.float32)
+                    x = np.einsum("nk,nkh->nh", mags, dictionaries[(hook, layer)][idx]) + offsets[(hook, layer)]
+                    x += noise * rng.standard_normal((n, w), dtype=np.float32)
                 else:
-                    x = rng.standard_normal((n, hidden_size), dtype=np.float32)
-                stored = x.astype(np_dtype)
-                moments[layer] = moments[layer].merge(Moments.of(stored.astype(np.float32)))
-                writers[layer].write(records.encode_example(stored, **ints), n)
-        for layer in layers:
-            desc = writers[layer].close()
-            shards.append({"path": files[str(layer)][s], "layer": layer, **desc})
+                    x = rng.standard_normal((n, w), dtype=np.float32)
+                stored = row_values[(hook, layer)] = x.astype(np_dtype)
+                moments[(hook, layer)] = moments[(hook, layer)].merge(Moments.of(stored.astype(np.float32)))
+                writers[(hook, layer)].write(records.encode_example(stored, **ints), n)
+        for hook, layer in keys:
+            desc = writers[(hook, layer)].close()
+            shards.append({"path": files[hk.key(hook, layer)][s], **hk.shard_fields(hook, layer, hooks), **desc})
     tokens_per_layer = total_tokens
     num_segments = sum(len(r) for r in rows)
 
@@ -138,7 +156,7 @@ def make_dataset(
         input={"patterns": ["synthetic"], "text_field": "text", "max_docs": None, "num_hosts": 1, "host_index": 0},
         extraction={
             "layers": list(layers),
-            "hook": "resid_post",
+            **hk.extraction_fields(hooks),
             "seq_len": seq_len,
             "batch_size": 8,
             "mode": mode,
@@ -159,7 +177,8 @@ def make_dataset(
             "tokens": tokens_per_layer,
             "padding_tokens": len(rows) * seq_len - tokens_per_layer,
         },
-        stats={str(layer): moments[layer].to_json() for layer in layers},
+        stats={hk.key(*k): moments[k].to_json() for k in keys},
+        hook_widths=widths,
         run={
             "runner": "synthetic",
             "workers": 1,
@@ -176,12 +195,12 @@ def make_dataset(
     return meta
 
 
-def read_all_rows(root: str, layer: int) -> dict[str, np.ndarray]:
-    """Every token of a layer straight from the shards (records.read_shard): the reference."""
+def read_all_rows(root: str, layer: int, hook: str = hk.DEFAULT) -> dict[str, np.ndarray]:
+    """Every token of a hook at a layer straight from the shards (records.read_shard): the reference."""
     meta = md.read_metadata(root)
-    dt, h = numpy_dtype(meta["dtype"]), meta["hidden_size"]
+    dt, h = numpy_dtype(meta["dtype"]), md.hook_width(meta, hook)
     out = {k: [] for k in ("activations", *records.INT_FEATURES)}
-    for rel in md.layer_files(meta, layer):
+    for rel in md.layer_files(meta, layer, hook):
         for data in records.read_shard(md.shard_path(root, rel)):
             ex = records.decode_example(data)
             out["activations"].append(records.decode_activations(ex, dt, h).astype(np.float32))

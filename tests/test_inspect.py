@@ -48,8 +48,8 @@ def test_summary_text_and_png(tmp_path, capsys, word_tokenizer):
 def test_sampled_norms_match_stats_and_missing_tokenizer(tmp_path, capsys):
     meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=10, seq_len=32, tokenizer=str(tmp_path / "nope"))
     norms = inspect_dataset.sample_norms(str(tmp_path), meta, max_records=10_000)
-    assert len(norms[0]) == meta["counts"]["tokens"]
-    assert np.mean(norms[0]) == pytest.approx(meta["stats"]["0"]["mean_norm"], rel=1e-5)
+    assert len(norms[("resid_post", 0)]) == meta["counts"]["tokens"]
+    assert np.mean(norms[("resid_post", 0)]) == pytest.approx(meta["stats"]["0"]["mean_norm"], rel=1e-5)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "token ids    [" in out and "could not be loaded" in out

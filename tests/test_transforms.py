@@ -92,7 +92,7 @@ def test_write_shards_closes_files_at_unit_end(tmp_path):
     units = [inputs.WorkUnit(i, i * 5, i * 5 + 5, ()) for i in range(2)]
     ends = [T.UnitEnd(units[0], {"tokens": 4}, []), T.UnitEnd(units[1], {"rejected": 1}, ['{"doc_index": 7}'])]
     with TestPipeline() as p:
-        infos = (p | beam.Create([(0, 0, ex, 2), (0, 0, ex, 2), *ends])
+        infos = (p | beam.Create([(("resid_post", 0), 0, ex, 2), (("resid_post", 0), 0, ex, 2), *ends])
                  | beam.ParDo(T.WriteShards(str(tmp_path), (0,), 2, "none", "fp"))
                  | beam.Map(lambda m: (m["unit"], [(s["path"], s["records"], s["tokens"]) for s in m["shards"]],
                                        m["counts"]["tokens"], m["rejected_file"])))

@@ -1,7 +1,8 @@
 """`python -m llm_activations inspect OUT [--plot FILE.png]`: what is in an activation dataset.
 
-The summary comes from metadata.json (model, layers, dtype, counts, sizes, stored norm statistics)
-plus a sample of records read from the shards: activation-norm quantiles per layer, and the first
+The summary comes from metadata.json (model, hooks, layers, dtype, counts, sizes, stored norm
+statistics) plus a sample of records read from the shards: activation-norm quantiles per hook and
+layer, and the first
 record decoded back to text with the dataset's tokenizer (when transformers can load it; else the
 token ids and the reason). --plot writes per-layer histograms of the sampled norms (matplotlib,
 Agg backend, so no display is needed).
@@ -14,14 +15,15 @@ import math
 
 import numpy as np
 
+from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import records
 from llm_activations.reader import numpy_dtype
 
 
-def sample_records(root: str, meta: dict, layer: int, max_records: int) -> list[dict]:
-    """Up to max_records decoded records of a layer, taken from the start of every file in turn."""
-    files = md.layer_files(meta, layer)
+def sample_records(root: str, meta: dict, layer: int, max_records: int, hook: str = hk.DEFAULT) -> list[dict]:
+    """Up to max_records decoded records of a hook at a layer, taken from the start of every file in turn."""
+    files = md.layer_files(meta, layer, hook)
     per_file = max(1, math.ceil(max_records / max(1, len(files))))
     out = []
     for rel in files:
@@ -32,14 +34,15 @@ def sample_records(root: str, meta: dict, layer: int, max_records: int) -> list[
     return out
 
 
-def sample_norms(root: str, meta: dict, max_records: int) -> dict[int, np.ndarray]:
-    """{layer: L2 norms of the sampled tokens' activation vectors (float32)}."""
-    dt, h = numpy_dtype(meta["dtype"]), int(meta["hidden_size"])
+def sample_norms(root: str, meta: dict, max_records: int) -> dict[tuple[str, int], np.ndarray]:
+    """{(hook, layer): L2 norms of the sampled tokens' activation vectors (float32)}."""
+    dt = numpy_dtype(meta["dtype"])
     norms = {}
-    for key in meta["files"]:
-        layer = int(key)
-        rows = [records.decode_activations(ex, dt, h).astype(np.float32) for ex in sample_records(root, meta, layer, max_records)]
-        norms[layer] = np.linalg.norm(np.concatenate(rows), axis=1) if rows else np.zeros(0, np.float32)
+    for hook, layer in md.entries(meta):
+        w = md.hook_width(meta, hook)
+        rows = [records.decode_activations(ex, dt, w).astype(np.float32)
+                for ex in sample_records(root, meta, layer, max_records, hook)]
+        norms[(hook, layer)] = np.linalg.norm(np.concatenate(rows), axis=1) if rows else np.zeros(0, np.float32)
     return norms
 
 
@@ -72,9 +75,12 @@ def _segments(ex: dict) -> list[str]:
     return [f"doc {doc[s]} tokens {tok[s]}..{tok[e - 1]} (positions {pos[s]}..{pos[e - 1]})" for s, e in zip(starts, ends)]
 
 
-def summary(root: str, meta: dict, norms: dict[int, np.ndarray]) -> str:
+def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray]) -> str:
     counts, stats = meta.get("counts", {}), meta.get("stats", {})
-    layers = sorted(int(k) for k in meta["files"])
+    keys = md.entries(meta)
+    layers = sorted({layer for _, layer in keys})
+    hooks = md.hooks_of(meta)
+    label = max([5 if len(hooks) == 1 else 10] + [len(hk.key(h, layer)) for h, layer in keys])
     h, itemsize = int(meta["hidden_size"]), numpy_dtype(meta["dtype"]).itemsize
     tokens, padding = int(counts.get("tokens", 0)), int(counts.get("padding_tokens", 0))
     disk = sum(int(s.get("bytes", 0)) for s in meta.get("shards", []))
@@ -82,36 +88,41 @@ def summary(root: str, meta: dict, norms: dict[int, np.ndarray]) -> str:
     lines = [
         f"dataset      {root} ({meta['format']} v{meta['format_version']})",
         f"model        {model.get('name_or_path')} ({model.get('architecture')}, hidden {h}, {model.get('num_layers')} layers)",
-        f"layers       {layers} hook {ext.get('hook')}, seq_len {ext.get('seq_len')}, mode {ext.get('mode')}, "
+        f"layers       {layers} hook{'s' if len(hooks) > 1 else ''} {', '.join(hooks)}, seq_len {ext.get('seq_len')}, mode {ext.get('mode')}, "
         f"compute {ext.get('compute_dtype')}",
         f"dtype        {meta['dtype']} ({h * itemsize:,} B per token per layer), compression {meta.get('compression', 'none')}",
         f"documents    {counts.get('documents', '?'):,} used, {counts.get('rejected', 0):,} rejected; "
         f"{counts.get('sequences', '?'):,} rows",
+        *([f"widths       " + ", ".join(f"{hook} {md.hook_width(meta, hook)} ({md.hook_width(meta, hook) * itemsize:,} B)"
+                                       for hook in hooks) + " per token"] if meta["format_version"] > 1 else []),
         f"tokens       {tokens:,} per layer; padding {padding:,} "
         f"({padding / (tokens + padding):.1%} of computed tokens)" if tokens + padding else f"tokens       {tokens:,}",
         f"on disk      {disk / 2**20:,.1f} MiB in {len(meta.get('shards', []))} files; "
-        + (f"{disk / (tokens * len(layers)):,.1f} B per token per layer" if tokens and layers else ""),
-        "norms        layer   stored mean  scale factor | sampled: tokens      p5     p50     p95     max",
+        + (f"{disk / (tokens * len(keys)):,.1f} B per token per {'layer' if len(hooks) == 1 else 'hook and layer'}"
+           if tokens and keys else ""),
+        # rows are labelled by their metadata key: "3" (resid_post), "mlp_out/3"
+        f"norms        {'layer' if len(hooks) == 1 else 'hook/layer':>{label}}   stored mean  scale factor | "
+        "sampled: tokens      p5     p50     p95     max",
     ]
-    for layer in layers:
-        st, n = stats.get(str(layer), {}), norms.get(layer, np.zeros(0))
+    for hook, layer in keys:
+        st, n = stats.get(hk.key(hook, layer), {}), norms.get((hook, layer), np.zeros(0))
         q = np.percentile(n, [5, 50, 95, 100]) if n.size else [math.nan] * 4
         scale = st.get("scaling_factor")
         lines.append(
-            f"             {layer:>5}  {st.get('mean_norm', math.nan):>12.3f}  {scale if scale is not None else math.nan:>12.4f} | "
+            f"             {hk.key(hook, layer):>{label}}  {st.get('mean_norm', math.nan):>12.3f}  {scale if scale is not None else math.nan:>12.4f} | "
             f"{n.size:>15,}" + "".join(f"{v:>8.2f}" for v in q)
         )
     return "\n".join(lines)
 
 
 def record_text(root: str, meta: dict, max_tokens: int = 200, tokenizer: str | None = None, allow_download: bool = False) -> str:
-    layer = min(int(k) for k in meta["files"])
-    sample = sample_records(root, meta, layer, 1)
+    hook, layer = min(md.entries(meta), key=lambda e: (e[1], hk.HOOKS.index(e[0])))
+    sample = sample_records(root, meta, layer, 1, hook)
     if not sample:
         return "record       (no records)"
     ex = sample[0]
     ids = ex["token_ids"]
-    lines = [f"record 0     {md.layer_files(meta, layer)[0]}: {len(ids)} tokens; " + "; ".join(_segments(ex)[:6])]
+    lines = [f"record 0     {md.layer_files(meta, layer, hook)[0]}: {len(ids)} tokens; " + "; ".join(_segments(ex)[:6])]
     text, why = decode_text(meta, ids[:max_tokens], tokenizer, allow_download)
     cut = " ..." if len(ids) > max_tokens else ""
     if text is not None:
@@ -122,17 +133,17 @@ def record_text(root: str, meta: dict, max_tokens: int = 200, tokenizer: str | N
     return "\n".join(lines)
 
 
-def plot_norms(norms: dict[int, np.ndarray], path: str, title: str) -> None:
+def plot_norms(norms: dict[tuple[str, int], np.ndarray], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = sorted(norms)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(7, 2.2 * len(layers) + 0.6), squeeze=False)
-    for ax, layer in zip(axes[:, 0], layers):
-        ax.hist(norms[layer], bins=60, color="tab:blue")
-        ax.set_ylabel(f"layer {layer}")
+    keys = list(norms)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys) + 0.6), squeeze=False)
+    for ax, (hook, layer) in zip(axes[:, 0], keys):
+        ax.hist(norms[(hook, layer)], bins=60, color="tab:blue")
+        ax.set_ylabel(f"layer {layer}" if hook == hk.DEFAULT else f"{hook} {layer}")
     axes[-1, 0].set_xlabel("activation L2 norm (sampled tokens)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -143,7 +154,7 @@ def plot_norms(norms: dict[int, np.ndarray], path: str, title: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="dataset folder")
     parser.add_argument("--plot", metavar="FILE.png", help="write per-layer activation-norm histograms")
-    parser.add_argument("--sample-records", type=int, default=64, help="records per layer sampled for norms")
+    parser.add_argument("--sample-records", type=int, default=64, help="records per hook and layer sampled for norms")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the one in metadata.json)")
     parser.add_argument("--allow-download", action="store_true", help="let transformers download the tokenizer")
 

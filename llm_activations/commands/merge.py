@@ -3,8 +3,8 @@
 Each host of a fleet runs `extract --num-hosts N --host-index I` over a disjoint, contiguous
 doc_index range of the same input and writes a complete dataset folder. This command checks that
 the folders are shards of one extraction (same model, tokenizer, input, layers, shapes, dtypes,
-format) over disjoint doc_index ranges, then writes one metadata.json whose counts are the sums,
-whose per-layer statistics are the exact parallel merge of the hosts' Moments (stats.py), and
+format, hooks) over disjoint doc_index ranges, then writes one metadata.json whose counts are the
+sums, whose per-hook, per-layer statistics are the exact parallel merge of the hosts' Moments (stats.py), and
 whose files are the hosts' files:
 
 * referenced in place (paths relative to OUT) when a host folder lies inside OUT, e.g.
@@ -23,6 +23,7 @@ import os
 import posixpath
 
 from llm_activations.format import fileio
+from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.errors import DatasetError, UsageError
 from llm_activations.format.stats import Moments, merge_all
@@ -40,7 +41,8 @@ _SAME = (
     ("input.max_docs", lambda m: m.get("input", {}).get("max_docs")),
     ("input.num_hosts", lambda m: m.get("input", {}).get("num_hosts")),
     ("extraction.layers", lambda m: sorted(m["extraction"]["layers"])),
-    ("extraction.hook", lambda m: m["extraction"].get("hook")),
+    ("extraction.hooks", lambda m: md.hooks_of(m)),
+    ("hook_widths", lambda m: m.get("hook_widths")),
     ("extraction.seq_len", lambda m: m["extraction"].get("seq_len")),
     ("extraction.batch_size", lambda m: m["extraction"].get("batch_size")),
     ("extraction.mode", lambda m: m["extraction"].get("mode")),
@@ -146,9 +148,10 @@ def _check_consistent(inputs: list[str], metas: list[dict]) -> None:
                     "merge only host folders of one extraction (same model, input, layers and settings)"
                 )
     for root, meta in zip(inputs, metas):
-        layers = sorted(str(layer) for layer in meta["extraction"]["layers"])
-        if sorted(str(int(k)) for k in meta["files"]) != layers or any(str(k) not in meta.get("stats", {}) for k in layers):
-            raise DatasetError(f"{root}: metadata.json files/stats do not cover extraction.layers {layers}")
+        layers = sorted(meta["extraction"]["layers"])
+        keys = sorted(hk.key(h, layer) for h in md.hooks_of(meta) for layer in layers)
+        if sorted(meta["files"]) != keys or any(k not in meta.get("stats", {}) for k in keys):
+            raise DatasetError(f"{root}: metadata.json files/stats do not cover extraction hooks x layers {keys}")
 
 
 def _check_disjoint(inputs: list[str], metas: list[dict]) -> list[list[int] | None]:
@@ -280,17 +283,18 @@ def _sum_counts(metas: list[dict]) -> dict:
     return out
 
 
-def _merged_stats(metas: list[dict], hidden_size: int) -> dict:
+def _merged_stats(metas: list[dict]) -> dict:
     out = {}
-    for layer in sorted(metas[0]["extraction"]["layers"]):
-        key = str(layer)
-        parts = []
-        for m in metas:
-            s = m["stats"][key]
-            if not isinstance(s.get("mean"), list) or not isinstance(s.get("var"), list):
-                raise DatasetError(f"layer {key} statistics are not inline in metadata.json; merge needs mean and var lists")
-            parts.append(Moments.from_json(s))
-        out[key] = merge_all(parts, hidden_size).to_json()
+    for hook in md.hooks_of(metas[0]):
+        for layer in sorted(metas[0]["extraction"]["layers"]):
+            key = hk.key(hook, layer)
+            parts = []
+            for m in metas:
+                s = m["stats"][key]
+                if not isinstance(s.get("mean"), list) or not isinstance(s.get("var"), list):
+                    raise DatasetError(f"{hook} layer {layer} statistics are not inline in metadata.json; merge needs mean and var lists")
+                parts.append(Moments.from_json(s))
+            out[key] = merge_all(parts, md.hook_width(metas[0], hook)).to_json()
     return out
 
 
@@ -370,8 +374,9 @@ def _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied) -> 
     extraction = dict(first["extraction"])
     # Hosts may differ in chips and file counts: keep the per-host values beside the totals.
     extraction["meshes"] = [m["extraction"].get("mesh") for m in metas]
-    first_layer = first["extraction"]["layers"][0]
-    extraction["num_shards"] = sum(s["layer"] == first_layer for s in shards)  # files per layer, all hosts
+    first_key = (md.hooks_of(first)[0], first["extraction"]["layers"][0])
+    # files per hook and layer, all hosts
+    extraction["num_shards"] = sum((md.shard_hook(s), s["layer"]) == first_key for s in shards)
     extraction["num_shards_per_host"] = [m["extraction"].get("num_shards") for m in metas]
     return md.build_metadata(
         **{k: first[k] for k in ("model", "tokenizer", "dtype", "hidden_size", "compression")},
@@ -379,7 +384,8 @@ def _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied) -> 
         extraction=extraction,
         shards=shards,
         counts=counts,
-        stats=_merged_stats(metas, first["hidden_size"]),
+        stats=_merged_stats(metas),
+        hook_widths=first.get("hook_widths"),
         run=_merged_run(metas, counts, [p if p is not None else d for p, d in zip(prefixes, dests)], inputs),
         merge={
             "inputs": [

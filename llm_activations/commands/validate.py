@@ -2,9 +2,10 @@
 
 Per file, in one streaming pass: it exists; its size and sha256 match its `shards` entry; every
 TFRecord's length and data CRC32C are right; every record decodes as an Example with the SPEC's
-features, equally long int64 lists and exactly tokens x hidden_size x dtype-size activation
-bytes; the records and tokens counted match the entry. Per layer: the files listed under `files`
-and the `shards` entries agree, and the tokens and records add up to `counts`.
+features, equally long int64 lists and exactly tokens x width x dtype-size activation bytes
+(width: hidden_size, or the hook's hook_widths entry); the records and tokens counted match the
+entry. Per hook and layer: the files listed under `files` and the `shards` entries agree, and the
+tokens and records add up to `counts`.
 
 Exit 0 when all is well; 1 naming each bad file (and the record index when known); 2 (one line,
 no traceback) for a folder that is not a dataset or lists paths that escape it.
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llm_activations.format import fileio
+from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import records
 from llm_activations.reader import numpy_dtype
@@ -31,6 +33,7 @@ from llm_activations.reader import numpy_dtype
 class FileReport:
     path: str  # relative to the dataset folder
     layer: int
+    hook: str = hk.DEFAULT
     records: int = 0
     tokens: int = 0
     bytes: int = 0
@@ -69,7 +72,7 @@ class _HashingReader(io.RawIOBase):
 def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
     """Validate one shard against its metadata entry; problems are collected, never raised."""
     rel = entry["path"]
-    report = FileReport(rel, int(entry.get("layer", -1)))
+    report = FileReport(rel, int(entry.get("layer", -1)), md.shard_hook(entry))
     path = md.shard_path(root, rel)
     raw = fileio.open_read(path) if fileio.exists(path) else None
     if raw is None:
@@ -116,31 +119,35 @@ def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
 def validate(root: str, workers: int = 4) -> tuple[list[FileReport], list[str]]:
     """(per-file reports, dataset-level problems). DatasetError for folders tools must refuse."""
     meta = md.read_metadata(root)
-    dtype, hidden = numpy_dtype(meta["dtype"]), int(meta["hidden_size"])
+    dtype = numpy_dtype(meta["dtype"])
     problems: list[str] = []
     entries = {e["path"]: e for e in meta.get("shards", [])}
     listed = set()
-    for layer, files in meta.get("files", {}).items():
+    for key, files in meta.get("files", {}).items():
+        hook, layer = hk.parse_key(key)
         for rel in files:
             md.shard_path(root, rel)  # refuse escaping paths (DatasetError -> exit 2)
             listed.add(rel)
             if rel not in entries:
-                problems.append(f"{rel}: listed under files[{layer}] but has no shards entry")
-            elif int(entries[rel].get("layer", -1)) != int(layer):
-                problems.append(f"{rel}: listed under layer {layer} but its shards entry says layer {entries[rel].get('layer')}")
+                problems.append(f"{rel}: listed under files[{key}] but has no shards entry")
+            elif (md.shard_hook(entries[rel]), int(entries[rel].get("layer", -1))) != (hook, layer):
+                problems.append(f"{rel}: listed under files[{key}] but its shards entry says hook "
+                                f"{md.shard_hook(entries[rel])} layer {entries[rel].get('layer')}")
     for rel in entries:
         if rel not in listed:
             problems.append(f"{rel}: has a shards entry but is not listed under files")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reports = list(pool.map(lambda e: check_file(root, e, dtype, hidden), entries.values()))
+        reports = list(pool.map(lambda e: check_file(root, e, dtype, md.hook_width(meta, md.shard_hook(e))),
+                                entries.values()))
     counts = meta.get("counts", {})
-    for layer in meta.get("files", {}):
-        mine = [r for r in reports if r.layer == int(layer)]
-        for key, count_key in (("tokens", "tokens"), ("records", "sequences")):
+    for key in meta.get("files", {}):
+        hook, layer = hk.parse_key(key)
+        mine = [r for r in reports if (r.hook, r.layer) == (hook, layer)]
+        for what, count_key in (("tokens", "tokens"), ("records", "sequences")):
             if count_key in counts and all(r.ok for r in mine):
-                total = sum(getattr(r, key) for r in mine)
+                total = sum(getattr(r, what) for r in mine)
                 if total != int(counts[count_key]):
-                    problems.append(f"layer {layer}: files hold {total} {key}, counts.{count_key} says {counts[count_key]}")
+                    problems.append(f"{hook} layer {layer}: files hold {total} {what}, counts.{count_key} says {counts[count_key]}")
     return reports, problems
 
 
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     total_bytes = sum(r.bytes for r in reports)
     print(
         f"{args.out}: {len(reports)} files, {sum(r.records for r in reports):,} records, "
-        f"{sum(r.tokens for r in reports):,} tokens (all layers), {total_bytes / 2**20:,.1f} MiB checked: "
+        f"{sum(r.tokens for r in reports):,} tokens (all hooks and layers), {total_bytes / 2**20:,.1f} MiB checked: "
         + ("all good" if not bad and not problems else f"{len(bad)} bad files, {len(problems)} other problems"),
         file=sys.stdout,
     )
