@@ -86,3 +86,27 @@ def test_text_table_and_errors(capsys):
     assert main(["plan", "--layers", "28"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert main(["plan", "--model", "no-such-model"]) == 2
+
+
+def test_hooks_storage_and_memory_per_hook(capsys):
+    """Qwen3-0.6B: hidden 1024 but 16 heads x 128 = 2048 per token for z."""
+    name, config = plan.resolve_model("Qwen3-0.6B")
+    kw = dict(model_name=name, chip=plan.CHIP_PRESETS["v5e"], layers=(3, 9), seq_len=512, mesh=(4, 1))
+    alone = plan.make_plan(config, **kw)
+    every = plan.make_plan(config, hooks=("z", "mlp_in", "mlp_out", "resid_post"), **kw)
+    assert alone.hooks == ("resid_post",) and every.hooks == ("z", "mlp_in", "mlp_out", "resid_post")
+    assert every.storage_bytes_per_token_by_hook == {"z": 2048 * 2, "mlp_in": 1024 * 2, "mlp_out": 1024 * 2,
+                                                     "resid_post": 1024 * 2}
+    assert every.storage_bytes_per_token_per_layer == (2048 + 3 * 1024) * 2
+    assert every.storage_bytes_per_billion_tokens == (2048 + 3 * 1024) * 2 * 2 * 10**9
+    assert every.row_bytes["outputs"] == 512 * (2048 + 3 * 1024) * 2 * 2  # T x widths x layers x s
+    assert alone.row_bytes["outputs"] == 512 * 1024 * 2 * 2
+    # everything else is the same: extra hooks cost only their bytes
+    assert {k: v for k, v in every.row_bytes.items() if k != "outputs"} == \
+        {k: v for k, v in alone.row_bytes.items() if k != "outputs"}
+    assert every.flops_per_token == alone.flops_per_token and every.loaded_blocks == alone.loaded_blocks == 10
+    assert main(["plan", "--model", "Qwen3-0.6B", "--layers", "3", "--hooks", "z", "resid_post"]) == 0
+    out = capsys.readouterr().out
+    assert "hooks z, resid_post" in out and "z 4.00 KiB, resid_post 2.00 KiB" in out
+    assert main(["plan", "--hooks", "bogus"]) == 2
+    assert "valid hooks are resid_pre, attn_out, z" in capsys.readouterr().err

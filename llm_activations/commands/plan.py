@@ -11,7 +11,9 @@ model-axis size, D = data-axis size, b = compute dtype bytes, s = storage bytes:
 * largest batch = D x floor((HBM x (1 - reserve) - weights per chip) / working memory per row).
 * FLOPs per token: cost.flops_per_token over the loaded blocks (matmuls + causal attention).
   tokens/s per chip = peak bf16 FLOP/s x MFU / FLOPs per token.
-* storage per token per layer = H x s bytes (+ about 8-12 bytes of varint token ids/positions).
+* storage per token per layer = the --hooks' widths x s bytes: H per hook, heads x head_dim for z
+  (+ about 8-12 bytes of varint token ids/positions per hook); the captured outputs are also
+  held in working memory until the step ends.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
+from llm_activations.format import hooks as hk
 from llm_activations.model import cost
 from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf
 
@@ -90,6 +93,7 @@ class Plan:
     model: str
     chip: str
     layers: tuple[int, ...]
+    hooks: tuple[str, ...]
     seq_len: int
     mesh: tuple[int, int]  # (data, model)
     dtype: str
@@ -106,8 +110,9 @@ class Plan:
     row_bytes_total: int
     rows_per_data_shard: int
     max_batch: int
-    storage_bytes_per_token_per_layer: int
-    storage_bytes_per_billion_tokens: int  # all requested layers
+    storage_bytes_per_token_per_layer: int  # all requested hooks
+    storage_bytes_per_token_by_hook: dict  # hook -> bytes per token per layer
+    storage_bytes_per_billion_tokens: int  # all requested hooks and layers
     flops_per_token: float
     tokens_per_second_per_chip: float
     tokens_per_second_per_host: float
@@ -132,8 +137,10 @@ def make_plan(
     compute_dtype: str = "bfloat16",
     mfu: float = 0.4,
     reserve: float = 0.1,
+    hooks: tuple[str, ...] = hk.DEFAULT_HOOKS,
 ) -> Plan:
-    """The plan for extracting `layers` of `config` on mesh (data, model) of `chip` (formulas: module doc)."""
+    """The plan for extracting `hooks` at `layers` of `config` on mesh (data, model) of `chip` (formulas: module doc)."""
+    hooks = hk.check_hooks(hooks)
     if not layers:
         raise UsageError("--layers needs at least one layer")
     bad = [layer for layer in layers if not 0 <= layer < config.num_layers]
@@ -145,11 +152,14 @@ def make_plan(
     if dtype not in dtypes.STORAGE or compute_dtype not in dtypes.COMPUTE:
         raise UsageError(f"--dtype must be one of {', '.join(dtypes.STORAGE)} and --compute-dtype one of {', '.join(dtypes.COMPUTE)}")
     b, s = dtypes.itemsize(compute_dtype), dtypes.itemsize(dtype)
-    T, H = seq_len, config.hidden_size
+    T = seq_len
+    widths = {h: hk.width(h, config.hidden_size, config.num_heads, config.head_dim) for h in hooks}
+    per_token = sum(widths.values()) * s  # bytes per token per layer, all hooks
     blocks = max(layers) + 1
     loaded = config.param_count(blocks)
     weights = math.ceil(loaded * b / model)
-    row = cost.row_bytes(config, T, model_axis=model, compute_bytes=b, storage_bytes=s, outputs=len(layers))
+    row = cost.row_bytes(config, T, model_axis=model, compute_bytes=b, storage_bytes=s,
+                         output_values=sum(widths.values()) * len(layers))
     row_total = sum(row.values())
     usable = int(chip.hbm_bytes * (1 - reserve))
     rows = max(0, (usable - weights) // row_total)
@@ -157,15 +167,16 @@ def make_plan(
     per_chip = chip.peak_bf16_flops * mfu / flops
     per_host = per_chip * chip.chips_per_host
     return Plan(
-        model=model_name, chip=chip.name, layers=tuple(layers), seq_len=T, mesh=(data, model), dtype=dtype,
+        model=model_name, chip=chip.name, layers=tuple(layers), hooks=hooks, seq_len=T, mesh=(data, model), dtype=dtype,
         compute_dtype=compute_dtype, mfu=mfu, chips_per_host=chip.chips_per_host, hbm_bytes=chip.hbm_bytes,
         usable_bytes=usable, total_params=total_params(config), loaded_params=loaded, loaded_blocks=blocks,
         weight_bytes_per_chip=weights, row_bytes=row, row_bytes_total=row_total, rows_per_data_shard=int(rows),
-        max_batch=int(rows) * data, storage_bytes_per_token_per_layer=H * s,
-        storage_bytes_per_billion_tokens=H * s * len(layers) * 10**9, flops_per_token=float(flops),
+        max_batch=int(rows) * data, storage_bytes_per_token_per_layer=per_token,
+        storage_bytes_per_token_by_hook={h: w * s for h, w in widths.items()},
+        storage_bytes_per_billion_tokens=per_token * len(layers) * 10**9, flops_per_token=float(flops),
         tokens_per_second_per_chip=per_chip, tokens_per_second_per_host=per_host,
         hours_per_billion_tokens_per_host=1e9 / per_host / 3600,
-        write_bytes_per_second_per_host=per_host * H * s * len(layers),
+        write_bytes_per_second_per_host=per_host * per_token * len(layers),
     )
 
 
@@ -203,7 +214,7 @@ def format_plan(p: Plan) -> str:
     data, model = p.mesh
     lines = [
         ("model", f"{p.model}: {p.total_params:,} parameters ({_human(p.total_params, '')})"),
-        ("layers", f"{list(p.layers)} (hook resid_post); loads blocks 0..{p.loaded_blocks - 1} + embedding"),
+        ("layers", f"{list(p.layers)} (hook{'s' if len(p.hooks) > 1 else ''} {', '.join(p.hooks)}); loads blocks 0..{p.loaded_blocks - 1} + embedding"),
         ("loaded parameters", f"{p.loaded_params:,} ({p.loaded_params / p.total_params:.0%} of the model)"),
         ("chip", f"{p.chip}: {_human(p.hbm_bytes)} HBM ({_human(p.usable_bytes)} usable), {p.chips_per_host} per host"),
         ("mesh (data, model)", f"({data}, {model}); compute {p.compute_dtype}, storage {p.dtype}"),
@@ -218,7 +229,10 @@ def format_plan(p: Plan) -> str:
     )
     lines += [
         ("largest batch", fits),
-        ("storage per token", f"{_human(p.storage_bytes_per_token_per_layer)} per layer (+ ~10 B of ids)"),
+        ("storage per token", f"{_human(p.storage_bytes_per_token_per_layer)} per layer (+ ~10 B of ids"
+                              f"{' per hook' if len(p.hooks) > 1 else ''})"),
+        *([("  by hook", ", ".join(f"{h} {_human(v)}" for h, v in p.storage_bytes_per_token_by_hook.items()))]
+          if len(p.hooks) > 1 else []),
         ("storage per 1B tokens", f"{_human(p.storage_bytes_per_billion_tokens)} for {len(p.layers)} layer(s)"),
         ("FLOPs per token", f"{_human(p.flops_per_token, 'FLOP')}"),
         ("throughput", f"{p.tokens_per_second_per_chip:,.0f} tokens/s per chip, "
@@ -237,6 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-gib", type=float, help="override HBM per chip (GiB)")
     parser.add_argument("--peak-tflops", type=float, help="override dense bf16 peak per chip (TFLOP/s)")
     parser.add_argument("--layers", type=int, nargs="+", help="0-based layers to extract (default: the middle one)")
+    parser.add_argument("--hooks", nargs="+", metavar="H", default=list(hk.DEFAULT_HOOKS),
+                        help=f"hook points per layer ({', '.join(hk.HOOKS)}; default: resid_post)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--mesh", type=int, nargs=2, metavar=("DATA", "MODEL"), help="mesh shape (default: chips per host x 1)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(dtypes.STORAGE), help="storage dtype")
@@ -261,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     mesh = tuple(args.mesh) if args.mesh else (chip.chips_per_host, 1)
     plan = make_plan(
         config, model_name=name, chip=chip, layers=layers, seq_len=args.seq_len, mesh=mesh,
-        dtype=args.dtype, compute_dtype=args.compute_dtype, mfu=args.mfu, reserve=args.reserve,
+        dtype=args.dtype, compute_dtype=args.compute_dtype, mfu=args.mfu, reserve=args.reserve, hooks=tuple(args.hooks),
     )
     print(json.dumps(asdict(plan), indent=1) if args.json else format_plan(plan))
     return 0

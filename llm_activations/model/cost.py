@@ -18,7 +18,8 @@ Working memory per row, the peak of one block (blocks run one after another in a
                                       the blocked attention is live at a time; flash kernels need less)
     attention output                  T q b / M
     MLP gate, up, gate*up             3 T F b / M
-    captured outputs                  outputs x T D s                    (held until the step ends)
+    captured outputs                  T x (sum of the outputs' widths) x s  (held until the step ends;
+                                      a hook's width is D, or q for z)
 """
 
 from __future__ import annotations
@@ -46,15 +47,19 @@ def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> 
 
 
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
-              storage_bytes: int = 2, outputs: int = 1,
+              storage_bytes: int = 2, outputs: int = 1, output_values: int | None = None,
               query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
-    """Peak working memory of one row (sequence) on one chip, by component (module doc)."""
+    """Peak working memory of one row (sequence) on one chip, by component (module doc).
+
+    output_values: values per token over all captured (hook, layer) outputs; default outputs x D.
+    """
     t, d, m, b = seq_len, c.hidden_size, model_axis, compute_bytes
+    output_values = outputs * d if output_values is None else output_values
     return {
         "residual": 2 * t * d * b,
         "qkv": t * (c.q_size + 2 * c.kv_size) * b // m,
         "attention_scores": 2 * math.ceil(c.num_heads / m) * min(query_block, t) * t * 4,
         "attention_out": t * c.q_size * b // m,
         "mlp": 3 * t * c.intermediate_size * b // m,
-        "outputs": outputs * t * d * storage_bytes,
+        "outputs": t * output_values * storage_bytes,
     }
