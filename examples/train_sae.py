@@ -1,6 +1,9 @@
-"""Train a TopK sparse autoencoder (Gao et al. 2024) on one layer of an activation dataset.
+"""Train a TopK sparse autoencoder (Gao et al. 2024) on one hook of one layer of an activation
+dataset, or a TopK transcoder from a layer's MLP input to its MLP output.
 
     python examples/train_sae.py OUT --layer 3 --latents 512 --k 8 --steps 2000
+    python examples/train_sae.py OUT --layer 3 --hook attn_out
+    python examples/train_sae.py OUT --layer 3 --transcoder      # needs --hooks mlp_in mlp_out
 
 Inputs come from llm_activations.reader, normalised by the dataset's stored scaling factor (mean
 token norm sqrt(hidden)), shuffled at token level. The SAE is pure JAX over a params dict:
@@ -12,6 +15,12 @@ token norm sqrt(hidden)), shuffled at token level. The SAE is pure JAX over a pa
 trained with Adam on the mean squared error. It prints the fraction of variance explained
 (1 - sum |x - xhat|^2 / sum |x - mean x|^2 over recent batches) and the share of dead latents
 (latents that fired on none of the last --dead-window steps' tokens).
+
+--transcoder (Dunefsky et al. 2024) encodes x = mlp_in and decodes a prediction of y = mlp_out of the
+same layer: the same TopK architecture, trained on |y - yhat|^2, reporting the variance of mlp_out
+it explains. The two hooks' shards hold the same rows in the same order, and the NumPy reader
+shuffles them identically under one seed, so both are read in lockstep; every batch's doc_index
+and token_index are compared to prove the pairs are aligned.
 --reader numpy (default) never imports TensorFlow, as a JAX-on-TPU trainer would; --reader tf
 reads through reader.activation_dataset.
 """
@@ -28,41 +37,73 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int):
-    """Endless float32 [batch_size, H] batches, a freshly seeded shuffle per pass."""
+def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int, hook: str = "resid_post"):
+    """Endless float32 [batch_size, H] batches of one hook, a freshly seeded shuffle per pass; yields (x, x)."""
     from llm_activations import reader as rd
 
     epoch = 0
     while True:
         if reader == "tf":
-            ds = rd.activation_dataset(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch, normalize=True)
+            ds = rd.activation_dataset(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
+                                       normalize=True, hook=hook)
             it = ds.as_numpy_iterator()
         else:
-            it = rd.iter_numpy_batches(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch, normalize=True)
+            it = rd.iter_numpy_batches(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
+                                       normalize=True, hook=hook)
         got = False
         for b in it:
             got = True
-            yield b
+            yield b, b
+        if not got:
+            raise SystemExit(f"{path} {hook} layer {layer} has fewer than --batch-size {batch_size} tokens")
+        epoch += 1
+
+
+def paired_batches(path: str, layer: int, batch_size: int, shuffle_buffer: int, seed: int,
+                   source: str = "mlp_in", target: str = "mlp_out"):
+    """Endless aligned (x [B, H_source], y [B, H_target]) batches of two hooks of one layer.
+
+    Both hooks are read with the same seed and arguments, which the NumPy reader shuffles identically
+    (reader module doc); each batch's token identities are compared, so a misaligned pair stops here.
+    """
+    from llm_activations import reader as rd
+
+    epoch = 0
+    while True:
+        kw = dict(shuffle_buffer=shuffle_buffer, seed=seed + epoch, normalize=True, with_metadata=True)
+        got = False
+        for a, b in zip(rd.iter_numpy_batches(path, layer, batch_size, hook=source, **kw),
+                        rd.iter_numpy_batches(path, layer, batch_size, hook=target, **kw)):
+            if not (np.array_equal(a["doc_index"], b["doc_index"]) and np.array_equal(a["token_index"], b["token_index"])):
+                raise SystemExit(f"{path}: {source} and {target} of layer {layer} are not aligned token for token")
+            got = True
+            yield a["activations"], b["activations"]
         if not got:
             raise SystemExit(f"{path} layer {layer} has fewer than --batch-size {batch_size} tokens")
         epoch += 1
 
 
-def init_params(key, hidden: int, latents: int, b_dec: np.ndarray):
+def init_params(key, hidden: int, latents: int, b_dec: np.ndarray, out_width: int | None = None):
+    """hidden: input width; out_width: output width (a transcoder's target), default hidden."""
     import jax
     import jax.numpy as jnp
 
-    w = jax.random.normal(key, (latents, hidden), jnp.float32)
+    w = jax.random.normal(key, (latents, out_width or hidden), jnp.float32)
     w = w / jnp.linalg.norm(w, axis=1, keepdims=True)
-    # Encoder initialised to the decoder's transpose (Gao et al.): the SAE starts near an identity.
-    return {"W_enc": w.T, "b_enc": jnp.zeros(latents), "W_dec": w, "b_dec": jnp.asarray(b_dec, jnp.float32)}
+    if out_width is None or out_width == hidden:
+        # Encoder initialised to the decoder's transpose (Gao et al.): the SAE starts near an identity.
+        w_enc = w.T
+    else:
+        w_enc = jax.random.normal(jax.random.fold_in(key, 1), (hidden, latents), jnp.float32) / np.sqrt(hidden)
+    return {"W_enc": w_enc, "b_enc": jnp.zeros(latents), "W_dec": w, "b_dec": jnp.asarray(b_dec, jnp.float32)}
 
 
-def encode(params, x, k: int):
+def encode(params, x, k: int, transcoder: bool = False):
     import jax
     import jax.numpy as jnp
 
-    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # [B, L]
+    # An SAE subtracts b_dec (its output's mean) from the input; a transcoder's input lives elsewhere.
+    pre = (x if transcoder else x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # [B, L]
     vals, idx = jax.lax.top_k(pre, k)  # [B, k]
     return jnp.maximum(vals, 0.0), idx
 
@@ -74,24 +115,25 @@ def decode(params, vals, idx):
     return jnp.einsum("bk,bkh->bh", vals, params["W_dec"][idx]) + params["b_dec"]
 
 
-def make_step(k: int, optimizer):
+def make_step(k: int, optimizer, transcoder: bool = False):
+    """step(params, opt_state, x, y): one Adam step on |y - decode(encode(x))|^2 (an SAE: y = x)."""
     import jax
     import jax.numpy as jnp
 
-    def loss_fn(params, x):
-        vals, idx = encode(params, x, k)
-        xhat = decode(params, vals, idx)
-        err = jnp.sum((x - xhat) ** 2)
+    def loss_fn(params, x, y):
+        vals, idx = encode(params, x, k, transcoder)
+        yhat = decode(params, vals, idx)
+        err = jnp.sum((y - yhat) ** 2)
         return err / x.shape[0], (err, vals, idx)
 
     @jax.jit
-    def step(params, opt_state, x):
-        (loss, (err, vals, idx)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+    def step(params, opt_state, x, y):
+        (loss, (err, vals, idx)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
         w = params["W_dec"]
         params = {**params, "W_dec": w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-8)}
-        total = jnp.sum((x - x.mean(axis=0)) ** 2)
+        total = jnp.sum((y - y.mean(axis=0)) ** 2)
         fired = jnp.zeros(w.shape[0], bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
         return params, opt_state, loss, err, total, fired
 
@@ -113,32 +155,45 @@ def train(
     dead_window: int = 100,
     log_every: int = 100,
     log=print,
+    hook: str = "resid_post",
+    transcoder: bool = False,
 ) -> dict:
-    """Train and return {"fve", "dead_fraction", "steps", "tokens", "seconds", "params"}."""
+    """Train and return {"fve", "dead_fraction", "steps", "tokens", "seconds", "params", "layer", "hook"}.
+
+    transcoder: map mlp_in to mlp_out of `layer` (hook is then "mlp_in->mlp_out"); fve is the
+    fraction of mlp_out's variance explained.
+    """
     import jax
     import optax
 
+    from llm_activations.format import hooks as hk
     from llm_activations.format import metadata as md
     from llm_activations import reader as rd
 
     meta = md.read_metadata(path)
+    source, target = ("mlp_in", "mlp_out") if transcoder else (hook, hook)
     if layer is None:
-        layer = min(int(key) for key in meta["files"])
-    spec = rd.layer_spec(path, layer)
-    stats = meta.get("stats", {}).get(str(layer), {})
-    b_dec = np.asarray(stats.get("mean", np.zeros(spec.hidden_size)), np.float32) * float(spec.scaling_factor or 1.0)
-    params = init_params(jax.random.PRNGKey(seed), spec.hidden_size, latents, b_dec)
+        layer = min(l for h, l in md.entries(meta) if h == target)
+    spec_in, spec_out = rd.layer_spec(path, layer, hook=source), rd.layer_spec(path, layer, hook=target)
+    stats = meta.get("stats", {}).get(hk.key(target, layer), {})
+    b_dec = np.asarray(stats.get("mean", np.zeros(spec_out.hidden_size)), np.float32) * float(spec_out.scaling_factor or 1.0)
+    params = init_params(jax.random.PRNGKey(seed), spec_in.hidden_size, latents, b_dec, spec_out.hidden_size)
     optimizer = optax.adam(lr)
     opt_state = optimizer.init(params)
-    step = make_step(k, optimizer)
+    step = make_step(k, optimizer, transcoder)
 
     recent_err, recent_total, fired_steps = [], [], []
     start = time.perf_counter()
-    data = batches(path, layer, batch_size, reader, shuffle_buffer, seed)
+    if transcoder:
+        if reader != "numpy":
+            raise SystemExit("--transcoder reads its aligned pairs with --reader numpy")
+        data = paired_batches(path, layer, batch_size, shuffle_buffer, seed, source, target)
+    else:
+        data = batches(path, layer, batch_size, reader, shuffle_buffer, seed, hook)
     fve = dead = float("nan")
     for i in range(1, steps + 1):
-        x = next(data)
-        params, opt_state, loss, err, total, fired = step(params, opt_state, x)
+        x, y = next(data)
+        params, opt_state, loss, err, total, fired = step(params, opt_state, x, y)
         recent_err.append(err)
         recent_total.append(total)
         fired_steps.append(fired)
@@ -149,13 +204,17 @@ def train(
             log(f"step {i:>6}  loss {float(loss):9.4f}  explained variance {fve:6.3f}  dead latents {dead:6.1%}  "
                 f"{i * batch_size / (time.perf_counter() - start):,.0f} tokens/s")
     return {"fve": fve, "dead_fraction": dead, "steps": steps, "tokens": steps * batch_size,
-            "seconds": time.perf_counter() - start, "params": params, "layer": layer}
+            "seconds": time.perf_counter() - start, "params": params, "layer": layer,
+            "hook": f"{source}->{target}" if transcoder else hook}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train a TopK SAE on an activation dataset (JAX + optax).")
     p.add_argument("dataset", help="dataset folder (metadata.json + shards)")
     p.add_argument("--layer", type=int, help="layer to train on (default: the first in the dataset)")
+    p.add_argument("--hook", default="resid_post", help="hook point to train on (default: resid_post)")
+    p.add_argument("--transcoder", action="store_true",
+                   help="train a transcoder from mlp_in to mlp_out of --layer (extract with --hooks mlp_in mlp_out)")
     p.add_argument("--latents", type=int, default=512)
     p.add_argument("--k", type=int, default=8, help="active latents per token")
     p.add_argument("--steps", type=int, default=1000)
@@ -169,8 +228,9 @@ def main(argv=None) -> int:
     out = train(
         args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,
+        hook=args.hook, transcoder=args.transcoder,
     )
-    print(f"layer {out['layer']}: explained variance {out['fve']:.3f}, dead latents {out['dead_fraction']:.1%}, "
+    print(f"layer {out['layer']} {out['hook']}: explained variance {out['fve']:.3f}, dead latents {out['dead_fraction']:.1%}, "
           f"{out['tokens']:,} tokens in {out['seconds']:.1f}s")
     return 0
 

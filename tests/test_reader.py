@@ -175,3 +175,26 @@ def test_tf_repeated_passes_reshuffle_reproducibly(dataset):
     np.testing.assert_array_equal(first, again[0])
     np.testing.assert_array_equal(second, again[1])
     assert np.mean(first != second) > 0.9  # a new order on the second pass
+
+
+def test_two_hooks_of_a_layer_read_with_one_seed_are_aligned(tmp_path):
+    """The transcoder example's contract (reader module doc): same seed and arguments, same token order."""
+    from llm_activations import reader
+    from synthetic import make_dataset, read_all_rows
+
+    make_dataset(str(tmp_path), layers=(1,), hidden_size=8, num_docs=60, seq_len=32, hooks=("z", "mlp_in", "mlp_out"))
+    kw = dict(shuffle_buffer=300, seed=5, with_metadata=True, drop_remainder=False)
+    z = list(reader.iter_numpy_batches(str(tmp_path), 1, 64, hook="z", **kw))
+    out = list(reader.iter_numpy_batches(str(tmp_path), 1, 64, hook="mlp_out", **kw))
+    assert len(z) == len(out) > 3
+    for a, b in zip(z, out):
+        np.testing.assert_array_equal(a["doc_index"], b["doc_index"])
+        np.testing.assert_array_equal(a["token_index"], b["token_index"])
+        assert a["activations"].shape[1] == 16 and b["activations"].shape[1] == 8
+    # shuffled (not file order), and every token of the hook once
+    ref = read_all_rows(str(tmp_path), 1, "z")
+    got = np.concatenate([a["activations"] for a in z])
+    assert not np.array_equal(got, ref["activations"])
+    np.testing.assert_array_equal(np.sort(got, axis=0), np.sort(ref["activations"], axis=0))
+    with pytest.raises(DatasetError, match="hook resid_post at layer 1 is not in this dataset"):
+        reader.layer_spec(str(tmp_path), 1)

@@ -33,3 +33,33 @@ def test_topk_sae_explains_variance(tmp_path, train_sae):
     # still learning after the first log line: the number measures training, not the init
     first = float(logs[0].split("explained variance")[1].split()[0])
     assert out["fve"] > first
+
+
+def test_sae_on_another_hook(tmp_path, train_sae):
+    """--hook z: a version-2 dataset whose z is twice the hidden size wide."""
+    make_dataset(str(tmp_path), layers=(1,), hidden_size=16, num_docs=200, seq_len=64, num_atoms=64, k_active=3,
+                 hooks=("z", "resid_post"))
+    out = train_sae.train(str(tmp_path), 1, hook="z", latents=256, k=6, steps=200, batch_size=256, lr=2e-3,
+                          shuffle_buffer=4096, log_every=100, log=lambda _: None)
+    assert out["hook"] == "z" and np.asarray(out["params"]["W_dec"]).shape == (256, 32)
+    assert out["fve"] > 0.5
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_transcoder_learns_mlp_in_to_mlp_out(tmp_path, train_sae, capsys, paired):
+    """paired: mlp_out = tanh(mlp_in @ W) row for row (synthetic pairs), which the transcoder learns;
+    unpaired: mlp_out is independent data, and the same training explains none of it."""
+    make_dataset(str(tmp_path), layers=(2,), hidden_size=16, num_docs=300, seq_len=64, num_atoms=32, k_active=2,
+                 hooks=("mlp_in", "mlp_out"), pairs=(("mlp_in", "mlp_out"),) if paired else ())
+    logs = []
+    out = train_sae.train(str(tmp_path), 2, transcoder=True, latents=256, k=8, steps=300, batch_size=256, lr=1e-2,
+                          shuffle_buffer=4096, log_every=100, log=logs.append)
+    assert out["hook"] == "mlp_in->mlp_out"
+    if not paired:
+        assert out["fve"] < 0.1, logs
+        return
+    assert out["fve"] > 0.7, logs  # measured 0.82
+    assert out["fve"] > float(logs[0].split("explained variance")[1].split()[0])
+    assert train_sae.main([str(tmp_path), "--layer", "2", "--transcoder", "--steps", "20", "--batch-size", "128",
+                           "--log-every", "10", "--shuffle-buffer", "1024"]) == 0
+    assert "layer 2 mlp_in->mlp_out: explained variance" in capsys.readouterr().out
