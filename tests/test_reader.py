@@ -198,3 +198,14 @@ def test_two_hooks_of_a_layer_read_with_one_seed_are_aligned(tmp_path):
     np.testing.assert_array_equal(np.sort(got, axis=0), np.sort(ref["activations"], axis=0))
     with pytest.raises(DatasetError, match="hook resid_post at layer 1 is not in this dataset"):
         reader.layer_spec(str(tmp_path), 1)
+
+
+def test_tf_reader_takes_a_hook(tmp_path):
+    from llm_activations import reader
+    from synthetic import make_dataset, read_all_rows
+
+    make_dataset(str(tmp_path), layers=(2,), hidden_size=8, num_docs=20, seq_len=32, hooks=("z", "resid_post"))
+    got = np.concatenate(list(reader.activation_dataset(str(tmp_path), 2, 32, shuffle_buffer=0, drop_remainder=False,
+                                                        cycle_length=1, hook="z").as_numpy_iterator()))
+    np.testing.assert_array_equal(got, read_all_rows(str(tmp_path), 2, "z")["activations"])
+    assert got.shape[1] == 16
