@@ -10,6 +10,7 @@ read -r -a LAYERS_ARR <<< "${LAYERS:-7 14 21}"
 read -r -a EXTRA_BEAM_ARR <<< "${EXTRA_BEAM_ARGS:-}"
 
 # extract_args OUTPUT: sets EXTRACT_ARGS to the extract options of a run writing to OUTPUT.
+# Optional: SEQ_LEN, BATCH_SIZE, NUM_SHARDS, MAX_DOCS, MESH, HOOKS (space-separated), COMPILATION_CACHE.
 extract_args() {
   EXTRACT_ARGS=(
     --model "$MODEL"
@@ -22,6 +23,7 @@ extract_args() {
   )
   if [[ -n "${MAX_DOCS:-}" ]]; then EXTRACT_ARGS+=(--max-docs "$MAX_DOCS"); fi
   if [[ -n "${MESH:-}" ]]; then EXTRACT_ARGS+=(--mesh "$MESH"); fi
+  if [[ -n "${HOOKS:-}" ]]; then read -r -a hooks <<< "$HOOKS"; EXTRACT_ARGS+=(--hooks "${hooks[@]}"); fi
   if [[ -n "${COMPILATION_CACHE:-}" ]]; then EXTRACT_ARGS+=(--compilation-cache "$COMPILATION_CACHE"); fi
 }
 
