@@ -24,6 +24,7 @@ from llm_activations import reader
 from llm_activations.cli import main
 from llm_activations.format import fileio
 from llm_activations.format import metadata as md
+from llm_activations.format import records
 from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,11 @@ def test_gcs_upload_is_invisible_until_commit_and_abort_leaves_nothing(gcs_emula
     w = fileio.open_for_commit(path)  # ... nor one dropped without commit (a failed bundle's writer)
     w.write(payload[: 17 << 20])
     del w
+    # ... nor a ShardWriter dropped mid-file: it sits in a reference cycle, so the garbage collector
+    # finalizes it and everything it reaches in no particular order - the upload must not be among them.
+    shard = records.ShardWriter(path)
+    shard.write(b"x" * 100, 1)
+    del shard
     gc.collect()
     assert fileio.sha256_file(path) == (hashlib.sha256(payload).hexdigest(), len(payload))
     assert fileio.files_under(f"{bucket}/x") == ["shard.tfrecord"]
