@@ -157,7 +157,7 @@ def test_validate_and_inspect_on_gs_and_a_corrupted_object_is_caught(runs, capsy
     assert len(bad) == 1 and bad[0].startswith(f"BAD {victim}:") and "CRC" in bad[0]
 
 
-def test_merge_of_two_gs_host_datasets(runs):
+def test_merge_of_two_gs_host_datasets(runs, capsys):
     """Two hosts write gs:// datasets; merge copies them to a gs:// OUT (sha256-checked) and the
     result holds the single run's counts, statistics and bytes."""
     bucket, inputs = runs["bucket"], [f"{runs['gs_in']}/*.parquet", f"{runs['gs_in']}/*.jsonl"]
@@ -175,6 +175,20 @@ def test_merge_of_two_gs_host_datasets(runs):
     host_sha = sorted(s["sha256"] for h in hosts for s in md.read_metadata(h)["shards"])
     assert sorted(shard_bytes(out, merged).values()) == host_sha
     assert main(["validate", out]) == 0
+
+    # In place: host folders inside OUT are referenced, not copied, once their sizes are checked.
+    inside = f"{bucket}/hosts"
+    assert main(["merge", "--output", inside, *hosts]) == 0
+    in_place = md.read_metadata(inside)
+    assert {s["path"].split("/")[0] for s in in_place["shards"]} == {"h0", "h1"}
+    assert sorted(shard_bytes(inside, in_place).values()) == host_sha
+    truncated = md.join(hosts[1], md.read_metadata(hosts[1])["shards"][0]["path"])
+    with fileio.open_read(truncated) as f:
+        data = f.read()
+    with fileio.create(truncated) as f:
+        f.write(data[: len(data) // 2])
+    assert main(["merge", "--output", inside, "--overwrite", *hosts]) == 2
+    assert f"{truncated} has {len(data) // 2} bytes" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- readers

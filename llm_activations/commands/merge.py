@@ -258,10 +258,11 @@ def _copy_verified(src: str, dst: str, shard: dict) -> None:
 
 def _check_in_place(src: str, shard: dict) -> None:
     """A file referenced in place must exist with its recorded size (its sha256 is `validate`'s job)."""
-    if not fileio.exists(src):
+    size = fileio.size(src)  # one metadata request on an object store, not a download
+    if size is None:
         raise DatasetError(f"{src} is listed in its metadata.json but missing")
-    if "://" not in src and "bytes" in shard and os.path.getsize(src) != shard["bytes"]:
-        raise DatasetError(f"{src} has {os.path.getsize(src)} bytes, its metadata.json says {shard['bytes']}")
+    if "bytes" in shard and size != shard["bytes"]:
+        raise DatasetError(f"{src} has {size} bytes, its metadata.json says {shard['bytes']}")
 
 
 def _copy_tree(src: str, dst: str) -> None:
