@@ -24,9 +24,11 @@ COMMANDS = {
 
 
 def _quiet_beam_import_warning(record: logging.LogRecord) -> bool:
-    # Beam logs this on import when the optional GCP extras are absent; it is noise to a CLI user
-    # and would break the "one clear line" of an error message.
-    return "apitools not found" not in record.getMessage()
+    # Beam logs these on import when the optional GCP extras are absent; they are noise to a CLI
+    # user and would break the "one clear line" of an error message (a gs:// path gets its own
+    # one-line error from fileio.check_url_support).
+    message = record.getMessage()
+    return "apitools not found" not in message and "Failed to import GCSFileSystem" not in message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +53,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.getLogger().addFilter(_quiet_beam_import_warning)
+    for name in ("", "apache_beam.io.filesystems"):  # a logger's filter does not see its children's records
+        logging.getLogger(name).addFilter(_quiet_beam_import_warning)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = _parser(command if command in COMMANDS else None)

@@ -154,8 +154,11 @@ def check_model_folder(folder: str) -> None:
 
 def check_config(cfg: ExtractConfig):
     """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
+    from llm_activations.format import fileio
     from llm_activations.model.config import load_model_config
 
+    # gs:// without Beam's GCP extra or credentials: one line now, not a traceback mid-run.
+    fileio.check_urls([p for p in (*cfg.inputs, cfg.output) if not p.startswith("hf://")])
     if cfg.seq_len < 1 or cfg.batch_size < 1:
         raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
     hooks = hk.check_hooks(cfg.hooks)

@@ -236,30 +236,33 @@ def _check_output(output: str, inside: list[str | None], overwrite: bool) -> Non
 
 def _copy_verified(src: str, dst: str, shard: dict) -> None:
     """Copy a shard byte for byte, hashing as it streams; refuse it if it is not what metadata says."""
-    sha, size, tmp = hashlib.sha256(), 0, fileio.temporary_name(dst)
+    sha, size = hashlib.sha256(), 0
+    fout = fileio.open_for_commit(dst)
     try:
-        with fileio.open_read(src) as fin, fileio.create(tmp) as fout:
+        with fileio.open_read(src) as fin:
             while chunk := fin.read(1 << 22):
                 sha.update(chunk)
                 size += len(chunk)
                 fout.write(chunk)
     except FileNotFoundError:
+        fout.abort()
         raise DatasetError(f"{src} is listed in its metadata.json but missing") from None
     if sha.hexdigest() != shard.get("sha256") or size != shard.get("bytes", size):
-        fileio.delete([tmp])
+        fout.abort()
         raise DatasetError(
             f"{src} does not match its metadata.json (sha256 {sha.hexdigest()[:12]}... / {size} bytes, "
             f"expected {str(shard.get('sha256'))[:12]}... / {shard.get('bytes')} bytes); the host folder is corrupt"
         )
-    fileio.rename(tmp, dst)
+    fout.commit()
 
 
 def _check_in_place(src: str, shard: dict) -> None:
     """A file referenced in place must exist with its recorded size (its sha256 is `validate`'s job)."""
-    if not fileio.exists(src):
+    size = fileio.size(src)  # one metadata request on an object store, not a download
+    if size is None:
         raise DatasetError(f"{src} is listed in its metadata.json but missing")
-    if "://" not in src and "bytes" in shard and os.path.getsize(src) != shard["bytes"]:
-        raise DatasetError(f"{src} has {os.path.getsize(src)} bytes, its metadata.json says {shard['bytes']}")
+    if "bytes" in shard and size != shard["bytes"]:
+        raise DatasetError(f"{src} has {size} bytes, its metadata.json says {shard['bytes']}")
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -3,21 +3,43 @@
 Inputs, shards, manifests, metadata and merged copies all live either on a local disk or behind a
 Beam filesystem. Local paths use the os module directly (fast, and errors a user recognises);
 URLs go through apache_beam.io.filesystems.FileSystems, imported only when a URL is used.
-Writers of files that others read while a run is going on use write_text_atomic or a temporary
-name plus rename(), so a reader sees a whole file or none.
+
+Files that others read while a run is going on (shards, manifests, metadata.json) are written
+with open_for_commit, so a reader sees a whole file or none:
+
+* local files are written under a temporary name and renamed on commit;
+* GCS objects are uploaded straight to their final name: an upload becomes visible only when it
+  is finalized (commit), and abort cancels it, so no rename is needed - on GCS a rename is a
+  server-side copy plus a delete, which would pay for every multi-GB shard twice;
+* other object stores (s3://, azfs://, ...) keep the temporary name and rename: Beam's writers
+  for them cannot cancel an upload, so closing a failed writer would publish half a file under
+  the final name.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
 import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
+
+from llm_activations.errors import UsageError
+
+# Object stores whose Beam writer can cancel an unfinished upload (BlobWriter.terminate).
+DIRECT_UPLOAD_SCHEMES = ("gs",)
+BEAM_VERSION_HINT = "apache-beam[gcp]==2.77.0"
 
 
 def is_url(path: str) -> bool:
     return "://" in path
+
+
+def scheme(path: str) -> str:
+    return path.split("://", 1)[0].lower() if is_url(path) else ""
 
 
 def _fs():
@@ -26,45 +48,86 @@ def _fs():
     return FileSystems
 
 
+# ----------------------------------------------------------------------------- URL support checks
+
+
+@functools.cache
+def check_url_support(scheme_name: str) -> None:
+    """UsageError naming what to install or set when URLs of this scheme cannot work here.
+
+    Runs once per scheme and process, at the first URL of that scheme, so every command fails in
+    one line at its edge instead of in a traceback (or after Beam's credential retries) mid-run.
+    """
+    if scheme_name == "gs":
+        try:  # google-cloud-storage first: without it, importing Beam's io logs a warning of its own
+            import google.cloud.storage  # noqa: F401
+            import apache_beam.io.gcp.gcsfilesystem  # noqa: F401  (registers gs:// with FileSystems)
+        except ImportError:
+            raise UsageError(f"gs:// paths need Beam's GCP extra: pip install '{BEAM_VERSION_HINT}'") from None
+        check_gcs_credentials()
+        return
+    try:
+        _fs().get_filesystem(f"{scheme_name}://x")
+    except ValueError:
+        raise UsageError(f"{scheme_name}:// paths: Apache Beam has no filesystem for this scheme here "
+                         "(install the Beam extra that provides it, e.g. apache-beam[aws] for s3://)") from None
+
+
+def check_gcs_credentials() -> None:
+    """Google application default credentials must exist (or an emulator be named) for gs://."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # google-cloud-storage talks to the emulator, anonymously
+        return
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        google.auth.default()
+    except DefaultCredentialsError:
+        raise UsageError("gs:// paths need Google Cloud credentials: run `gcloud auth application-default login` "
+                         "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file "
+                         "(or STORAGE_EMULATOR_HOST for a GCS emulator)") from None
+
+
+def check_urls(paths) -> None:
+    """check_url_support for every URL among paths (the launcher calls this before any work)."""
+    for name in sorted({scheme(p) for p in paths if is_url(p)}):
+        check_url_support(name)
+
+
+def _beam(path: str):
+    """Beam's FileSystems, after the one-line check that this URL's scheme works here."""
+    check_url_support(scheme(path))
+    return _fs()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
 def open_read(path: str) -> BinaryIO:
     """A binary stream of the file's raw bytes (no decompression)."""
     if is_url(path):
-        return _fs().open(path, compression_type="uncompressed")
+        return _beam(path).open(path, compression_type="uncompressed")
     return open(path, "rb")
-
-
-def create(path: str) -> BinaryIO:
-    """A binary stream writing a new file (parent folders are created for local paths)."""
-    if is_url(path):
-        return _fs().create(path, compression_type="uncompressed")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return open(path, "wb", buffering=1 << 20)
 
 
 def exists(path: str) -> bool:
     """True if path is an existing file."""
-    return _fs().exists(path) if is_url(path) else os.path.isfile(path)
+    return _beam(path).exists(path) if is_url(path) else os.path.isfile(path)
 
 
-def rename(src: str, dst: str) -> None:
-    """Move src over dst, replacing dst if it exists."""
-    if is_url(src):
-        fs = _fs()
-        if fs.exists(dst):
-            fs.delete([dst])
-        fs.rename([src], [dst])
-    else:
-        os.replace(src, dst)
-
-
-def delete(paths: list[str]) -> None:
-    """Delete files or folders (recursively)."""
-    if paths:
-        _fs().delete(list(paths))
+def size(path: str) -> int | None:
+    """Size in bytes of a file, or None if it does not exist (one metadata request on a URL)."""
+    if not is_url(path):
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    found = [m.size_in_bytes for r in _beam(path).match([path]) for m in r.metadata_list if m.path == path]
+    return found[0] if found else None
 
 
 def match(patterns: list[str]) -> list[str]:
     """Paths matching glob patterns; a pattern that matches nothing contributes nothing."""
+    for p in patterns:
+        if is_url(p):
+            check_url_support(scheme(p))
     return [m.path for r in _fs().match(list(patterns)) for m in r.metadata_list]
 
 
@@ -99,24 +162,141 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+def sha256_file(path: str) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, streamed."""
+    sha, nbytes = hashlib.sha256(), 0
+    with open_read(path) as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            nbytes += len(chunk)
+    return sha.hexdigest(), nbytes
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def create(path: str) -> BinaryIO:
+    """A binary stream writing a new file (parent folders are created for local paths).
+
+    Visible under its name as it is written (local) or when closed (object stores); files that
+    readers must see whole or not at all go through open_for_commit instead.
+    """
+    if is_url(path):
+        return _beam(path).create(path, compression_type="uncompressed")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return open(path, "wb", buffering=1 << 20)
+
+
 def temporary_name(path: str) -> str:
     """A unique sibling name: a retried or speculative duplicate writer may run at the same time."""
     return f"{path}.inprogress-{uuid.uuid4().hex[:12]}"
 
 
+def writes_in_place(path: str) -> bool:
+    """True where open_for_commit uploads straight to the final name (no temporary, no rename)."""
+    return scheme(path) in DIRECT_UPLOAD_SCHEMES
+
+
+class CommitWriter:
+    """A file that appears under its final name only on commit(), whole; abort() leaves nothing.
+
+    Used as a context manager it commits on success and aborts on an exception. A writer dropped
+    without either (a failed bundle's DoFn going away) is aborted when collected: the weakref
+    finalizer holds the underlying stream, so the garbage collector can never close - and on an
+    object store thereby publish - that stream before the abort has run.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._tmp = None if writes_in_place(path) else temporary_name(path)
+        self._raw = create(self._tmp or path)
+        self._abort = weakref.finalize(self, _abandon, self._raw, self._tmp)
+
+    def write(self, data) -> int:
+        return self._raw.write(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def commit(self) -> None:
+        """Finish the file: close (finalizing an upload) and, with a temporary name, rename it."""
+        self._abort.detach()
+        self._raw.close()
+        if self._tmp is not None:
+            rename(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Discard the file: cancel the upload, or close and delete the temporary file."""
+        self._abort()
+
+    def __enter__(self) -> "CommitWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _abandon(raw, tmp: str | None) -> None:
+    if tmp is None:
+        raw.terminate()  # GCS BlobWriter: cancels the resumable upload; nothing becomes visible
+        return
+    try:
+        raw.close()
+    finally:
+        delete([tmp])
+
+
+def open_for_commit(path: str) -> CommitWriter:
+    """A writable for `path` that readers see whole or not at all (see CommitWriter)."""
+    return CommitWriter(path)
+
+
 def write_text_atomic(path: str, text: str) -> None:
-    """Write text to a temporary name, then rename: readers never see half a file."""
-    tmp = temporary_name(path)
-    with create(tmp) as f:
+    """Write a text file that readers never see half-written."""
+    with open_for_commit(path) as f:
         f.write(text.encode())
-    rename(tmp, path)
 
 
-def sha256_file(path: str) -> tuple[str, int]:
-    """(sha256 hex digest, size in bytes) of a file, streamed."""
-    sha, size = hashlib.sha256(), 0
-    with open_read(path) as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
+# ----------------------------------------------------------------------------- moving, deleting
+
+
+def rename(src: str, dst: str) -> None:
+    """Move src over dst, replacing dst if it exists."""
+    if is_url(src):
+        fs = _beam(src)
+        if fs.exists(dst):
+            delete([dst])
+        fs.rename([src], [dst])
+    else:
+        os.replace(src, dst)
+
+
+def delete(paths: list[str]) -> None:
+    """Delete files or folders (recursively); paths that do not exist are ignored."""
+    local = [p for p in paths if not is_url(p)]
+    if local:
+        _fs().delete([p for p in local if os.path.lexists(p)])
+    urls = [p for p in paths if is_url(p)]
+    if not urls:
+        return
+    # On an object store a "folder" is a name prefix: delete the object itself and all below it.
+    objects = match([q for p in urls for q in (p.rstrip("/"), p.rstrip("/") + "/**")])
+    gcs = [o for o in objects if scheme(o) == "gs"]
+    if gcs:
+        _delete_gcs_objects(gcs)
+    other = [o for o in objects if scheme(o) != "gs"]
+    if other:
+        _fs().delete(other)
+
+
+def _delete_gcs_objects(paths: list[str]) -> None:
+    """One DELETE request per object, 16 at a time, instead of Beam's batch API: the same on GCS,
+    and it also works against GCS emulators (fake-gcs-server), which cannot parse batch requests."""
+    from apache_beam.io.gcp.gcsio import GcsIO
+
+    gcs = GcsIO()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(gcs.delete, sorted(set(paths))))

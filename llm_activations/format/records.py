@@ -265,20 +265,20 @@ def read_shard(path: str, check_crc: bool = True) -> Iterator[bytes]:
 class ShardWriter:
     """Writes one shard file and describes it as it goes (records, tokens, bytes, sha256).
 
-    Writes to a temporary name and renames on close, so a crashed or retried writer never leaves a
-    half-written shard under the final name, and a retry that rewrites the same rows produces the
-    same bytes. Local paths and Beam filesystem URLs (gs://...) both work. The sha256 and size are
-    of the bytes on disk (compressed, with gzip), hashed as they are written.
+    The file is opened with fileio.open_for_commit and committed on close, so a crashed or retried
+    writer never leaves a half-written shard under the final name (local files: temporary name +
+    rename; GCS: a direct upload finalized on close), and a retry that rewrites the same rows
+    produces the same bytes. The sha256 and size are of the bytes on disk (compressed, with gzip),
+    hashed as they are written.
     """
 
     def __init__(self, path: str, compression: str = "none"):
         self.path = path
         self.compression = compression
-        self._tmp = fileio.temporary_name(path)
         self._sha = hashlib.sha256()
         self.records = self.tokens = self.bytes = 0
-        self._raw = fileio.create(self._tmp)
-        self._hashing = _HashingWriter(self._raw, self)
+        self._file = fileio.open_for_commit(path)
+        self._hashing = _HashingWriter(self._file, self)
         # mtime=0 and no filename keep gzip output byte-identical across reruns.
         self._out = (gzip.GzipFile(fileobj=self._hashing, mode="wb", mtime=0, filename="")
                      if compression == "gzip" else self._hashing)
@@ -291,8 +291,7 @@ class ShardWriter:
     def close(self) -> dict:
         if self._out is not self._hashing:
             self._out.close()  # writes the gzip trailer through the hashing writer
-        self._raw.close()
-        fileio.rename(self._tmp, self.path)
+        self._file.commit()
         return {"records": self.records, "tokens": self.tokens, "bytes": self.bytes, "sha256": self._sha.hexdigest()}
 
 
