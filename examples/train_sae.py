@@ -13,7 +13,8 @@ trained with Adam on the mean squared error. It prints the fraction of variance 
 (1 - sum |x - xhat|^2 / sum |x - mean x|^2 over recent batches) and the share of dead latents
 (latents that fired on none of the last --dead-window steps' tokens).
 --reader numpy (default) never imports TensorFlow, as a JAX-on-TPU trainer would; --reader tf
-reads through reader.activation_dataset.
+reads through reader.activation_dataset. Either way batches reach the step through
+jax_reader.prefetch_to_device: on the device, one transfer ahead of the trainer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int):
-    """Endless float32 [batch_size, H] batches, a freshly seeded shuffle per pass."""
+def host_batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int):
+    """Endless float32 [batch_size, H] NumPy batches, a freshly seeded shuffle per pass."""
     from llm_activations import reader as rd
 
     epoch = 0
@@ -46,6 +47,14 @@ def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer:
         if not got:
             raise SystemExit(f"{path} layer {layer} has fewer than --batch-size {batch_size} tokens")
         epoch += 1
+
+
+def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int):
+    """The same batches as jax.Arrays on the default device, the next one's transfer already started
+    (jax_reader.prefetch_to_device), so the jitted step never waits for the host."""
+    from llm_activations.jax_reader import prefetch_to_device
+
+    return prefetch_to_device(host_batches(path, layer, batch_size, reader, shuffle_buffer, seed))
 
 
 def init_params(key, hidden: int, latents: int, b_dec: np.ndarray):
