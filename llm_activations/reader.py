@@ -42,8 +42,8 @@ adjacent. There is no mixing across windows beyond stage 2, so pick W large (2**
 tokens; memory is about 2 x W x hidden x dtype size bytes: the record buffer and one window).
 With `seed` set the order is a pure function of (dataset, seed, arguments): the same call gives
 the same pass, and the passes of a repeated tf.data dataset follow one reproducible sequence of
-different orders (pass k of activation_dataset is iter_numpy_batches with the same seed's pass
-k). With seed=None the order is fresh each time. Permuting whole windows with array operations
+different orders (the first is iter_numpy_batches' order for the same seed). With seed=None the
+order is fresh each time. Permuting whole windows with array operations
 instead of passing single tokens through a buffer is what keeps the reader fast: a per-token
 tf.data shuffle makes each 7 KiB token vector its own element (measured 0.47 GiB/s).
 
@@ -555,8 +555,8 @@ def activation_dataset(
     Elements: float32 [batch_size, hidden_size] activations; with_metadata: a dict with
     "activations" and int64 [batch_size] "token_ids", "doc_index", "token_index", "position".
     normalize multiplies activations by the layer's stored scaling_factor (sqrt(H) / mean norm).
-    path may be any tf.io.gfile location (local, gs://...). Call .repeat() for more passes: pass k
-    of this dataset is the order iter_numpy_batches(seed=...) would give for pass k.
+    path may be any tf.io.gfile location (local, gs://...). Call .repeat() for more passes, each in
+    a new order; the first pass is iter_numpy_batches' pass for the same seed, batch for batch.
 
     Speed: the batches are made by the NumPy engine in background threads and handed to TF
     without a copy (Dataset.from_generator). A tf.data graph of parse / decode_raw / rebatch /
