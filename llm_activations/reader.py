@@ -266,7 +266,8 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
             if close is not None:
                 close()
 
-    threading.Thread(target=work, daemon=True, name="llm_activations-reader").start()
+    thread = threading.Thread(target=work, daemon=True, name="llm_activations-reader")
+    thread.start()
     try:
         while True:
             item = q.get()
@@ -283,6 +284,9 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
                 q.get_nowait()
             except queue.Empty:
                 break
+        # Wait (for the item in progress, at most) so that a pass started right after this one
+        # finds this one's buffers idle instead of allocating a second set.
+        thread.join(timeout=10)
 
 
 def _framed_records(stream, check_crc: bool) -> Iterator[np.ndarray]:
