@@ -12,9 +12,9 @@ One engine, three front ends with one meaning:
 Both take the schema (dtype, hidden size, files, scaling factor) from metadata.json and refuse a
 folder without one, or with an unknown format_version, in one line (errors.DatasetError).
 
-How it runs (`_pass`): one thread reads and CRC-checks records (read() releases the GIL), a second
-shuffles and writes float32 batches into reused buffers, and the caller only takes finished
-batches off a queue. The activation_dataset wraps the same batches with Dataset.from_generator
+How it runs (`_pass`): one thread shuffles records and reads and CRC-checks them (read() releases
+the GIL), a second permutes windows and writes float32 batches into reused buffers, and the caller
+only takes finished batches off a queue. The activation_dataset wraps the same batches with Dataset.from_generator
 (TF wraps 64-byte-aligned arrays without copying them), so for one seed both readers deliver the
 same batches in the same order. Work per token: one copy out of the page cache, one scatter into
 the shuffle window, one cast into the batch; nothing is allocated per batch (see BufferPool).
@@ -39,7 +39,9 @@ So: every token of the layer is delivered exactly once per pass (except that
 tokens of one or two windows, i.e. drawn from about W tokens of ~W / tokens-per-record records
 that come from several files; a record's tokens are scattered over its whole window, not kept
 adjacent. There is no mixing across windows beyond stage 2, so pick W large (2**16 to 2**20
-tokens; memory is about 2 x W x hidden x dtype size bytes: the record buffer and one window).
+tokens; memory is about W x hidden x dtype size bytes for the window, plus a few records and
+batches; twice that for gzip or URL shards, whose record buffer holds the records themselves:
+local uncompressed ones are shuffled as file offsets and read when they leave the buffer).
 With `seed` set the order is a pure function of (dataset, seed, arguments): the same call gives
 the same pass, and the passes of a repeated tf.data dataset follow one reproducible sequence of
 different orders (the first is iter_numpy_batches' order for the same seed). With seed=None the
@@ -63,6 +65,7 @@ from __future__ import annotations
 import functools
 import gzip
 import itertools
+import os
 import queue
 import struct
 import sys
@@ -72,6 +75,7 @@ from typing import Iterator
 
 import numpy as np
 
+from llm_activations.format import fileio
 from llm_activations.format import metadata as md
 from llm_activations.format import records
 from llm_activations.errors import DatasetError, UsageError
@@ -292,9 +296,10 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
 def _framed_records(stream, check_crc: bool) -> Iterator[np.ndarray]:
     """records.iter_records, reading each record into a pooled buffer instead of a new bytes object.
 
-    Why: the record shuffle buffer keeps ~W tokens of records alive (448 MiB by default); as
-    bytes objects they churned the heap (tens of thousands of page faults per GiB). Buffers are
-    sized in powers of two so that records of different lengths share them.
+    Why: read() returns a new bytes object per record (7 MiB at hidden 3584), and with records
+    held in the queue and, for gzip or URL shards, in the record shuffle buffer, they churned the
+    heap (tens of thousands of page faults per GiB). Buffers are sized in powers of two so that
+    records of different lengths share them.
     """
     while True:
         header = stream.read(12)
@@ -331,7 +336,53 @@ def _read_into(stream, buf: np.ndarray) -> int:
 
 def _read_shard(path: str, check_crc: bool) -> Iterator[np.ndarray]:
     with records.open_shard(path) as stream:
-        yield from _framed_records(stream, check_crc)
+        try:
+            yield from _framed_records(stream, check_crc)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class _RecordRef:
+    """Where a record of a local, uncompressed shard lies; read only when the shuffle releases it."""
+
+    path: str
+    offset: int  # of the record's data, after its 12-byte header
+    length: int
+
+
+def _record_refs(path: str) -> Iterator[_RecordRef]:
+    """Walk a local, uncompressed shard's record headers (checking each length's CRC), reading no data.
+
+    Why: the record shuffle buffer then holds ~W tokens of (path, offset, length) instead of ~W
+    tokens of record bytes (448 MiB at the defaults), and each record is read once, when it
+    leaves the buffer, into a buffer the pool has just recycled (still in cache).
+    """
+    with open(path, "rb", buffering=0) as f:
+        size, pos = os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            header = os.pread(f.fileno(), 12, pos)
+            if len(header) < 12:
+                raise ValueError(f"{path}: truncated record header")
+            (length,) = struct.unpack("<Q", header[:8])
+            if struct.unpack("<I", header[8:])[0] != records._masked_crc(header[:8]):
+                raise ValueError(f"{path}: length CRC mismatch")
+            if pos + 16 + length > size:
+                raise ValueError(f"{path}: truncated record")
+            yield _RecordRef(path, pos + 12, length)
+            pos += 16 + length
+
+
+def _load(ref: _RecordRef, check_crc: bool) -> np.ndarray:
+    buf = _POOL.take((1 << (ref.length + 3).bit_length(),), np.uint8)[: ref.length + 4]
+    with open(ref.path, "rb", buffering=0) as f:
+        f.seek(ref.offset)
+        if _read_into(f, buf) < len(buf):
+            raise ValueError(f"{ref.path}: truncated record")
+    data = buf[: ref.length]
+    if check_crc and int(buf[ref.length :].view("<u4")[0]) != records._masked_crc(data):
+        raise ValueError(f"{ref.path}: data CRC mismatch")
+    return data
 
 
 def _activations_only(data: np.ndarray, dtype: np.dtype, hidden_size: int) -> np.ndarray:
@@ -342,7 +393,7 @@ def _activations_only(data: np.ndarray, dtype: np.dtype, hidden_size: int) -> np
     return acts.reshape(-1, hidden_size)
 
 
-def _interleaved_records(files: list[str], cycle_length: int, read_records) -> Iterator[np.ndarray]:
+def _interleaved_records(files: list[str], cycle_length: int, read_records) -> Iterator:
     """Records of files, cycle_length files open at a time, taken round-robin (tf.data interleave)."""
     pending = list(files)
     active = []
@@ -357,9 +408,9 @@ def _interleaved_records(files: list[str], cycle_length: int, read_records) -> I
                 yield data
 
 
-def _shuffle_records(chunks: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
+def _shuffle_records(chunks: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
     """Record-level shuffle buffer (module doc, stage 2): each record leaves uniformly at random."""
-    buf: list[dict] = []
+    buf: list = []
     for chunk in chunks:
         if len(buf) < buffer_size:
             buf.append(chunk)
@@ -462,29 +513,43 @@ def _pass(
     with_metadata: bool,
     cycle_length: int,
     read_records,
+    check_crc: bool = True,
 ) -> Iterator[dict]:
-    """One pass over a layer: dicts of float32 "activations" [B, H] (and int64 [B] lists if with_metadata)."""
+    """One pass over a layer: dicts of float32 "activations" [B, H] (and int64 [B] lists if with_metadata).
+
+    Thread 1 interleaves the files, shuffles records (stage 2) and reads them; thread 2 permutes
+    windows (stage 3) and fills batches. Each stage has its own generator, spawned from rng, so
+    the order does not depend on how the threads run. Local uncompressed shards are shuffled as
+    _RecordRefs and read when released; other shards (gzip, URLs) are read first, by read_records.
+    """
     dt, h = numpy_dtype(spec.dtype), spec.hidden_size
     shuffle = shuffle_buffer > 1
     files = list(spec.files)
     if shuffle:
         files = [files[i] for i in rng.permutation(len(files))]
+    record_rng, window_rng = rng.spawn(2)
+    lazy = shuffle and all(not fileio.is_url(f) and records.compression_of(f) == "none" for f in files)
+
+    def chunk_of(data: np.ndarray) -> dict:
+        if with_metadata:
+            ex = records.decode_example(data)
+            chunk = {records.ACTIVATIONS: records.decode_activations(ex, dt, h)}
+            chunk.update({k: ex[k] for k in records.INT_FEATURES})
+            return chunk
+        return {records.ACTIVATIONS: _activations_only(data, dt, h)}
 
     def chunks():
-        for data in _interleaved_records(files, max(1, cycle_length), read_records):
-            if with_metadata:
-                ex = records.decode_example(data)
-                chunk = {records.ACTIVATIONS: records.decode_activations(ex, dt, h)}
-                chunk.update({k: ex[k] for k in records.INT_FEATURES})
-            else:
-                chunk = {records.ACTIVATIONS: _activations_only(data, dt, h)}
-            yield chunk
+        stream = _interleaved_records(files, max(1, cycle_length), _record_refs if lazy else read_records)
+        if shuffle:
+            stream = _shuffle_records(stream, spec.record_buffer(shuffle_buffer), record_rng)
+        for item in stream:
+            yield chunk_of(_load(item, check_crc) if lazy else item)
+            del item
 
     def batches():
-        stream = _prefetched(chunks(), depth=2)
+        stream = _prefetched(chunks(), depth=4)
         if shuffle:
-            stream = _shuffle_records(stream, spec.record_buffer(shuffle_buffer), rng)
-            stream = _permuted_windows(stream, shuffle_buffer, rng)
+            stream = _permuted_windows(stream, shuffle_buffer, window_rng)
         return _rebatch(stream, batch_size, drop_remainder, scale)
 
     return _prefetched(batches(), depth=2)
@@ -518,7 +583,7 @@ def iter_numpy_batches(
     batches = _pass(
         spec, batch_size, shuffle_buffer=shuffle_buffer, rng=_pass_rng(seed, 0), drop_remainder=drop_remainder,
         scale=_scale(spec, normalize), with_metadata=with_metadata, cycle_length=cycle_length,
-        read_records=lambda f: _read_shard(f, check_crc),
+        read_records=lambda f: _read_shard(f, check_crc), check_crc=check_crc,
     )
     return batches if with_metadata else _activations_of(batches)
 

@@ -147,6 +147,10 @@ def test_tf_reads_gfile_urls(dataset):
     got, _ = read("tf", url, 3, 64, seed=0, with_metadata=True, drop_remainder=False)
     ref = by_token(read_all_rows(root, 3))
     np.testing.assert_array_equal(by_token(got)["activations"], ref["activations"])
+    # URL shards are read whole before the record shuffle, local ones by offset after it: same order
+    local, _ = read("tf", root, 3, 64, seed=0, with_metadata=True, drop_remainder=False)
+    for k in KEYS:
+        np.testing.assert_array_equal(got[k], local[k])
 
 
 def test_numpy_reader_never_imports_tensorflow(dataset):
@@ -271,3 +275,27 @@ def test_windows_are_consecutive_and_uniformly_permuted():
         expected = trials / len(c)
         # every token lands in every position about equally often (5 sigma of a binomial count)
         assert np.abs(c - expected).max() < 5 * np.sqrt(expected), np.abs(c - expected).max()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_gzip_and_plain_copies_give_the_same_shuffled_order(tmp_path, kind):
+    """Plain local shards are shuffled as offsets and read late, gzip ones read first: one order."""
+    for compression in ("none", "gzip"):
+        make_dataset(str(tmp_path / compression), layers=(0,), hidden_size=8, num_docs=40, seq_len=32, num_shards=3,
+                     compression=compression, seed=5)
+    kw = dict(shuffle_buffer=100, seed=8, with_metadata=True, drop_remainder=False)
+    plain, _ = read(kind, str(tmp_path / "none"), 0, 16, **kw)
+    gz, _ = read(kind, str(tmp_path / "gzip"), 0, 16, **kw)
+    for k in KEYS:
+        np.testing.assert_array_equal(plain[k], gz[k])
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 100])
+def test_corrupt_record_fails_the_read(tmp_path, shuffle_buffer):
+    meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=20, seq_len=32, num_shards=1)
+    shard = tmp_path / meta["files"]["0"][0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside some record's data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"part-00000-of-00001.tfrecord: data CRC mismatch"):
+        read("numpy", str(tmp_path), 0, 8, shuffle_buffer=shuffle_buffer, seed=0)
