@@ -260,7 +260,9 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
     def work():
         try:
             for item in it:
-                if not put(item):
+                sent = put(item)
+                del item  # the queue's or the consumer's reference is the one that keeps it busy
+                if not sent:
                     return
             put(done)
         except BaseException as e:  # surfaced in the consumer
@@ -280,7 +282,7 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
             if isinstance(item, BaseException):
                 raise item
             yield item
-            del item  # not referenced while the consumer holds the batch: the pool may reuse it after
+            del item  # so that the consumer's reference is the last one
     finally:
         stop.set()
         while True:
@@ -305,18 +307,36 @@ def _framed_records(stream, check_crc: bool) -> Iterator[np.ndarray]:
         header = stream.read(12)
         if not header:
             return
-        if len(header) < 12:
-            raise ValueError("truncated record header")
-        (length,) = struct.unpack("<Q", header[:8])
-        if check_crc and struct.unpack("<I", header[8:])[0] != records._masked_crc(header[:8]):
-            raise ValueError("length CRC mismatch")
-        buf = _POOL.take((1 << (length + 3).bit_length(),), np.uint8)[: length + 4]
-        if _read_into(stream, buf) < length + 4:
+        length = _record_length(header, check_crc)
+        buf = _record_buffer(length)
+        if _read_into(stream, buf) < len(buf):
             raise ValueError("truncated record")
-        data = buf[:length]
-        if check_crc and int(buf[length:].view("<u4")[0]) != records._masked_crc(data):
-            raise ValueError("data CRC mismatch")
-        yield data
+        yield _checked(buf, check_crc)
+
+
+# The TFRecord framing (records.frame_record): [length u64][masked crc32c of length u32][data][masked crc32c of data u32]
+
+
+def _record_length(header: bytes, check_crc: bool) -> int:
+    if len(header) < 12:
+        raise ValueError("truncated record header")
+    (length,) = struct.unpack("<Q", header[:8])
+    if check_crc and struct.unpack("<I", header[8:])[0] != records._masked_crc(header[:8]):
+        raise ValueError("length CRC mismatch")
+    return length
+
+
+def _record_buffer(length: int) -> np.ndarray:
+    """A pooled buffer for a record's data and its CRC (capacity a power of two, shared by similar lengths)."""
+    return _POOL.take((1 << (length + 3).bit_length(),), np.uint8)[: length + 4]
+
+
+def _checked(buf: np.ndarray, check_crc: bool) -> np.ndarray:
+    """The data of a record read into buf (data + CRC), after checking the CRC."""
+    data = buf[:-4]
+    if check_crc and int(buf[-4:].view("<u4")[0]) != records._masked_crc(data):
+        raise ValueError("data CRC mismatch")
+    return data
 
 
 def _read_into(stream, buf: np.ndarray) -> int:
@@ -351,8 +371,8 @@ class _RecordRef:
     length: int
 
 
-def _record_refs(path: str) -> Iterator[_RecordRef]:
-    """Walk a local, uncompressed shard's record headers (checking each length's CRC), reading no data.
+def _record_refs(path: str, check_crc: bool = True) -> Iterator[_RecordRef]:
+    """Walk a local, uncompressed shard's record headers, reading no data.
 
     Why: the record shuffle buffer then holds ~W tokens of (path, offset, length) instead of ~W
     tokens of record bytes (448 MiB at the defaults), and each record is read once, when it
@@ -360,29 +380,27 @@ def _record_refs(path: str) -> Iterator[_RecordRef]:
     """
     with open(path, "rb", buffering=0) as f:
         size, pos = os.fstat(f.fileno()).st_size, 0
-        while pos < size:
-            header = os.pread(f.fileno(), 12, pos)
-            if len(header) < 12:
-                raise ValueError(f"{path}: truncated record header")
-            (length,) = struct.unpack("<Q", header[:8])
-            if struct.unpack("<I", header[8:])[0] != records._masked_crc(header[:8]):
-                raise ValueError(f"{path}: length CRC mismatch")
-            if pos + 16 + length > size:
-                raise ValueError(f"{path}: truncated record")
-            yield _RecordRef(path, pos + 12, length)
-            pos += 16 + length
+        try:
+            while pos < size:
+                length = _record_length(os.pread(f.fileno(), 12, pos), check_crc)
+                if pos + 16 + length > size:
+                    raise ValueError("truncated record")
+                yield _RecordRef(path, pos + 12, length)
+                pos += 16 + length
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _load(ref: _RecordRef, check_crc: bool) -> np.ndarray:
-    buf = _POOL.take((1 << (ref.length + 3).bit_length(),), np.uint8)[: ref.length + 4]
+    buf = _record_buffer(ref.length)
     with open(ref.path, "rb", buffering=0) as f:
         f.seek(ref.offset)
         if _read_into(f, buf) < len(buf):
             raise ValueError(f"{ref.path}: truncated record")
-    data = buf[: ref.length]
-    if check_crc and int(buf[ref.length :].view("<u4")[0]) != records._masked_crc(data):
-        raise ValueError(f"{ref.path}: data CRC mismatch")
-    return data
+    try:
+        return _checked(buf, check_crc)
+    except ValueError as e:
+        raise ValueError(f"{ref.path}: {e}") from None
 
 
 def _activations_only(data: np.ndarray, dtype: np.dtype, hidden_size: int) -> np.ndarray:
@@ -539,7 +557,7 @@ def _pass(
         return {records.ACTIVATIONS: _activations_only(data, dt, h)}
 
     def chunks():
-        stream = _interleaved_records(files, max(1, cycle_length), _record_refs if lazy else read_records)
+        stream = _interleaved_records(files, max(1, cycle_length), functools.partial(_record_refs, check_crc=check_crc) if lazy else read_records)
         if shuffle:
             stream = _shuffle_records(stream, spec.record_buffer(shuffle_buffer), record_rng)
         for item in stream:
