@@ -1,120 +1,156 @@
-"""Reader throughput: GiB/s of activation bytes and tokens/s delivered to Python.
+"""Reader throughput: GiB/s of stored activation bytes, and the CPU seconds (user, system) per GiB.
 
-    python bench/bench_reader.py                      # writes ~1 GiB (hidden 3584, bf16) to a temp dir
+    python bench/bench_reader.py                       # ~1 GiB and ~2.5 GiB, hidden 3584 bf16, in /dev/shm
+    python bench/bench_reader.py --sizes-gib 1         # one size only
     python bench/bench_reader.py --dataset OUT --layer 3
-    python bench/bench_reader.py --hidden 64 --tokens 2000000
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295 \
+        python bench/bench_reader.py                   # the readers must not depend on this
 
-Columns: wall-clock GiB/s and tokens/s of the fastest pass, and the CPU seconds it used (all
-threads), which stays meaningful when other work shares the machine.
-"Activation bytes" are the stored bytes (tokens x hidden x dtype size) that reach Python as float32
-batches; the float32 bytes delivered are also printed. Shard files are read once before timing, so
-this measures the reader (decode, shuffle, batch), not the disk: on a cold cache or gs:// the
-storage bandwidth is an extra bound.
+For each size it writes a synthetic dataset (tests/synthetic.py, the real shard writer) into
+--tmp-dir, reads the files once so the page cache is warm, then times one pass per repeat of each
+reader (tf.data activation_dataset, NumPy iter_numpy_batches, JAX device iterator with --readers
+jax) unshuffled and shuffled with the DEFAULT shuffle buffer, and deletes the dataset.
+
+Columns (the fastest of --repeats passes): wall GiB/s of stored bytes (tokens x hidden x dtype
+size; the float32 batches delivered are twice that for bf16), then user and system CPU seconds
+per stored GiB from getrusage (all threads of this process, TensorFlow's included) and minor page
+faults per GiB. CPU seconds per GiB do not depend on what else runs on the machine: 1 GiB/s on
+2 cores needs user + sys <= ~2 s/GiB. The consumer only touches each batch's shape, so this
+measures the reader, not a trainer and not the disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 GIB = float(1 << 30)
 
 
-def _warm_cache(spec) -> int:
+@dataclass(frozen=True)
+class Pass:
+    tokens: int
+    wall: float
+    user: float
+    sys: float
+    minflt: int
+
+
+def _usage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def timed_pass(batches, hidden: int) -> Pass:
+    """Drain one pass of batches, dropping each before asking for the next (a trainer's pattern)."""
+    t0, u0, s0, f0 = _usage()
+    tokens = 0
+    for batch in batches:
+        assert batch.shape[1] == hidden
+        tokens += batch.shape[0]
+        del batch
+    t1, u1, s1, f1 = _usage()
+    return Pass(tokens, t1 - t0, u1 - u0, s1 - s0, f1 - f0)
+
+
+def warm_cache(files) -> int:
     total = 0
-    for f in spec.files:
+    for f in files:
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 total += len(chunk)
     return total
 
 
-def _time(make_iter, bytes_per_token: int, hidden: int):
-    start, cpu = time.perf_counter(), time.process_time()
-    tokens = batches = 0
-    first = None
-    for batch in make_iter():
-        if first is None:
-            first = time.perf_counter() - start
-        tokens += batch.shape[0]
-        batches += 1
-        assert batch.shape[1] == hidden
-    secs = time.perf_counter() - start
-    return tokens, secs, first or 0.0, time.process_time() - cpu
+def write_dataset(root: str, gib: float, hidden: int, dtype: str, seq_len: int, num_shards: int) -> None:
+    from synthetic import make_dataset, numpy_dtype
+
+    tokens = gib * GIB / (hidden * numpy_dtype(dtype).itemsize)
+    docs = max(1, round(tokens / (0.75 * seq_len)))  # make_dataset's mean document is 3/4 seq_len
+    make_dataset(root, layers=(0,), hidden_size=hidden, dtype=dtype, num_docs=docs, seq_len=seq_len,
+                 num_shards=num_shards, signal="noise")
+
+
+def make_batches(kind: str, path: str, layer: int, batch_size: int, shuffle_buffer: int | None):
+    from llm_activations import reader
+
+    kw = {} if shuffle_buffer is None else {"shuffle_buffer": shuffle_buffer}
+    if kind == "tf":
+        return reader.activation_dataset(path, layer, batch_size, seed=0, **kw).as_numpy_iterator()
+    if kind == "numpy":
+        return reader.iter_numpy_batches(path, layer, batch_size, seed=0, **kw)
+    from llm_activations import jax_reader
+
+    return jax_reader.device_batches(path, layer, batch_size, seed=0, **kw)
+
+
+def bench_dataset(path: str, layer: int, args) -> None:
+    from llm_activations import reader
+
+    spec = reader.layer_spec(path, layer)
+    on_disk = warm_cache(spec.files)
+    stored = spec.tokens * spec.bytes_per_token / GIB
+    print(f"\nlayer {spec.layer}: {spec.tokens:,} tokens x hidden {spec.hidden_size} {spec.dtype} = {stored:.2f} GiB "
+          f"stored ({on_disk / GIB:.2f} GiB on disk, {len(spec.files)} files); batch {args.batch_size}; "
+          f"{os.cpu_count()} CPU cores", flush=True)
+    print(f"{'reader':7} {'shuffle':>8} {'GiB':>5} {'GiB/s':>6} {'wall s':>7} {'user s/GiB':>11} {'sys s/GiB':>10} "
+          f"{'CPU s/GiB':>10} {'sys %CPU':>9} {'faults/GiB':>11}", flush=True)
+    for shuffle in args.shuffle:
+        for kind in args.readers:
+            best = None
+            for _ in range(args.repeats):
+                run = timed_pass(make_batches(kind, path, spec.layer, args.batch_size, shuffle), spec.hidden_size)
+                if best is None or run.wall < best.wall:
+                    best = run
+            gib = best.tokens * spec.bytes_per_token / GIB
+            label = "default" if shuffle is None else str(shuffle)
+            print(f"{kind:7} {label:>8} {gib:>5.2f} {gib / best.wall:>6.2f} {best.wall:>7.2f} {best.user / gib:>11.2f} "
+                  f"{best.sys / gib:>10.2f} {(best.user + best.sys) / gib:>10.2f} "
+                  f"{best.sys / max(best.user + best.sys, 1e-9):>9.0%} {best.minflt / gib:>11,.0f}", flush=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", help="existing dataset folder (default: write a synthetic one)")
-    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--dataset", help="existing dataset folder (default: write synthetic ones, one per --sizes-gib)")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--sizes-gib", type=float, nargs="+", default=[1.0, 2.5], help="synthetic dataset sizes, stored GiB")
+    p.add_argument("--tmp-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where synthetic datasets are written (and deleted afterwards)")
     p.add_argument("--hidden", type=int, default=3584)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--tokens", type=int, default=150_000, help="approximate tokens to write (synthetic)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--num-shards", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--shuffle-buffer", type=int, nargs="+", default=[0, 1 << 16])
-    p.add_argument("--readers", nargs="+", default=["tf", "numpy"], choices=["tf", "numpy"])
-    p.add_argument("--repeats", type=int, default=3, help="passes per configuration; the fastest is reported "
-                   "(the first pass in a process also pays for first-touch page faults of its buffers)")
+    p.add_argument("--shuffle", type=int, nargs="+", default=[0, None], metavar="TOKENS",
+                   help="shuffle buffers to time (0: unshuffled; default: 0 and the readers' default)")
+    p.add_argument("--readers", nargs="+", default=["tf", "numpy"], choices=["tf", "numpy", "jax"])
+    p.add_argument("--repeats", type=int, default=2, help="passes per configuration; the fastest is reported")
     args = p.parse_args(argv)
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
 
-    from llm_activations import reader
-
-    tmp = None
-    path, layer = args.dataset, args.layer
-    if path is None:
-        from synthetic import make_dataset
-
-        tmp = tempfile.TemporaryDirectory(prefix="bench_reader_")
-        path, layer = tmp.name, 0
-        start = time.perf_counter()
-        docs = max(1, int(args.tokens / (0.75 * args.seq_len)))
-        make_dataset(
-            path, layers=(0,), hidden_size=args.hidden, dtype=args.dtype, num_docs=docs, seq_len=args.seq_len,
-            num_shards=args.num_shards, signal="noise",
-        )
-        print(f"wrote synthetic dataset in {time.perf_counter() - start:.1f}s: {path}")
-    spec = reader.layer_spec(path, layer if layer is not None else 0)
-    on_disk = _warm_cache(spec)
-    print(
-        f"layer {spec.layer}: {spec.tokens:,} tokens x hidden {spec.hidden_size} {spec.dtype} "
-        f"({spec.bytes_per_token} B/token), {len(spec.files)} files, {on_disk / GIB:.2f} GiB on disk; "
-        f"batch {args.batch_size}; {os.cpu_count()} CPU cores"
-    )
-    print(
-        f"{'reader':8} {'shuffle':>8} {'GiB/s stored':>13} {'GiB/s f32':>10} {'tokens/s':>12} {'first batch':>12}"
-        f" {'CPU s':>6} {'stored GiB/CPU-s':>17}"
-    )
-    for shuffle in args.shuffle_buffer:
-        for kind in args.readers:
-            if kind == "tf":
-                def make_iter():
-                    ds = reader.activation_dataset(path, spec.layer, args.batch_size, shuffle_buffer=shuffle, seed=0)
-                    return ds.as_numpy_iterator()
-            else:
-                def make_iter():
-                    return reader.iter_numpy_batches(path, spec.layer, args.batch_size, shuffle_buffer=shuffle, seed=0)
-            best = None
-            for _ in range(args.repeats):
-                run = _time(make_iter, spec.bytes_per_token, spec.hidden_size)
-                if best is None or run[1] < best[1]:
-                    best = run
-            tokens, secs, first, cpu = best
-            print(
-                f"{kind:8} {shuffle:>8} {tokens * spec.bytes_per_token / secs / GIB:>13.2f} "
-                f"{tokens * spec.hidden_size * 4 / secs / GIB:>10.2f} {tokens / secs:>12,.0f} {first:>11.2f}s"
-                f" {cpu:>6.2f} {tokens * spec.bytes_per_token / cpu / GIB:>17.2f}",
-                flush=True,
-            )
-    if tmp is not None:
-        tmp.cleanup()
+    if args.dataset:
+        bench_dataset(args.dataset, args.layer, args)
+        return 0
+    for gib in args.sizes_gib:
+        root = tempfile.mkdtemp(prefix="bench_reader_", dir=args.tmp_dir)
+        try:
+            start = time.perf_counter()
+            write_dataset(root, gib, args.hidden, args.dtype, args.seq_len, args.num_shards)
+            print(f"\nwrote a synthetic dataset in {time.perf_counter() - start:.1f}s: {root}", flush=True)
+            bench_dataset(root, 0, args)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

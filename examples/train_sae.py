@@ -22,7 +22,8 @@ it explains. The two hooks' shards hold the same rows in the same order, and the
 shuffles them identically under one seed, so both are read in lockstep; every batch's doc_index
 and token_index are compared to prove the pairs are aligned.
 --reader numpy (default) never imports TensorFlow, as a JAX-on-TPU trainer would; --reader tf
-reads through reader.activation_dataset.
+reads through reader.activation_dataset. Either way batches reach the step through
+jax_reader.prefetch_to_device: on the device, one transfer ahead of the trainer.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int, hook: str = "resid_post"):
-    """Endless float32 [batch_size, H] batches of one hook, a freshly seeded shuffle per pass; yields (x, x)."""
+    """Endless float32 [batch_size, H] host batches of one hook, a freshly seeded shuffle per pass."""
     from llm_activations import reader as rd
 
     epoch = 0
@@ -53,7 +54,7 @@ def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer:
         got = False
         for b in it:
             got = True
-            yield b, b
+            yield b
         if not got:
             raise SystemExit(f"{path} {hook} layer {layer} has fewer than --batch-size {batch_size} tokens")
         epoch += 1
@@ -169,6 +170,7 @@ def train(
     from llm_activations.format import hooks as hk
     from llm_activations.format import metadata as md
     from llm_activations import reader as rd
+    from llm_activations.jax_reader import prefetch_to_device
 
     meta = md.read_metadata(path)
     source, target = ("mlp_in", "mlp_out") if transcoder else (hook, hook)
@@ -187,12 +189,15 @@ def train(
     if transcoder:
         if reader != "numpy":
             raise SystemExit("--transcoder reads its aligned pairs with --reader numpy")
-        data = paired_batches(path, layer, batch_size, shuffle_buffer, seed, source, target)
+        host = paired_batches(path, layer, batch_size, shuffle_buffer, seed, source, target)
     else:
-        data = batches(path, layer, batch_size, reader, shuffle_buffer, seed, hook)
+        host = batches(path, layer, batch_size, reader, shuffle_buffer, seed, hook)
+    # On the device one batch ahead of the step (double-buffered device_put): the trainer never
+    # waits for a host-to-device copy.
+    data = prefetch_to_device(host)
     fve = dead = float("nan")
     for i in range(1, steps + 1):
-        x, y = next(data)
+        x, y = next(data) if transcoder else (next(data),) * 2
         params, opt_state, loss, err, total, fired = step(params, opt_state, x, y)
         recent_err.append(err)
         recent_total.append(total)

@@ -4,7 +4,6 @@ validate, inspect, the reader's hook=, merge; a resid_post-only run keeps the ve
 from __future__ import annotations
 
 import collections
-import json
 import os
 
 import numpy as np

@@ -147,6 +147,10 @@ def test_tf_reads_gfile_urls(dataset):
     got, _ = read("tf", url, 3, 64, seed=0, with_metadata=True, drop_remainder=False)
     ref = by_token(read_all_rows(root, 3))
     np.testing.assert_array_equal(by_token(got)["activations"], ref["activations"])
+    # URL shards are read whole before the record shuffle, local ones by offset after it: same order
+    local, _ = read("tf", root, 3, 64, seed=0, with_metadata=True, drop_remainder=False)
+    for k in KEYS:
+        np.testing.assert_array_equal(got[k], local[k])
 
 
 def test_numpy_reader_never_imports_tensorflow(dataset):
@@ -209,3 +213,123 @@ def test_tf_reader_takes_a_hook(tmp_path):
                                                         cycle_length=1, hook="z").as_numpy_iterator()))
     np.testing.assert_array_equal(got, read_all_rows(str(tmp_path), 2, "z")["activations"])
     assert got.shape[1] == 16
+
+
+def test_tf_and_numpy_readers_deliver_the_same_batches(dataset):
+    root, _ = dataset
+    kw = dict(shuffle_buffer=300, seed=21, with_metadata=True, drop_remainder=False, normalize=True)
+    tf_batches = list(reader.activation_dataset(root, 1, 48, **kw).as_numpy_iterator())
+    np_batches = list(reader.iter_numpy_batches(root, 1, 48, **kw))
+    assert len(tf_batches) == len(np_batches) > 10
+    for t, n in zip(tf_batches, np_batches):
+        for k in KEYS:
+            np.testing.assert_array_equal(t[k], n[k])
+
+
+# ----------------------------------------------------------------------------- reused buffers
+
+
+def test_batches_reuse_their_memory_when_dropped(dataset):
+    root, _ = dataset
+    for shuffle_buffer in (0, 300):
+        addresses, n = set(), 0
+        for b in reader.iter_numpy_batches(root, 1, 16, shuffle_buffer=shuffle_buffer, seed=0):
+            addresses.add(b.ctypes.data)
+            n += 1
+        assert n > 100
+        assert len(addresses) <= 8, (shuffle_buffer, len(addresses))  # a few buffers in turn, not one per batch
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_kept_batches_and_views_are_never_overwritten(dataset, kind):
+    """Whatever still refers to a batch (a slice of it, a tf.Tensor) keeps its memory out of reuse."""
+    root, _ = dataset
+    kw = dict(shuffle_buffer=300, seed=2)
+    ref = [np.array(b) for b in reader.iter_numpy_batches(root, 1, 16, **kw)]
+    kept = {}
+    if kind == "tf":
+        for i, t in enumerate(reader.activation_dataset(root, 1, 16, **kw)):
+            if i % 7 == 0:
+                kept[i] = t  # the tensor wraps the reader's buffer without a copy
+    else:
+        for i, b in enumerate(reader.iter_numpy_batches(root, 1, 16, **kw)):
+            if i % 7 == 0:
+                kept[i] = b[2:5]  # a view only: its base is the pooled buffer
+    assert len(kept) > 10
+    for i, v in kept.items():
+        np.testing.assert_array_equal(np.asarray(v), ref[i] if kind == "tf" else ref[i][2:5])
+
+
+def test_stopping_early_stops_the_reader_threads(dataset):
+    import threading
+    import time
+
+    root, _ = dataset
+    it = reader.iter_numpy_batches(root, 1, 16, seed=0)
+    next(it)
+    assert any(t.name == "llm_activations-reader" for t in threading.enumerate())
+    it.close()
+    deadline = time.monotonic() + 10
+    while any(t.name == "llm_activations-reader" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "llm_activations-reader" for t in threading.enumerate())
+
+
+def test_pool_recycles_only_unreferenced_buffers():
+    pool = reader.BufferPool(max_bytes=1 << 20)
+    a = pool.take((64, 16), np.float32)
+    assert a.ctypes.data % pool.ALIGN == 0
+    view = a[3:]
+    del a
+    b = pool.take((64, 16), np.float32)
+    assert not np.shares_memory(b, view)  # the view still refers to the first buffer
+    addr = b.ctypes.data
+    del b
+    assert pool.take((64, 16), np.float32).ctypes.data == addr  # nothing refers to it: reused
+    big = pool.take((1 << 20,), np.uint8)  # over max_bytes: a plain array, not kept
+    assert pool.nbytes < 1 << 20 and big.nbytes == 1 << 20
+
+
+# ----------------------------------------------------------------------------- window permutation
+
+
+def test_windows_are_consecutive_and_uniformly_permuted():
+    """Stage 3 alone: windows hold consecutive stream tokens, each order uniform over many seeds."""
+    window, total, trials = 20, 70, 3000
+    counts = {0: np.zeros((window, window)), 3: np.zeros((10, 10))}  # token x position, full and last window
+    for seed in range(trials):
+        chunks = ({"activations": np.arange(s, s + 7)[:, None]} for s in range(0, total, 7))
+        out = [w["activations"][:, 0].copy() for w in reader._permuted_windows(chunks, window, np.random.default_rng(seed))]
+        assert [len(w) for w in out] == [20, 20, 20, 10]
+        for i, w in enumerate(out):
+            assert sorted(w) == list(range(i * window, i * window + len(w)))
+        for i, c in counts.items():
+            c[out[i] - i * window, np.arange(len(out[i]))] += 1
+    for c in counts.values():
+        expected = trials / len(c)
+        # every token lands in every position about equally often (5 sigma of a binomial count)
+        assert np.abs(c - expected).max() < 5 * np.sqrt(expected), np.abs(c - expected).max()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+def test_gzip_and_plain_copies_give_the_same_shuffled_order(tmp_path, kind):
+    """Plain local shards are shuffled as offsets and read late, gzip ones read first: one order."""
+    for compression in ("none", "gzip"):
+        make_dataset(str(tmp_path / compression), layers=(0,), hidden_size=8, num_docs=40, seq_len=32, num_shards=3,
+                     compression=compression, seed=5)
+    kw = dict(shuffle_buffer=100, seed=8, with_metadata=True, drop_remainder=False)
+    plain, _ = read(kind, str(tmp_path / "none"), 0, 16, **kw)
+    gz, _ = read(kind, str(tmp_path / "gzip"), 0, 16, **kw)
+    for k in KEYS:
+        np.testing.assert_array_equal(plain[k], gz[k])
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 100])
+def test_corrupt_record_fails_the_read(tmp_path, shuffle_buffer):
+    meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=20, seq_len=32, num_shards=1)
+    shard = tmp_path / meta["files"]["0"][0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside some record's data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"part-00000-of-00001.tfrecord: data CRC mismatch"):
+        read("numpy", str(tmp_path), 0, 8, shuffle_buffer=shuffle_buffer, seed=0)

@@ -18,7 +18,7 @@ import numpy as np
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import records
-from llm_activations.reader import numpy_dtype
+from llm_activations.format.dtypes import numpy_dtype
 
 
 def sample_records(root: str, meta: dict, layer: int, max_records: int, hook: str = hk.DEFAULT) -> list[dict]:
@@ -93,7 +93,7 @@ def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray]) -> 
         f"dtype        {meta['dtype']} ({h * itemsize:,} B per token per layer), compression {meta.get('compression', 'none')}",
         f"documents    {counts.get('documents', '?'):,} used, {counts.get('rejected', 0):,} rejected; "
         f"{counts.get('sequences', '?'):,} rows",
-        *([f"widths       " + ", ".join(f"{hook} {md.hook_width(meta, hook)} ({md.hook_width(meta, hook) * itemsize:,} B)"
+        *(["widths       " + ", ".join(f"{hook} {md.hook_width(meta, hook)} ({md.hook_width(meta, hook) * itemsize:,} B)"
                                        for hook in hooks) + " per token"] if meta["format_version"] > 1 else []),
         f"tokens       {tokens:,} per layer; padding {padding:,} "
         f"({padding / (tokens + padding):.1%} of computed tokens)" if tokens + padding else f"tokens       {tokens:,}",

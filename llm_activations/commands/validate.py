@@ -26,7 +26,7 @@ from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import records
-from llm_activations.reader import numpy_dtype
+from llm_activations.format.dtypes import numpy_dtype
 
 
 @dataclass
