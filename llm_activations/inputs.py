@@ -236,7 +236,10 @@ def _decompressed(raw, compression: str):
     if compression == "zstd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        import io
+
+        # its reader has no readline: buffer it so a JSON lines file iterates line by line
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), 1 << 20)
     return raw
 
 
@@ -310,6 +313,9 @@ def _count_parquet(path: str, text_field: str) -> int:
 def _check_json_lines(path: str, head: bytes, text_field: str) -> None:
     """Refuse, up front, a JSON lines file whose first records all lack --text-field (as parquet does
     for a missing column), or that is one JSON array rather than one object per line."""
+    if head.lstrip().startswith(b"["):  # JSON lines records are objects: a "[" opens one array
+        raise UsageError(f"{path}: holds a JSON array, not JSON lines (one object per line); convert it, "
+                         "e.g. jq -c '.[]' FILE > FILE.jsonl")
     objects, keys = 0, collections.Counter()
     for line in head.split(b"\n")[:-1][:FIELD_PROBE] if b"\n" in head else [head]:
         try:
@@ -324,9 +330,6 @@ def _check_json_lines(path: str, head: bytes, text_field: str) -> None:
     if objects:
         raise UsageError(f"{path}: none of its first {objects} records has a field {text_field!r} (fields: "
                          f"{', '.join(k for k, _ in keys.most_common(8))}); pass --text-field (a.b for a nested field)")
-    if head.lstrip().startswith(b"["):
-        raise UsageError(f"{path}: holds a JSON array, not JSON lines (one object per line); convert it, "
-                         "e.g. jq -c '.[]' FILE > FILE.jsonl")
 
 
 def scan_file(path: str, text_field: str) -> tuple[int, str]:
