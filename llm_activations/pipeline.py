@@ -12,12 +12,16 @@ or a worker is started, and raised as a UsageError (exit 2, one line).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime as dt
 import json
-import collections
+import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 
 from llm_activations import __version__, inputs
@@ -264,17 +268,42 @@ def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resume
     if not todo:  # everything was finished before: only the metadata is missing
         finalize_metadata(base, cfg.output, [], MergeRun().create_accumulator(), resumed)
         return
+    with _sigint_seen() as interrupted:
+        try:
+            p = beam.Pipeline(options=options)
+            build_pipeline(p, cfg, todo, fp, base, resumed)
+            result = p.run()
+            result.wait_until_finish()
+            print_counters(result)
+        except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
+            if interrupted.is_set():  # Beam re-raises Ctrl-C inside a DoFn as a RuntimeError
+                raise KeyboardInterrupt from None
+            text = str(e)
+            if AcceleratorBusy.MARK in text:
+                raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
+            raise
+
+
+@contextlib.contextmanager
+def _sigint_seen():
+    """An Event set by Ctrl-C (which still raises KeyboardInterrupt where the program is)."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.set()
+        # Beam logs the exception of every DoFn the interrupt unwinds through, traceback included:
+        # the user asked to stop, so from here on the only message is the CLI's one line.
+        logging.disable(logging.CRITICAL)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, cfg, todo, fp, base, resumed)
-        result = p.run()
-        result.wait_until_finish()
-        print_counters(result)
-    except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
-        text = str(e)
-        if AcceleratorBusy.MARK in text:
-            raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
-        raise
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def no_documents_message(output: str, meta: dict) -> str:

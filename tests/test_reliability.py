@@ -488,3 +488,26 @@ def test_train_sae_with_a_layer_not_in_the_dataset_is_one_line(baseline, capsys)
     spec.loader.exec_module(train_sae)
     assert train_sae.main([baseline, "--layer", "3", "--steps", "1"]) == 2
     _one_line(capsys, "layer 3 is not in this dataset; it has layers [0]")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_partial_files(model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), [{"text": t} for t in corpus_texts(300, seed=1)] * 10)
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "llm_activations",
+                             *extract_args(model, [corpus], out, "--num-shards", "4", "--layers", "0")],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    deadline = time.time() + 240
+    while not glob.glob(f"{out}/layer_00/*.inprogress-*") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # wait until a shard is being written
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["llm_activations extract: interrupted"]
+    left = glob.glob(f"{out}/**/*.inprogress-*", recursive=True) + glob.glob(f"{out}/_lock.json")
+    assert left == [] and not os.path.exists(os.path.join(out, "metadata.json"))
