@@ -11,6 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llm_activations.model import devices
@@ -511,3 +512,37 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_files(model, tmp_path):
     assert err.strip().splitlines() == ["llm_activations extract: interrupted"]
     left = glob.glob(f"{out}/**/*.inprogress-*", recursive=True) + glob.glob(f"{out}/_lock.json")
     assert left == [] and not os.path.exists(os.path.join(out, "metadata.json"))
+
+
+# ----------------------------------------------------------------------------- issue 12: documentation
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("dtype,compression", [("float32", "gzip"), ("bfloat16", "none")])
+def test_readme_plain_tf_data_snippet_reads_any_dataset(tmp_path, dtype, compression):
+    """The README's no-package snippet follows metadata's dtype and compression (a float32 dataset
+    read as bfloat16 gives twice the tokens, as NaNs)."""
+    from synthetic import make_dataset
+
+    from llm_activations import reader
+
+    text = README.read_text()
+    snippet = text.split("**Reading the output with plain tf.data**")[1].split("```python\n")[1].split("```")[0]
+    root = str(tmp_path / "ds")
+    make_dataset(root, layers=(1,), hidden_size=16, dtype=dtype, compression=compression, num_docs=30)
+    scope: dict = {}
+    exec(snippet.replace('"activations_demo"', repr(root)), scope)
+    got = np.concatenate([b.numpy() for b in scope["ds"]])
+    want = np.concatenate(list(reader.iter_numpy_batches(root, 1, 64, drop_remainder=False)))
+    assert got.shape == want.shape == (read_metadata(root)["counts"]["tokens"], 16)
+    np.testing.assert_allclose(np.sort(got.sum(axis=1)), np.sort(want.sum(axis=1)), rtol=1e-6)
+
+
+def test_readme_describes_the_demo_command_the_makefile_runs():
+    makefile = (README.parent / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:")[1].split("\n")[1].strip()
+    command = recipe.replace("$(PY)", "python")
+    assert command == "python -m llm_activations extract --overwrite"
+    assert f"`make demo` runs `{command}`" in README.read_text()
