@@ -130,6 +130,7 @@ def test_bom_is_not_data(tmp_path):
 
 
 def test_compressed_json_lines_and_ndjson(tmp_path):
+    import bz2
     import gzip
 
     import zstandard
@@ -140,9 +141,11 @@ def test_compressed_json_lines_and_ndjson(tmp_path):
     (tmp_path / "c.json.gz").write_bytes(gzip.compress(lines[:-1]))  # no final newline
     (tmp_path / "d.ndjson").write_bytes(lines)
     (tmp_path / "e.txt.gz").write_bytes(gzip.compress(b"\xef\xbb\xbfcompressed text"))
+    (tmp_path / "f.jsonl.bz2").write_bytes(bz2.compress(lines))
     got = _docs([str(tmp_path / "*")])
-    assert got == [(f * 3 + i, f"doc {i}") for f in range(4) for i in range(3)] + [(12, "compressed text")]
-    assert [s.compression for s in inputs.plan_sources([str(tmp_path / "*")], "text")] == ["gzip", "zstd", "gzip", "", "gzip"]
+    assert got == [(f * 3 + i, f"doc {i}") for f in range(4) for i in range(3)] + [(12, "compressed text")] + \
+        [(13 + i, f"doc {i}") for i in range(3)]
+    assert [s.compression for s in inputs.plan_sources([str(tmp_path / "*")], "text")] == ["gzip", "zstd", "gzip", "", "gzip", "bzip2"]
 
 
 def test_dotted_text_field_reads_nested_json_and_parquet(tmp_path):
@@ -189,3 +192,10 @@ def test_hf_split_that_does_not_exist_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(UsageError, match="first record has no field 'body'"):
         inputs.plan_sources([f"hf://{folder}:train"], "body")
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="cannot read this split") as e:
+        inputs.plan_sources(["hf://no-such-org/no-such-dataset:train"], "text")
+    assert "\n" not in str(e.value)
