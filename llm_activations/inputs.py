@@ -193,10 +193,6 @@ def file_type(path: str) -> tuple[str | None, str]:
     return kind, compression if kind else ""
 
 
-def kind_of(path: str) -> str | None:
-    return file_type(path)[0]
-
-
 class _Hashing:
     """A read-through binary stream that hashes the raw bytes it passes on (sha256)."""
 
@@ -217,10 +213,6 @@ class _Hashing:
 
     def close(self) -> None:
         self._raw.close()
-
-    @property
-    def closed(self) -> bool:
-        return False
 
 
 def _decompressed(raw, compression: str):
@@ -364,11 +356,6 @@ def scan_file(path: str, text_field: str) -> tuple[int, str]:
     if head.strip():
         _check_json_lines(path, head, text_field)
     return n + (last != b"\n"), "sha256:" + hashing.sha.hexdigest()  # a final line without a newline is a record
-
-
-def count_records(path: str, text_field: str) -> int:
-    """Number of records (doc_index slots) in one file; checks parquet schemas and JSON fields."""
-    return scan_file(path, text_field)[0]
 
 
 def plan_sources(patterns: list[str], text_field: str) -> list[SourceFile]:
