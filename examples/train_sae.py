@@ -230,11 +230,17 @@ def main(argv=None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=1 << 15, help="tokens")
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     args = p.parse_args(argv)
-    out = train(
-        args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,
-        hook=args.hook, transcoder=args.transcoder,
-    )
+    from llm_activations.errors import UsageError
+
+    try:
+        out = train(
+            args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,
+            hook=args.hook, transcoder=args.transcoder,
+        )
+    except UsageError as e:  # e.g. a --layer the dataset does not have: one line, exit 2
+        print(f"train_sae.py: error: {e}", file=sys.stderr)
+        return 2
     print(f"layer {out['layer']} {out['hook']}: explained variance {out['fve']:.3f}, dead latents {out['dead_fraction']:.1%}, "
           f"{out['tokens']:,} tokens in {out['seconds']:.1f}s")
     return 0

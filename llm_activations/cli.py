@@ -1,7 +1,8 @@
 """`python -m llm_activations <command>`: one subcommand per module, imported only when used.
 
 Exit statuses (SPEC): 0 success; 2 usage or configuration error, printed as one line with no
-traceback; 1 anything else.
+traceback; 1 anything else; 130 interrupted (Ctrl-C), also one line.
+Options are never abbreviated (allow_abbrev=False everywhere): `--ov` must not mean `--overwrite`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
     parser = _Parser(
+        allow_abbrev=False,
         prog="python -m llm_activations",
         description="LLM activations at scale: extract, validate, inspect, plan and merge activation datasets.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:  # import only the module that runs: --help stays fast
             importlib.import_module(module).add_arguments(p)
     return parser
@@ -75,3 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except AcceleratorBusy as e:
         print(f"llm_activations {command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Whatever was running cleaned up on its way out (extract: partial files, its lock); Beam's
+        # and other threads' log lines would bury this one, so they are silenced first.
+        logging.disable(logging.CRITICAL)
+        print(f"llm_activations{' ' + command if command in COMMANDS else ''}: interrupted", file=sys.stderr)
+        return 130

@@ -9,16 +9,28 @@ and written by one worker without any shuffle of the data itself.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import hashlib
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
 from llm_activations.format import fileio
 from llm_activations.errors import UsageError
 
-KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+# Compressed JSON lines and text, as real corpora ship them (the suffix decides, as in Beam's
+# CompressionTypes.AUTO). Parquet compresses its own pages.
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2"}
+# Leading bytes of compressed data: a file whose name says "uncompressed" but whose bytes start so
+# is refused up front, instead of every line being rejected as malformed JSON.
+MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
+BOM = b"\xef\xbb\xbf"
+FIELD_PROBE = 100  # records of each JSON lines file checked for --text-field on the launcher
 EXCERPT = 200
 
 
@@ -28,6 +40,8 @@ class SourceFile:
     kind: str  # jsonl | parquet | txt | hf
     num_records: int  # -1 for an hf:// stream of unknown length
     first_index: int  # doc_index of its first record
+    compression: str = ""  # "" | gzip | zstd | bzip2
+    digest: str = ""  # content fingerprint (content_digest); "" for hf://
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,12 @@ class WorkUnit:
     start: int
     stop: int
     pieces: tuple  # ((SourceFile, first record in file, stop record in file), ...)
+
+    def input_fingerprint(self) -> str:
+        """A hash of exactly the input this unit reads: its range and each piece's file, record range
+        and content digest. `--resume` keeps a finished unit only if this is unchanged."""
+        pieces = [(s.path, s.kind, s.num_records, s.first_index, s.compression, s.digest, lo, hi) for s, lo, hi in self.pieces]
+        return hashlib.sha256(json.dumps([self.start, self.stop, pieces]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -82,70 +102,272 @@ def _load_hf(spec: str):
     return datasets.load_dataset(name, config, split=split, streaming=True)
 
 
+def check_hf(spec: str, text_field: str) -> None:
+    """Open the split and read its first record on the launcher: a missing split, an unreachable hub
+    or a wrong --text-field is one line here, not a traceback from a worker."""
+    try:
+        first = next(iter(_load_hf(spec)), None)
+    except UsageError:
+        raise
+    except Exception as e:  # datasets raises ValueError, FileNotFoundError, ConnectionError, ...
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"{spec}: cannot read this split ({type(e).__name__}: {why})") from None
+    if first is not None and not get_field(first, text_field)[0]:
+        fields = ", ".join(list(first)[:8]) if isinstance(first, dict) else type(first).__name__
+        raise UsageError(f"{spec}: its first record has no field {text_field!r} (fields: {fields}); pass --text-field")
+
+
 # ----------------------------------------------------------------------------- planning
 
 
 def expand_patterns(patterns: list[str]) -> list[str]:
-    """Sorted, de-duplicated files matching the patterns (local or any Beam filesystem)."""
+    """Sorted files matching the patterns (local or any Beam filesystem), each file once.
+
+    A file named twice (two patterns, a relative and an absolute spelling, a symlink) is one file:
+    local paths are identified by their real path, URLs by their normalised form. A folder stands
+    for every file below it, recursively (names starting with "." or "_" are skipped, as Hadoop and
+    Beam do for markers such as _SUCCESS); a file of an unsupported type is refused wherever it is.
+    """
     if any(p.startswith("hf://") for p in patterns):
         if len(patterns) > 1:
             raise UsageError("an hf:// input cannot be combined with other inputs (doc_index would be ambiguous)")
         return list(patterns)
-    files: set[str] = set()
+    files: dict[str, str] = {}  # identity -> path
     for pattern in patterns:
-        try:
-            matches = fileio.match([pattern])
-        except Exception:  # Beam raises when a glob matches nothing on some filesystems
-            matches = []
-        found = [m for m in matches if not m.endswith("/")]
+        found = _match_input(pattern)
         if not found:
             raise UsageError(f"--input {pattern!r} matches no file")
-        files.update(found)
-    for f in sorted(files):
-        if kind_of(f) is None:
-            raise UsageError(f"{f}: unsupported input type; use .jsonl, .json (JSON lines), .parquet, .txt or hf://NAME:SPLIT")
-    return sorted(files)
+        for f in sorted(found):
+            files.setdefault(_identity(f), f)
+    for f in sorted(files.values()):
+        if file_type(f)[0] is None:
+            raise UsageError(f"{f}: unsupported input type; use .jsonl, .json, .ndjson (JSON lines, optionally .gz, "
+                             ".zst or .bz2), .parquet, .txt or hf://NAME:SPLIT; a folder must hold only such files")
+    return sorted(files.values())
 
 
-def kind_of(path: str) -> str | None:
+def _match_input(pattern: str) -> list[str]:
+    """Files for one --input: a file, a folder (recursively) or a glob."""
+    if fileio.is_url(pattern):
+        if not any(c in pattern for c in "*?[") and not fileio.exists(pattern):
+            pattern = pattern.rstrip("/") + "/**"  # a folder (prefix) of an object store
+        try:
+            found = fileio.match([pattern])
+        except Exception:  # Beam raises when a glob matches nothing on some filesystems
+            return []
+        return [f for f in found if not f.endswith("/") and not _hidden(f)]
+    if os.path.isdir(pattern):
+        return [os.path.abspath(os.path.join(d, f)) for d, dirs, fs in os.walk(pattern)
+                for f in fs if not f.startswith((".", "_"))
+                if not any(part.startswith((".", "_")) for part in os.path.relpath(d, pattern).split(os.sep) if part != ".")]
+    try:
+        found = fileio.match([pattern])
+    except Exception:
+        return []
+    return [os.path.abspath(f) for f in found if os.path.isfile(f)]
+
+
+def _hidden(url: str) -> bool:
+    return posixpath.basename(url).startswith((".", "_"))
+
+
+def _identity(path: str) -> str:
+    """One key per file, whatever the spelling."""
+    if fileio.is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme.lower()}://{posixpath.normpath(rest)}"
+    return os.path.realpath(path)
+
+
+def file_type(path: str) -> tuple[str | None, str]:
+    """(kind, compression) from the file name: ("jsonl", "gzip") for x.jsonl.gz; (None, "") if unsupported."""
     if path.startswith("hf://"):
-        return "hf"
-    return KINDS.get(os.path.splitext(path)[1].lower())
+        return "hf", ""
+    stem, ext = os.path.splitext(path.lower())
+    compression = COMPRESSIONS.get(ext, "")
+    if compression:
+        stem, ext = os.path.splitext(stem)
+    kind = KINDS.get(ext)
+    if kind == "parquet" and compression:  # parquet compresses its pages itself
+        return None, ""
+    return kind, compression if kind else ""
 
 
-def count_records(path: str, text_field: str) -> int:
-    """Number of records (doc_index slots) in one file, cheaply; checks parquet schemas."""
-    kind = kind_of(path)
-    if kind == "txt":
-        return 1
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+class _Hashing:
+    """A read-through binary stream that hashes the raw bytes it passes on (sha256)."""
 
-        with fileio.open_read(path) as f:
-            try:
-                pf = pq.ParquetFile(f)
-            except Exception as e:
-                raise UsageError(f"{path}: not a readable parquet file ({e})") from None
-            if text_field not in pf.schema_arrow.names:
-                raise UsageError(f"{path}: parquet file has no column {text_field!r} (columns: "
-                                 f"{', '.join(pf.schema_arrow.names)}); pass --text-field")
-            return pf.metadata.num_rows
-    n, last = 0, b"\n"
+    def __init__(self, raw):
+        self._raw, self.sha = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.sha.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        while self.read(1 << 22):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _decompressed(raw, compression: str):
+    """A binary stream of the decompressed bytes of raw."""
+    if compression == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bzip2":
+        import bz2
+
+        return bz2.BZ2File(raw, mode="rb")
+    if compression == "zstd":
+        import zstandard
+
+        import io
+
+        # its reader has no readline: buffer it so a JSON lines file iterates line by line
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), 1 << 20)
+    return raw
+
+
+@contextlib.contextmanager
+def open_decompressed(path: str, compression: str):
+    raw = fileio.open_read(path)
+    try:
+        with contextlib.closing(_decompressed(raw, compression)) as stream:
+            yield stream
+    finally:
+        raw.close()
+
+
+def content_digest(path: str) -> str:
+    """The content fingerprint `--resume` compares: "sha256:<hex>" of the file's bytes; for a parquet
+    file on an object store, the store's own checksum (reading terabytes on the launcher to hash
+    them would cost more than the run). Modification times are not part of it: a file touched but
+    unchanged keeps its units, one rewritten with the same length does not."""
+    if fileio.is_url(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        return f"store:{FileSystems.checksum(path)}"
+    return "sha256:" + fileio.sha256_file(path)[0]
+
+
+def get_field(record, text_field: str):
+    """(found, value) of a field of a JSON / HF record; a dotted name such as meta.content walks into
+    nested objects (an exact top-level key of that name wins)."""
+    if not isinstance(record, dict):
+        return False, None
+    if text_field in record:
+        return True, record[text_field]
+    value = record
+    for part in text_field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def _parquet_field_ok(schema, text_field: str) -> bool:
+    import pyarrow as pa
+
+    if text_field in schema.names:
+        return True
+    parts = text_field.split(".")
+    if parts[0] not in schema.names:
+        return False
+    typ = schema.field(parts[0]).type
+    for part in parts[1:]:
+        if not pa.types.is_struct(typ) or typ.get_field_index(part) < 0:
+            return False
+        typ = typ.field(part).type
+    return True
+
+
+def _count_parquet(path: str, text_field: str) -> int:
+    import pyarrow.parquet as pq
+
     with fileio.open_read(path) as f:
-        while chunk := f.read(1 << 22):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")  # a final line without a newline is still a record
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:
+            raise UsageError(f"{path}: not a readable parquet file ({e})") from None
+        if not _parquet_field_ok(pf.schema_arrow, text_field):
+            raise UsageError(f"{path}: parquet file has no column {text_field!r} (columns: "
+                             f"{', '.join(pf.schema_arrow.names)}); pass --text-field (a.b for a nested field)")
+        return pf.metadata.num_rows
+
+
+def _check_json_lines(path: str, head: bytes, text_field: str) -> None:
+    """Refuse, up front, a JSON lines file whose first records all lack --text-field (as parquet does
+    for a missing column), or that is one JSON array rather than one object per line."""
+    if head.lstrip().startswith(b"["):  # JSON lines records are objects: a "[" opens one array
+        raise UsageError(f"{path}: holds a JSON array, not JSON lines (one object per line); convert it, "
+                         "e.g. jq -c '.[]' FILE > FILE.jsonl")
+    objects, keys = 0, collections.Counter()
+    for line in head.split(b"\n")[:-1][:FIELD_PROBE] if b"\n" in head else [head]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            objects += 1
+            if get_field(record, text_field)[0]:
+                return
+            keys.update(record)
+    if objects:
+        raise UsageError(f"{path}: none of its first {objects} records has a field {text_field!r} (fields: "
+                         f"{', '.join(k for k, _ in keys.most_common(8))}); pass --text-field (a.b for a nested field)")
+
+
+def scan_file(path: str, text_field: str) -> tuple[int, str]:
+    """(number of records, content digest) of one file, in one streaming pass over its bytes.
+
+    Also refuses, in one line, what would otherwise reject every record: compressed bytes under an
+    uncompressed name, or a JSON lines file whose first records lack --text-field.
+    """
+    kind, compression = file_type(path)
+    if kind == "parquet":
+        return _count_parquet(path, text_field), content_digest(path)
+    with fileio.open_read(path) as raw:
+        hashing = _Hashing(raw)
+        stream = _decompressed(hashing, compression)
+        try:
+            n, last, head = 0, b"\n", b""
+            while chunk := stream.read(1 << 22):
+                if not head:
+                    head = chunk
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+        except (OSError, EOFError, ValueError) as e:  # gzip / zstd / bz2 errors
+            raise UsageError(f"{path}: cannot be decompressed as {compression} ({e})") from None
+        hashing.drain()
+    if not compression:
+        for magic, name in MAGIC.items():
+            if head.startswith(magic):
+                raise UsageError(f"{path}: holds {name}-compressed bytes; name it {path}{'.gz' if name == 'gzip' else '.zst' if name == 'zstd' else '.bz2'}")
+    if kind == "txt":
+        return 1, "sha256:" + hashing.sha.hexdigest()
+    head = head.removeprefix(BOM)
+    if head.strip():
+        _check_json_lines(path, head, text_field)
+    return n + (last != b"\n"), "sha256:" + hashing.sha.hexdigest()  # a final line without a newline is a record
 
 
 def plan_sources(patterns: list[str], text_field: str) -> list[SourceFile]:
     files = expand_patterns(patterns)
     if files[0].startswith("hf://"):
+        check_hf(files[0], text_field)
         return [SourceFile(files[0], "hf", -1, 0)]
     sources, offset = [], 0
     for path in files:
-        n = count_records(path, text_field)
-        sources.append(SourceFile(path, kind_of(path), n, offset))
+        n, digest = scan_file(path, text_field)
+        kind, compression = file_type(path)
+        sources.append(SourceFile(path, kind, n, offset, compression, digest))
         offset += n
     return sources
 
@@ -207,18 +429,21 @@ def _parse_json_line(line: bytes, doc_index: int, source: str, text_field: str) 
         return Rejected(doc_index, source, f"malformed JSON ({e.msg} at column {e.colno})", _excerpt(text))
     if not isinstance(record, dict):
         return Rejected(doc_index, source, f"record is a JSON {type(record).__name__}, not an object", _excerpt(text))
-    if text_field not in record:
+    found, value = get_field(record, text_field)
+    if not found:
         return Rejected(doc_index, source, f"record has no field {text_field!r}", _excerpt(text))
-    return _check_text(record[text_field], doc_index, source, text_field)
+    return _check_text(value, doc_index, source, text_field)
 
 
 def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str):
-    with fileio.open_read(src.path) as f:
+    with open_decompressed(src.path, src.compression) as f:
         for i, line in enumerate(f):
             if i >= hi:
                 break
             if i < lo:
                 continue
+            if i == 0:
+                line = line.removeprefix(BOM)  # editors on Windows start UTF-8 files with one
             line = line.rstrip(b"\r\n")
             if not line.strip():  # blank separator lines hold no data; their index is simply unused
                 continue
@@ -235,6 +460,8 @@ def _read_parquet(src: SourceFile, lo: int, hi: int, text_field: str):
             rows = pf.metadata.row_group(g).num_rows
             if row0 + rows > lo and row0 < hi:
                 column = pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()
+                if text_field not in pf.schema_arrow.names:  # a nested field: rows are {child: ...} structs
+                    column = [get_field({text_field.split(".")[0]: v}, text_field)[1] for v in column]
                 for i in range(max(lo, row0), min(hi, row0 + rows)):
                     yield _check_text(column[i - row0], src.first_index + i, src.path, text_field)
             row0 += rows
@@ -243,8 +470,8 @@ def _read_parquet(src: SourceFile, lo: int, hi: int, text_field: str):
 def _read_txt(src: SourceFile, lo: int, hi: int, text_field: str):
     if lo > 0 or hi < 1:
         return
-    with fileio.open_read(src.path) as f:
-        data = f.read()
+    with open_decompressed(src.path, src.compression) as f:
+        data = f.read().removeprefix(BOM)
     if not data:
         yield Rejected(src.first_index, src.path, "empty file", "")
         return
@@ -266,10 +493,11 @@ def _read_hf(src: SourceFile, lo: int, hi: int, text_field: str, num_hosts: int 
             break
         if i < lo or i % num_hosts != host_index:
             continue
-        if not isinstance(record, dict) or text_field not in record:
+        found, value = get_field(record, text_field)
+        if not found:
             yield Rejected(i, src.path, f"record has no field {text_field!r}", _excerpt(record))
             continue
-        yield _check_text(record[text_field], i, src.path, text_field)
+        yield _check_text(value, i, src.path, text_field)
 
 
 READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}

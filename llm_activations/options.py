@@ -179,11 +179,63 @@ def check_config(cfg: ExtractConfig):
         raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
-    if cfg.mesh is not None:  # the device count is checked where the devices are: on the workers
+    if cfg.mesh is not None:  # the device count itself: check_devices, which knows the runner
         from llm_activations.model.sharding import check_mesh_shape
 
         check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
+    if cfg.num_shards > 1 and any(i.startswith("hf://") for i in cfg.inputs):
+        raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
+                         "leave --num-shards out, or save the split as parquet files to shard it")
+    check_checkpoint(folder, model_cfg, max(layers) + 1)
     return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers)), "hooks": hooks}), model_cfg, hf
+
+
+def check_checkpoint(folder: str, model_cfg, num_blocks: int) -> None:
+    """Every weight blocks 0..num_blocks-1 need is in the checkpoint with its shape, and every file
+    is as long as its header says (a truncated download), read from the safetensors headers alone:
+    the workers would otherwise find out after the output folder was prepared."""
+    from safetensors import safe_open
+
+    from llm_activations.model import checkpoint as ck
+    from llm_activations.model.transformer import param_specs
+
+    shapes = {}
+    for path in ck.safetensors_files(folder):
+        try:
+            with safe_open(path, "np") as f:  # the library checks the header covers the file exactly
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except Exception as e:
+            raise UsageError(f"--model {folder}: {os.path.basename(path)} is unreadable or truncated ({e})") from None
+    specs = param_specs(model_cfg, num_blocks)
+    rules = {r.param: r for r in ck.KEY_TABLE}
+    needed = [("embed", None)] + [(name, i) for i, block in enumerate(specs["layers"]) for name in block]
+    for param, layer in needed:
+        rule = rules[param]
+        key = rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
+        if key not in shapes:
+            raise UsageError(f"--model {folder}: the checkpoint has no {key}, needed for layers up to {num_blocks - 1} "
+                             "(an incomplete download, or config.json names more layers than the weights hold)")
+        if shapes[key] != rule.hf_shape(model_cfg):
+            raise UsageError(f"--model {folder}: checkpoint key {key} has shape {list(shapes[key])}, "
+                             f"expected {list(rule.hf_shape(model_cfg))} from config.json")
+
+
+def check_devices(cfg: ExtractConfig, options) -> None:
+    """An explicit --mesh against the devices this host has, when the workers run in this process
+    (the DirectRunner in memory or in threads); remote runners' devices are on their workers."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    if cfg.mesh is None or runner not in ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"):
+        return
+    if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        return  # the workers are other processes: a TPU opened here would be busy for them
+    import jax
+
+    have, need = jax.device_count(), cfg.mesh[0] * cfg.mesh[1]
+    if need > have:
+        raise UsageError(f"--mesh {cfg.mesh[0]},{cfg.mesh[1]} needs {need} devices; this host has {have} "
+                         f"({jax.devices()[0].platform})")
 
 
 def parse_beam_options(args: tuple):
@@ -205,5 +257,19 @@ def parse_beam_options(args: tuple):
         raise UsageError(f"bad Beam pipeline option in {' '.join(args)} ({e})") from None
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join('--' + u for u in sorted(unknown))}: neither an extract "
-                         "option (see --help) nor an Apache Beam pipeline option")
+                         "option (see --help) nor an Apache Beam pipeline option (options cannot be abbreviated)")
+    stray = _positionals(args)
+    if stray:  # Beam's parser drops them silently
+        raise UsageError(f"unexpected argument {stray[0]!r}: extract takes only --options (quote globs, e.g. --input 'data/*.jsonl')")
     return options
+
+
+def _positionals(args: tuple) -> list:
+    """Arguments that no Beam option consumes as its value."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options builds its parser
+    _, rest = parser.parse_known_args(list(args))
+    return [a for a in rest if not a.startswith("-")]

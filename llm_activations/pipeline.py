@@ -12,10 +12,16 @@ or a worker is started, and raised as a UsageError (exit 2, one line).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 
 from llm_activations import __version__, inputs
@@ -26,7 +32,8 @@ from llm_activations.format import metadata as md
 from llm_activations.format.manifests import MANIFEST_DIR
 from llm_activations.format.metadata import FORMAT, METADATA_FILE, join, read_metadata, write_metadata
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
-from llm_activations.options import ExtractConfig, add_arguments, check_config, config_from_args, parse_beam_options  # noqa: F401
+from llm_activations.options import (ExtractConfig, add_arguments, check_config, check_devices,  # noqa: F401
+                                     config_from_args, parse_beam_options)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -40,23 +47,141 @@ def run(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- output folder
 
+LOCK_FILE = "_lock.json"  # {"pid", "host", "started"} of the extract writing into the folder
 
-def prepare_output(cfg: ExtractConfig) -> None:
-    """Refuse a non-empty output folder unless --overwrite; then remove the previous dataset."""
+
+def _ours(name: str) -> bool:
+    """An entry a previous extraction wrote (and --overwrite may remove)."""
+    return (name.startswith(METADATA_FILE) or name.startswith("layer_") or name in ("rejected", MANIFEST_DIR, *hk.HOOKS))
+
+
+def check_output(cfg: ExtractConfig) -> None:
+    """Refuse, before anything is written or deleted: a file as --output, a non-empty folder without
+    --overwrite or --resume, and --resume into a folder that holds files no extraction wrote."""
     root = cfg.output.rstrip("/")
     if not fileio.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
         raise UsageError(f"--output {root} exists and is not a folder")
-    existing = fileio.entries(root)
+    names = [os.path.basename(p.rstrip("/")) for p in fileio.entries(root)]
+    names = [n for n in names if n != LOCK_FILE]
+    if cfg.resume:
+        foreign = [n for n in names if not _ours(n)]
+        if foreign:
+            raise UsageError(f"--resume: {root} holds files that no extraction wrote ({foreign[0]}); "
+                             "give the output folder of the interrupted run")
+    elif names and not cfg.overwrite:
+        raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, --resume to "
+                         "finish an interrupted run into it, or choose another folder")
+
+
+class OutputLock:
+    """OUT/_lock.json while a run writes into OUT: a second extract into the same folder is refused
+    in one line. Creating it is also the probe that OUT is writable. A lock left by a dead process
+    on this host is taken over with a note; one from another host is refused (delete it by hand if
+    that run is gone). On object stores the check-then-write is not atomic (best effort)."""
+
+    def __init__(self, output: str):
+        self.path = join(output, LOCK_FILE)
+        self._held = False
+
+    def __enter__(self):
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            if not self._create(json.dumps(me)):
+                holder = self._holder()
+                if not (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
+                    raise UsageError(
+                        f"--output {os.path.dirname(self.path)} is in use by another extract (pid {holder.get('pid')} "
+                        f"on {holder.get('host')}, since {holder.get('started')}); wait for it to finish, or delete "
+                        f"{self.path} if that run is gone")
+                print(f"note: taking over the lock of pid {holder.get('pid')}, which is no longer running", file=sys.stderr)
+                fileio.write_text_atomic(self.path, json.dumps(me))
+        except OSError as e:
+            raise UsageError(f"--output {os.path.dirname(self.path)} is not writable ({e.strerror or e})") from None
+        self._held = True
+        return self
+
+    def _create(self, text: str) -> bool:
+        """Create the lock file if absent; False if it exists."""
+        if fileio.is_url(self.path):
+            if fileio.exists(self.path):
+                return False
+            fileio.write_text_atomic(self.path, text)
+            return True
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:  # a full disk fails here, before any work
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(fileio.read_text(self.path) or "{}")
+        except ValueError:  # a half-written lock: its writer died while writing it
+            return {}
+
+    def __exit__(self, *exc):
+        if self._held:
+            fileio.delete([self.path])
+            self._held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def prepare_output(cfg: ExtractConfig, stale: list, num_units: int) -> None:
+    """Make the folder ready, after every launcher check has passed: with --resume remove the old
+    metadata.json and the units that cannot be kept (stale: their manifests); with --overwrite
+    remove the previous dataset."""
+    root = cfg.output.rstrip("/")
+    existing = [p for p in fileio.entries(root) if os.path.basename(p.rstrip("/")) != LOCK_FILE]
     if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
-        fileio.delete([p for p in existing if os.path.basename(p) == METADATA_FILE])
+        fileio.delete([p for p in existing if os.path.basename(p).startswith(METADATA_FILE)])
+        for m in stale:  # the manifest first: from then on the unit is simply not finished
+            fileio.delete([join(root, manifests.manifest_relpath(m["unit"], num_units))])
+            fileio.delete([p for p in (join(root, s["path"]) for s in m["shards"]) if fileio.exists(p)])
+            if m.get("rejected_file") and fileio.exists(join(root, m["rejected_file"])):
+                fileio.delete([join(root, m["rejected_file"])])
         return
-    if existing and not cfg.overwrite:
-        raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, or choose another folder")
     # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
     # no longer claims to be a finished dataset.
-    ours = [p for p in existing if os.path.basename(p) == METADATA_FILE]
-    ours += [p for p in existing if os.path.basename(p) in ("rejected", MANIFEST_DIR, *hk.HOOKS) or os.path.basename(p).startswith("layer_")]
+    ours = [p for p in existing if os.path.basename(p).startswith(METADATA_FILE)]
+    ours += [p for p in existing if _ours(os.path.basename(p)) and p not in ours]
     fileio.delete(ours)
+
+
+def resume_plan(cfg: ExtractConfig, fp: str, units) -> tuple[dict, list]:
+    """({unit: manifest} kept, [manifests to redo]). A finished unit is kept only if its input is
+    byte-for-byte what it read and every file it names is there with its sha256."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = manifests.read_manifests(cfg.output, fp)  # refuses units of another configuration
+    by_index = {u.index: u for u in units}
+    found = [(by_index[i], m) for i, m in sorted(done.items()) if i in by_index]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        reasons = list(pool.map(lambda um: manifests.stale_reason(cfg.output, um[1], um[0].input_fingerprint()), found))
+    keep, stale = {}, []
+    for (unit, m), why in zip(found, reasons):
+        if why:
+            print(f"--resume: extracting unit {unit.index} again: {why}", file=sys.stderr)
+            stale.append(m)
+        else:
+            keep[unit.index] = m
+    return keep, stale
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -111,34 +236,94 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
-    """Check, plan, run the pipeline to completion; returns the written metadata."""
+    """Check, plan, run the pipeline to completion; returns the written metadata.
+
+    Nothing in the output folder is deleted until every check that can run on the launcher has
+    passed: options, checkpoint headers, devices, inputs (files, fields, hf:// split), the folder
+    itself and its lock (whose creation proves it writable).
+    """
+    options = parse_beam_options(cfg.beam_args)
+    cfg, model_cfg, hf = check_config(cfg)
+    check_devices(cfg, options)
+    sources, host_docs, units = plan(cfg)
+    check_output(cfg)
+    with OutputLock(cfg.output):
+        fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
+        done, stale = resume_plan(cfg, fp, units) if cfg.resume else ({}, [])  # before anything is deleted
+        prepare_output(cfg, stale, len(units))
+        base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
+        ok = False
+        try:
+            _run_pipeline(cfg, options, [u for u in units if u.index not in done], fp, base, list(done.values()))
+            ok = True
+        finally:
+            if not ok:  # failed or interrupted (Ctrl-C): no half-written file stays behind
+                remove_partial_shards(cfg.output)
+        meta = read_metadata(cfg.output)
+        if meta["counts"]["documents"] == 0:
+            fileio.delete([join(cfg.output, METADATA_FILE)])  # not a dataset: readers must refuse it
+            raise UsageError(no_documents_message(cfg.output, meta))
+        return meta
+
+
+def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resumed: list) -> None:
     import apache_beam as beam
 
     from llm_activations.transforms import MergeRun
 
-    options = parse_beam_options(cfg.beam_args)
-    cfg, model_cfg, hf = check_config(cfg)
-    sources, host_docs, units = plan(cfg)
-    fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
-    done = manifests.read_manifests(cfg.output, fp) if cfg.resume else {}  # before anything is deleted
-    prepare_output(cfg)
-    todo = [u for u in units if u.index not in done]
-    base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
     if not todo:  # everything was finished before: only the metadata is missing
-        finalize_metadata(base, cfg.output, [], MergeRun().create_accumulator(), list(done.values()))
-        return read_metadata(cfg.output)
+        finalize_metadata(base, cfg.output, [], MergeRun().create_accumulator(), resumed)
+        return
+    with _sigint_seen() as interrupted:
+        try:
+            p = beam.Pipeline(options=options)
+            build_pipeline(p, cfg, todo, fp, base, resumed)
+            result = p.run()
+            result.wait_until_finish()
+            print_counters(result)
+        except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
+            if interrupted.is_set():  # Beam re-raises Ctrl-C inside a DoFn as a RuntimeError
+                raise KeyboardInterrupt from None
+            text = str(e)
+            if AcceleratorBusy.MARK in text:
+                raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
+            raise
+
+
+@contextlib.contextmanager
+def _sigint_seen():
+    """An Event set by Ctrl-C (which still raises KeyboardInterrupt where the program is)."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.set()
+        # Beam logs the exception of every DoFn the interrupt unwinds through, traceback included:
+        # the user asked to stop, so from here on the only message is the CLI's one line.
+        logging.disable(logging.CRITICAL)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, cfg, todo, fp, base, list(done.values()))
-        result = p.run()
-        result.wait_until_finish()
-        print_counters(result)
-    except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
-        text = str(e)
-        if AcceleratorBusy.MARK in text:
-            raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
-        raise
-    return read_metadata(cfg.output)
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def no_documents_message(output: str, meta: dict) -> str:
+    """One line for a run that accepted no document, naming the most common rejection reason."""
+    reasons: collections.Counter = collections.Counter()
+    for rel in meta["run"].get("rejected_files", []):
+        for line in (fileio.read_text(join(output, rel)) or "").splitlines():
+            reasons[json.loads(line)["reason"].split(" (")[0]] += 1
+    n = meta["counts"]["rejected"]
+    if not reasons:
+        return "no document was accepted: the input holds no records (--max-docs, --num-hosts or empty files?)"
+    reason, k = reasons.most_common(1)[0]
+    return (f"no document was accepted: all {n} records were rejected, {k} of them for: {reason} "
+            f"(see {join(output, 'rejected')}/); check --input and --text-field")
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -185,7 +370,9 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
         "extraction": {"layers": list(cfg.layers), **hk.extraction_fields(cfg.hooks), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                        "mode": cfg.mode, "compute_dtype": cfg.compute_dtype,
                        "mesh": {"data": cfg.mesh[0], "model": cfg.mesh[1]} if cfg.mesh else "auto",
-                       "num_shards": cfg.num_shards, "num_units": num_units},
+                       # files per layer actually written (--num-shards 0 lets the planner choose;
+                       # an hf:// split is one stream, one file)
+                       "num_shards": num_units, "num_shards_requested": cfg.num_shards, "num_units": num_units},
         "dtype": cfg.dtype,
         "hidden_size": model_cfg.hidden_size,
         **hook_widths(cfg.hooks, model_cfg),
@@ -214,13 +401,22 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
     meta["shards"] = summary["shards"]
     meta["counts"] = summary["counts"]
     meta["stats"] = summary["stats"]
-    if run["mesh"]:  # the shape the workers actually used (the automatic choice, when not given)
-        meta["extraction"]["mesh"] = run["mesh"]
+    # Units kept by --resume were made by an earlier run's workers: their manifests say how, so a
+    # dataset keeps its mesh and compilation count however many runs it took (in-process reruns
+    # share one worker id and one compiled extractor, so they are not counted twice).
+    earlier: dict = {}
+    for m in resumed:
+        maker = m.get("run") or {}
+        if maker.get("worker") and maker["worker"] not in run["workers"]:
+            earlier[maker["worker"]] = max(earlier.get(maker["worker"], 0), int(maker.get("compilations", 0)))
+    mesh = run["mesh"] or next((m["run"]["mesh"] for m in resumed if (m.get("run") or {}).get("mesh")), None)
+    if mesh:  # the shape the workers actually used (the automatic choice, when not given)
+        meta["extraction"]["mesh"] = mesh
     end = time.time()
     wall = end - meta["run"].pop("start_unix")
     meta["run"].update({
-        "workers": len(run["workers"]),
-        "compilations": run["compilations"],
+        "workers": len(run["workers"]) + len(earlier),
+        "compilations": run["compilations"] + sum(earlier.values()),
         "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall, 3),
         # what this run extracted (units finished by an earlier, resumed run are not counted)

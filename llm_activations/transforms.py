@@ -65,6 +65,7 @@ class UnitEnd:
     counts: dict
     rejected: list
     moments: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # the worker that made it (manifest "run"; see finalize_metadata)
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,7 @@ class ExtractActivations(beam.DoFn):
             yield WindowedValue(value, 0, [GlobalWindow()])
         compilations = _unreported_compilations(self._extractor)
         run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
-               "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
-               "workers": {f"{socket.gethostname()}:{os.getpid()}"}}
+               "mesh": _mesh(self._extractor), "workers": {_worker()}}
         yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
 
     def teardown(self):
@@ -283,7 +283,8 @@ class ExtractActivations(beam.DoFn):
             head = self._queue[0]
             if isinstance(head, UnitEnd):
                 self._queue.popleft()
-                yield replace(head, moments=self._moments.pop(head.unit.index, {}))
+                yield replace(head, moments=self._moments.pop(head.unit.index, {}), run={
+                    "worker": _worker(), "compilations": self._extractor.compilations, "mesh": _mesh(self._extractor)})
                 continue
             if keep_newest and self._pending_batches == 1:
                 return  # the newest batch is still computing; leave it in flight
@@ -332,6 +333,14 @@ class _FailOnce:
 
 
 _REPORT_LOCK = threading.Lock()
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _mesh(extractor) -> dict:
+    return {str(k): int(v) for k, v in extractor.mesh.shape.items()}
 
 
 def _unreported_compilations(extractor) -> int:
@@ -399,7 +408,7 @@ class WriteShards(beam.DoFn):
                 rel, writer = self._writers.pop(((hook, layer), u))
                 shards.append({"path": rel, **hk.shard_fields(hook, layer, self._hooks), **writer.close()})
         manifest = manifests.unit_manifest(end.unit, self._fingerprint, end.counts, shards, end.moments,
-                                           rejected_file=None)
+                                           rejected_file=None, run=end.run)
         if end.rejected:
             manifest["rejected_file"] = manifests.write_rejected(self._output, u, self._num_units, end.rejected)
         manifests.write_manifest(self._output, manifest, self._num_units)  # last: the unit is complete only now

@@ -92,6 +92,9 @@ def test_summarize_keeps_per_hook_moments_and_widths():
     class Unit:
         index, start, stop = 0, 0, 10
 
+        def input_fingerprint(self):
+            return "inputs"
+
     rng = np.random.default_rng(0)
     z, post = rng.standard_normal((5, 6)), rng.standard_normal((5, 4))
     moments = {("z", 3): Moments.of(z), ("resid_post", 3): Moments.of(post)}
@@ -112,5 +115,5 @@ def test_extract_prepares_hook_folders(tmp_path):
 
     for d in ("layer_01", "z/layer_01", "mlp_out/layer_01", "notes"):
         os.makedirs(tmp_path / d)
-    prepare_output(ExtractConfig(model="m", inputs=("x",), output=str(tmp_path), overwrite=True))
+    prepare_output(ExtractConfig(model="m", inputs=("x",), output=str(tmp_path), overwrite=True), stale=[], num_units=0)
     assert sorted(os.listdir(tmp_path)) == ["notes"]

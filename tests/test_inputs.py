@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,3 +86,116 @@ def test_configuration_errors_are_one_line(tmp_path):
         inputs.plan_sources([str(tmp_path / "t.parquet")], "text")
     with pytest.raises(UsageError, match="cannot be combined"):
         inputs.plan_sources(["hf://a/b:train", str(tmp_path / "t.parquet")], "text")
+
+
+# ----------------------------------------------------------------------------- issue 12: what real corpora look like
+
+
+def _docs(patterns, text_field="text"):
+    return [(i.doc_index, i.text) if isinstance(i, inputs.Document) else (i.doc_index, "REJECTED " + i.reason)
+            for i in _read_all(patterns, text_field, num_units=2)]
+
+
+def test_one_file_under_several_spellings_is_read_once(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    os.symlink(tmp_path / "in" / "a.jsonl", tmp_path / "link.jsonl")
+    monkeypatch.chdir(tmp_path)
+    sources = inputs.plan_sources(["in/a.jsonl", "./in/a.jsonl", str(tmp_path / "in" / "a.jsonl"), "in//a.jsonl",
+                                   "link.jsonl", "in/*.jsonl"], "text")
+    assert [(s.path, s.num_records) for s in sources] == [(str(tmp_path / "in" / "a.jsonl"), 2)]
+
+
+def test_a_folder_is_every_file_below_it_with_or_without_slash(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.jsonl").write_text('{"text": "a"}\n')
+    (root / "sub" / "b.txt").write_text("b")
+    (root / "sub" / "deeper" / "c.jsonl").write_text('{"text": "c"}\n')
+    (root / "_SUCCESS").write_text("")  # markers and hidden files are not input
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.jsonl").write_text('{"text": "hidden"}\n')
+    want = [str(root / "a.jsonl"), str(root / "sub" / "b.txt"), str(root / "sub" / "deeper" / "c.jsonl")]
+    assert inputs.expand_patterns([str(root)]) == want
+    assert inputs.expand_patterns([str(root) + "/"]) == want
+    (root / "sub" / "notes.md").write_text("not a corpus file")
+    with pytest.raises(UsageError, match="notes.md: unsupported input type"):
+        inputs.expand_patterns([str(root)])
+
+
+def test_bom_is_not_data(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfwhole file")
+    assert _docs([str(tmp_path / "*")]) == [(0, "first"), (1, "second"), (2, "whole file")]
+
+
+def test_compressed_json_lines_and_ndjson(tmp_path):
+    import bz2
+    import gzip
+
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (tmp_path / "c.json.gz").write_bytes(gzip.compress(lines[:-1]))  # no final newline
+    (tmp_path / "d.ndjson").write_bytes(lines)
+    (tmp_path / "e.txt.gz").write_bytes(gzip.compress(b"\xef\xbb\xbfcompressed text"))
+    (tmp_path / "f.jsonl.bz2").write_bytes(bz2.compress(lines))
+    got = _docs([str(tmp_path / "*")])
+    assert got == [(f * 3 + i, f"doc {i}") for f in range(4) for i in range(3)] + [(12, "compressed text")] + \
+        [(13 + i, f"doc {i}") for i in range(3)]
+    assert [s.compression for s in inputs.plan_sources([str(tmp_path / "*")], "text")] == ["gzip", "zstd", "gzip", "", "gzip", "bzip2"]
+
+
+def test_dotted_text_field_reads_nested_json_and_parquet(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"meta": {"content": "nested"}}) + "\n"
+                                      + json.dumps({"meta": {"other": 1}}) + "\n")
+    pq.write_table(pa.table({"meta": pa.array([{"content": "row0"}, None, {"content": "row2"}])}), tmp_path / "b.parquet")
+    got = _docs([str(tmp_path / "*")], "meta.content")
+    assert got == [(0, "nested"), (1, "REJECTED record has no field 'meta.content'"), (2, "row0"),
+                   (3, "REJECTED field 'meta.content' is null"), (4, "row2")]
+    with pytest.raises(UsageError, match="no column 'meta.nothing'"):
+        inputs.plan_sources([str(tmp_path / "b.parquet")], "meta.nothing")
+
+
+@pytest.mark.parametrize("name,data,needle", [
+    ("wrong_field.jsonl", b'{"body": "x"}\n{"body": "y"}\n', "none of its first 2 records has a field 'text' (fields: body)"),
+    ("array.json", b'[\n {"text": "a"},\n {"text": "b"}\n]\n', "holds a JSON array, not JSON lines"),
+    ("gzipped.jsonl", __import__("gzip").compress(b'{"text": "x"}\n'), "holds gzip-compressed bytes; name it"),
+])
+def test_files_whose_every_record_would_be_rejected_are_refused_up_front(tmp_path, name, data, needle):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        inputs.plan_sources([str(tmp_path / name)], "text")
+
+
+def test_content_digest_changes_with_the_bytes_not_the_line_count(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "old"}\n{"text": "same"}\n')
+    before, stat = inputs.plan_sources([str(f)], "text")[0], os.stat(f)
+    f.write_text('{"text": "new"}\n{"text": "same"}\n')  # same length, same line count...
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and the old mtime (cp -p, rsync -t)
+    after = inputs.plan_sources([str(f)], "text")[0]
+    assert (before.num_records, before.path) == (after.num_records, after.path) and before.digest != after.digest
+    unit = lambda s: inputs.plan_units([s], start=0, stop=2, num_units=1)[0]  # noqa: E731
+    assert unit(before).input_fingerprint() != unit(after).input_fingerprint()
+    assert unit(after).input_fingerprint() == unit(inputs.plan_sources([str(f)], "text")[0]).input_fingerprint()
+
+
+def test_hf_split_that_does_not_exist_is_one_line(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(UsageError, match="cannot read this split") as e:
+        inputs.plan_sources([f"hf://{folder}:nosuchsplit"], "text")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="first record has no field 'body'"):
+        inputs.plan_sources([f"hf://{folder}:train"], "body")
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="cannot read this split") as e:
+        inputs.plan_sources(["hf://no-such-org/no-such-dataset:train"], "text")
+    assert "\n" not in str(e.value)

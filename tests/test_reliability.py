@@ -7,9 +7,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llm_activations.model import devices
@@ -278,3 +280,269 @@ def test_misspelled_option_is_a_usage_error_not_silently_dropped(model, small_co
     assert main(extract_args(model, [small_corpus], str(tmp_path / "o"), "--seqlen", "32")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seqlen" in err[0]
+
+
+# ----------------------------------------------------------------------------- issue 12: stale, doubled, deleted too early
+
+
+def _one_line(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_resume_extracts_again_a_unit_whose_input_changed_in_place(model, small_corpus, tmp_path):
+    # Two files, one unit each; an input's fingerprint is its whole file's content (inputs.content_digest).
+    lines = Path(small_corpus).read_text().splitlines()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(lines[:8]) + "\n")
+    b.write_text("\n".join(lines[8:]) + "\n")
+    out, fresh = str(tmp_path / "out"), str(tmp_path / "fresh")
+    args = extract_args(model, [str(tmp_path / "*.jsonl")], out, "--num-shards", "2", "--layers", "0")
+    assert main(args) == 0
+    stat = os.stat(b)
+    edited = lines[8:]
+    edited[4] = json.dumps({"text": "an entirely different document, same line count"})
+    b.write_text("\n".join(edited) + "\n")
+    assert main(args + ["--resume"]) == 0
+    assert main(extract_args(model, [str(tmp_path / "*.jsonl")], fresh, "--num-shards", "2", "--layers", "0")) == 0
+    meta = read_metadata(out)
+    assert meta["run"]["resumed_units"] == [0]  # unit 0 read none of the changed bytes
+    assert shard_hashes(out) == shard_hashes(fresh) and meta["counts"] == read_metadata(fresh)["counts"]
+    # the same holds for an edit that keeps the file's size and modification time
+    edited[5] = edited[5].replace('"text": "', '"text": "X', 1)[:-2] + '"}'
+    b.write_text("\n".join(edited) + "\n")
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert main(args + ["--resume"]) == 0
+    assert read_metadata(out)["run"]["resumed_units"] == [0]
+    assert main(extract_args(model, [str(tmp_path / "*.jsonl")], fresh, "--num-shards", "2", "--layers", "0", "--overwrite")) == 0
+    assert shard_hashes(out) == shard_hashes(fresh)
+
+
+def test_resume_extracts_again_units_whose_files_are_missing_or_changed(model, small_corpus, baseline, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(baseline, out)
+    args = extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0")
+    shards = sorted(glob.glob(f"{out}/layer_00/*"))
+    os.remove(shards[0])
+    assert main(args + ["--resume"]) == 0
+    assert read_metadata(out)["run"]["resumed_units"] == [1] and shard_hashes(out) == shard_hashes(baseline)
+    data = bytearray(Path(shards[1]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(shards[1]).write_bytes(bytes(data))
+    assert main(args + ["--resume"]) == 0
+    assert read_metadata(out)["run"]["resumed_units"] == [0] and shard_hashes(out) == shard_hashes(baseline)
+    assert main(["validate", out]) == 0
+
+
+def test_resume_of_a_finished_run_keeps_its_mesh_and_compilations(model, small_corpus, baseline, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(baseline, out)
+    os.remove(os.path.join(out, "metadata.json"))  # killed after the last unit, before the metadata
+    assert main(extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0", "--resume")) == 0
+    meta, makers = read_metadata(out), [json.loads(p.read_text())["run"] for p in Path(out, "_units").iterdir()]
+    assert meta["run"]["resumed_units"] == [0, 1]
+    assert meta["extraction"]["mesh"] == read_metadata(baseline)["extraction"]["mesh"] == {"data": 1, "model": 1}
+    assert meta["run"]["compilations"] == max(m["compilations"] for m in makers) >= 1
+    assert meta["run"]["workers"] == len({m["worker"] for m in makers}) >= 1
+
+
+def _truncated_checkpoint(src, dst):
+    path = Path(_checkpoint_variant(src, dst)) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    return str(dst)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("mesh_needs_more_devices", "--mesh 16,1 needs 16 devices; this host has 8"),
+    ("truncated_weights", "model.safetensors is unreadable or truncated"),
+    ("config_names_more_layers", "has no model.layers.4.input_layernorm.weight"),
+    ("hf_split_missing", "cannot read this split"),
+    ("stray_argument", "unexpected argument 'stray'"),
+    ("abbreviated_option", "unknown option(s) --ov"),
+])
+def test_overwrite_deletes_nothing_when_a_launcher_check_fails(model, small_corpus, baseline, tmp_path, capsys, case, needle):
+    out = str(tmp_path / "out")
+    shutil.copytree(baseline, out)
+    m, inp, extra = model, [small_corpus], ["--overwrite"]
+    if case == "mesh_needs_more_devices":
+        extra += ["--mesh", "16,1", "--batch-size", "16"]
+    elif case == "truncated_weights":
+        m = _truncated_checkpoint(model, tmp_path / "ckpt")
+    elif case == "config_names_more_layers":
+        m = _checkpoint_variant(model, tmp_path / "ckpt", config_update={"num_hidden_layers": 8})
+        extra += ["--layers", "6"]
+    elif case == "hf_split_missing":
+        (tmp_path / "ds").mkdir()
+        write_jsonl(str(tmp_path / "ds" / "train.jsonl"), [{"text": "x"}])
+        inp = [f"hf://{tmp_path / 'ds'}:validation"]
+    elif case == "stray_argument":
+        extra += ["stray"]
+    elif case == "abbreviated_option":
+        extra = ["--ov"]
+    capsys.readouterr()
+    assert main(extract_args(m, inp, out, *extra)) == 2
+    _one_line(capsys, needle)
+    assert shard_hashes(out) == shard_hashes(baseline) and read_metadata(out) == read_metadata(baseline)
+
+
+def test_unwritable_output_is_one_line_before_the_model_runs(model, small_corpus, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert main(extract_args(model, [small_corpus], str(tmp_path / "a_file" / "out"))) == 2
+    _one_line(capsys, "is not writable")
+
+
+def test_a_run_that_accepts_no_document_exits_2_naming_the_reason(model, tmp_path, capsys):
+    corpus = write_jsonl(str(tmp_path / "blank.jsonl"), [{"text": "   "}, {"text": ""}, {"text": None}, {"text": "\n"}])
+    out = str(tmp_path / "out")
+    assert main(extract_args(model, [corpus], out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the run's counters line, then the error
+    line = err[-1]
+    assert "Traceback" not in "".join(err) and len([e for e in err if "error:" in e]) == 1
+    assert "no document was accepted: all 4 records were rejected, 3 of them for: empty text" in line
+    assert "rejected" in line and not os.path.exists(os.path.join(out, "metadata.json"))
+    assert len(glob.glob(f"{out}/rejected/*.jsonl")) == 1  # the reasons stay for the user to read
+
+
+def test_second_run_into_a_folder_is_refused_and_a_dead_runs_lock_is_taken_over(model, small_corpus, baseline, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    args = extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0")
+    other = subprocess.Popen(["sleep", "60"])  # a live process of this host holds the folder
+    try:
+        Path(out, "_lock.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": "t0"}))
+        assert main(args) == 2
+        _one_line(capsys, f"is in use by another extract (pid {other.pid} on {socket.gethostname()}, since t0)")
+    finally:
+        other.kill()
+        other.wait()
+    assert main(args) == 0  # that pid is gone now: its lock is stale
+    assert f"taking over the lock of pid {other.pid}" in capsys.readouterr().err
+    assert shard_hashes(out) == shard_hashes(baseline) and not os.path.exists(os.path.join(out, "_lock.json"))
+
+
+def test_resume_into_an_unrelated_folder_is_refused(model, small_corpus, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(extract_args(model, [small_corpus], str(out), "--resume")) == 2
+    _one_line(capsys, "--resume: " + str(out) + " holds files that no extraction wrote (thesis.tex)")
+    assert os.listdir(out) == ["thesis.tex"]
+
+
+def test_hf_input_records_the_one_file_it_writes(model, tmp_path, capsys):
+    (tmp_path / "ds").mkdir()
+    write_jsonl(str(tmp_path / "ds" / "train.jsonl"), [{"text": t} for t in corpus_texts(6, seed=1)])
+    spec = f"hf://{tmp_path / 'ds'}:train"
+    assert main(extract_args(model, [spec], str(tmp_path / "o"), "--num-shards", "4")) == 2
+    _one_line(capsys, "--num-shards 4: an hf:// split is read as one stream")
+    assert main(extract_args(model, [spec], str(tmp_path / "o"), "--layers", "0")) == 0
+    meta = read_metadata(str(tmp_path / "o"))
+    assert meta["extraction"]["num_shards"] == len(meta["files"]["0"]) == 1 and meta["counts"]["documents"] == 6
+
+
+@pytest.mark.parametrize("command", ["validate", "merge"])
+def test_tools_on_something_that_is_not_a_dataset_say_resume_or_overwrite(baseline, small_corpus, tmp_path, capsys, command):
+    def run(target):
+        argv = ["validate", target] if command == "validate" else ["merge", "--output", str(tmp_path / "m"), target]
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip()
+
+    assert "is a file" in run(small_corpus)
+    interrupted = str(tmp_path / "interrupted")
+    shutil.copytree(baseline, interrupted)
+    os.remove(os.path.join(interrupted, "metadata.json"))
+    line = run(interrupted)
+    assert len(line.splitlines()) == 1 and "--resume" in line and "--overwrite" in line
+    (tmp_path / "empty").mkdir()
+    line = run(str(tmp_path / "empty"))
+    assert "not a finished" in line and "--resume" not in line
+
+
+def test_options_are_never_abbreviated(baseline, capsys):
+    assert main(["validate", baseline, "--work", "2"]) == 2
+    _one_line(capsys, "--work")
+
+
+def test_corrupt_shard_error_names_the_file(baseline, tmp_path):
+    from llm_activations import reader
+
+    out = str(tmp_path / "out")
+    shutil.copytree(baseline, out)
+    shard = sorted(glob.glob(f"{out}/layer_00/*"))[1]
+    data = bytearray(Path(shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(shard).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(os.path.basename(shard)) + ".*CRC mismatch"):
+        for _ in reader.iter_numpy_batches(out, 0, 16):
+            pass
+
+
+def test_train_sae_with_a_layer_not_in_the_dataset_is_one_line(baseline, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_sae", Path(__file__).parent.parent / "examples" / "train_sae.py")
+    train_sae = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_sae)
+    assert train_sae.main([baseline, "--layer", "3", "--steps", "1"]) == 2
+    _one_line(capsys, "layer 3 is not in this dataset; it has layers [0]")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_partial_files(model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), [{"text": t} for t in corpus_texts(300, seed=1)] * 10)
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "llm_activations",
+                             *extract_args(model, [corpus], out, "--num-shards", "4", "--layers", "0")],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    deadline = time.time() + 240
+    while not glob.glob(f"{out}/layer_00/*.inprogress-*") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # wait until a shard is being written
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["llm_activations extract: interrupted"]
+    left = glob.glob(f"{out}/**/*.inprogress-*", recursive=True) + glob.glob(f"{out}/_lock.json")
+    assert left == [] and not os.path.exists(os.path.join(out, "metadata.json"))
+
+
+# ----------------------------------------------------------------------------- issue 12: documentation
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("dtype,compression", [("float32", "gzip"), ("bfloat16", "none")])
+def test_readme_plain_tf_data_snippet_reads_any_dataset(tmp_path, dtype, compression):
+    """The README's no-package snippet follows metadata's dtype and compression (a float32 dataset
+    read as bfloat16 gives twice the tokens, as NaNs)."""
+    from synthetic import make_dataset
+
+    from llm_activations import reader
+
+    text = README.read_text()
+    snippet = text.split("**Reading the output with plain tf.data**")[1].split("```python\n")[1].split("```")[0]
+    root = str(tmp_path / "ds")
+    make_dataset(root, layers=(1,), hidden_size=16, dtype=dtype, compression=compression, num_docs=30)
+    scope: dict = {}
+    exec(snippet.replace('"activations_demo"', repr(root)), scope)
+    got = np.concatenate([b.numpy() for b in scope["ds"]])
+    want = np.concatenate(list(reader.iter_numpy_batches(root, 1, 64, drop_remainder=False)))
+    assert got.shape == want.shape == (read_metadata(root)["counts"]["tokens"], 16)
+    np.testing.assert_allclose(np.sort(got.sum(axis=1)), np.sort(want.sum(axis=1)), rtol=1e-6)
+
+
+def test_readme_describes_the_demo_command_the_makefile_runs():
+    makefile = (README.parent / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:")[1].split("\n")[1].strip()
+    command = recipe.replace("$(PY)", "python")
+    assert command == "python -m llm_activations extract --overwrite"
+    assert f"`make demo` runs `{command}`" in README.read_text()

@@ -32,11 +32,16 @@ def manifest_relpath(unit: int, num_units: int) -> str:
     return f"{MANIFEST_DIR}/unit-{unit:05d}-of-{num_units:05d}.json"
 
 
-def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, rejected_file: str | None) -> dict:
+def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, rejected_file: str | None,
+                  run: dict | None = None) -> dict:
+    """run: {"mesh", "compilations"} of the worker that made the unit, so that metadata written by a
+    later --resume still says how the units were made."""
     return {
         "unit": unit.index,
         "doc_index_range": [unit.start, unit.stop],
         "fingerprint": fp,
+        "inputs": unit.input_fingerprint(),
+        "run": run or {},
         "counts": {k: int(counts.get(k, 0)) for k in COUNT_KEYS},
         "shards": shards,
         "rejected_file": rejected_file,
@@ -67,6 +72,23 @@ def read_manifests(output: str, fp: str) -> dict:
                              f"({path.rsplit('/', 1)[-1]}); rerun with the original options, or use --overwrite")
         found[manifest["unit"]] = manifest
     return found
+
+
+def stale_reason(output: str, manifest: dict, inputs: str) -> str | None:
+    """Why a finished unit cannot be kept by --resume (None if it can): its input is no longer
+    byte-for-byte what it read (`inputs`, the unit's input fingerprint now), or a file it names is
+    missing or differs from the sha256 and size its manifest recorded."""
+    if manifest.get("inputs") != inputs:
+        return "its input changed since it was extracted"
+    for shard in manifest["shards"]:
+        path = join(output, shard["path"])
+        if not fileio.exists(path):
+            return f"{shard['path']} is missing"
+        if fileio.sha256_file(path) != (shard["sha256"], shard["bytes"]):
+            return f"{shard['path']} differs from its manifest"
+    if manifest.get("rejected_file") and not fileio.exists(join(output, manifest["rejected_file"])):
+        return f"{manifest['rejected_file']} is missing"
+    return None
 
 
 def summarize(manifests: list, layers: list, hidden_size: int, hooks=hk.DEFAULT_HOOKS,

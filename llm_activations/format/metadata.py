@@ -33,9 +33,15 @@ def read_metadata(root: str, read_text=None) -> dict:
     """
     text = (read_text or fileio.read_text)(join(root, METADATA_FILE))
     if text is None:
+        if fileio.exists(root):
+            raise DatasetError(f"{root} is a file; give an llm-activations dataset folder (it has {METADATA_FILE})")
+        # what an extraction writes before metadata.json (manifests.MANIFEST_DIR is "_units")
+        if not any(posixpath.basename(p.rstrip("/")).startswith(("_units", "layer_", "rejected")) for p in fileio.entries(root)):
+            raise DatasetError(f"{root} has no {METADATA_FILE}: it is not a finished llm-activations dataset "
+                               "(nor the folder of an interrupted extraction)")
         raise DatasetError(
-            f"{root} has no {METADATA_FILE}: it is not a finished llm-activations dataset "
-            "(the extraction did not complete; rerun it with --overwrite)"
+            f"{root} has no {METADATA_FILE}: it is not a finished llm-activations dataset (its extraction did not "
+            "complete: run the same extract command again with --resume to finish it, or with --overwrite to start over)"
         )
     try:
         meta = json.loads(text)
@@ -85,6 +91,8 @@ def entries(meta: dict) -> list[tuple[str, int]]:
 def layer_files(meta: dict, layer: int, hook: str = hk.DEFAULT) -> list[str]:
     files = meta["files"].get(hk.key(hook, layer))
     if files is None:
+        if hooks_of(meta) == (hk.DEFAULT,) and hook == hk.DEFAULT:  # a resid_post dataset: speak of layers only
+            raise DatasetError(f"layer {layer} is not in this dataset; it has layers {sorted(l for _, l in entries(meta))}")
         have = ", ".join(f"{h} {l}" for h, l in entries(meta))
         raise DatasetError(f"hook {hook} at layer {layer} is not in this dataset; it has (hook layer): {have}")
     return files

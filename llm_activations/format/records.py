@@ -256,7 +256,10 @@ def open_shard(path: str) -> BinaryIO:
 
 def read_shard(path: str, check_crc: bool = True) -> Iterator[bytes]:
     with open_shard(path) as stream:
-        yield from iter_records(stream, check_crc)
+        try:
+            yield from iter_records(stream, check_crc)
+        except ValueError as e:  # a reader interleaves many files: say which one is corrupt
+            raise ValueError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- writing shards
