@@ -77,6 +77,7 @@ class ModelSpec:
     compute_dtype: str
     storage_dtype: str
     mesh_shape: tuple | None
+    factory: object = None  # callable(ModelSpec) -> Extractor-like; None = load the checkpoint
 
 
 def _counter(name: str):
@@ -198,6 +199,8 @@ _MODELS = shared.Shared()
 
 
 def load_extractor(spec: ModelSpec):
+    if spec.factory is not None:
+        return spec.factory(spec)
     from llm_activations.model.extractor import Extractor
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
