@@ -1,8 +1,8 @@
 """`python -m llm_activations extract`: build and run the Beam pipeline (configuration and its
 checks live in options.py).
 
-    PlanUnits -> Reshuffle -> ReadDocuments -> Tokenize -> Segment -> Pack -> Batch
-              -> Extract -> WriteShards            (transforms.ExtractUnits)
+    PlanUnits -> Reshuffle -> ReadTokenizePack (one unit ahead) -> Batch
+              -> Extract (batches in flight) -> WriteShards (a writer thread per layer)   (transforms.ExtractUnits)
     unit manifests (shards, counts, rejected, Moments) + run stats -> metadata.json (last)
 
 Every configuration error is found on the launcher (options.check_config) before a model is loaded

@@ -24,15 +24,12 @@ def _unit(tmp_path, lines):
 
 def test_read_documents_splits_good_and_rejected(tmp_path):
     unit = _unit(tmp_path, [{"text": "alpha"}, "{not json", {"text": None}, [1, 2], {"text": "beta"}, {"body": "x"}])
-    with TestPipeline() as p:
-        out = p | beam.Create([unit]) | beam.ParDo(T.ReadDocuments("text"))
-        docs = out | "Docs" >> beam.FlatMap(lambda d: [(doc.doc_index, doc.text) for doc in d.docs])
-        assert_that(docs, equal_to([(0, "alpha"), (4, "beta")]), label="docs")
-        reasons = out | "Rejected" >> beam.FlatMap(
-            lambda d: [(json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]) for r in d.rejected])
-        assert_that(reasons, equal_to([(1, "malformed JSON"), (2, "field 'text' is null"),
-                                       (3, "record is a JSON list, not an object"), (5, "record has no field 'text'")]),
-                    label="rejected")
+    d = T.read_documents(unit, "text")
+    assert [(doc.doc_index, doc.text) for doc in d.docs] == [(0, "alpha"), (4, "beta")]
+    assert [(json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]) for r in d.rejected] == [
+        (1, "malformed JSON"), (2, "field 'text' is null"), (3, "record is a JSON list, not an object"),
+        (5, "record has no field 'text'")]
+    assert d.counts == {"rejected": 4} and d.metrics == {"rejected": 4, "documents_read": 2}
 
 
 def test_tokenize_gives_exactly_the_tokenizers_ids(tmp_path):
@@ -42,10 +39,41 @@ def test_tokenize_gives_exactly_the_tokenizers_ids(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     texts = [f"Document number {i}: " + "words " * i for i in range(1, 300)]  # > one tokenizer batch
     data = T.UnitData(inputs.WorkUnit(0, 0, len(texts), ()), docs=[inputs.Document(i, t) for i, t in enumerate(texts)])
+    got = T.tokenize_documents(data, T.load_tokenizer(folder))
+    expected = [tok(t)["input_ids"] for t in texts]
+    assert [(i, t.tolist()) for i, t in got.tokens] == list(enumerate(expected))
+    assert got.metrics["tokens_read"] == sum(map(len, expected)) and got.counts["documents"] == len(texts)
+
+
+def test_prepare_units_emits_every_unit_once_in_order_one_unit_ahead(tmp_path):
+    folder, _ = tiny_model_with_tokenizer()
+    lines = [{"text": f"doc {i} " + "word " * (i % 40)} for i in range(60)] + ["{bad"]
+    path = write_jsonl(str(tmp_path / "in.jsonl"), lines)
+    sources = inputs.plan_sources([path], "text")
+    units = inputs.plan_units(sources, start=0, stop=len(lines), num_units=4)
+    spec = T.PrepareSpec("text", folder, 16, "pack")
+    tok = T.load_tokenizer(folder)
+    expected = [T.prepare_unit(u, spec, tok) for u in units]
     with TestPipeline() as p:
-        out = p | beam.Create([data]) | beam.ParDo(T.Tokenize(folder))
-        got = out | beam.FlatMap(lambda d: [(i, t.tolist()) for i, t in d.tokens])
-        assert_that(got, equal_to([(i, tok(t)["input_ids"]) for i, t in enumerate(texts)]))
+        out = p | beam.Create(units) | beam.ParDo(T.PrepareUnits(spec))
+        got = out | beam.Map(lambda d: (d.unit.index, dict(d.counts), len(d.rows), [s.tokens.tolist() for s in d.segments]))
+        assert_that(got, equal_to([(d.unit.index, dict(d.counts), len(d.rows), [s.tokens.tolist() for s in d.segments])
+                                   for d in expected]))
+    assert sum(d.counts["rejected"] for d in expected) == 1 and sum(d.counts["documents"] for d in expected) == 60
+
+
+def test_prepare_units_looks_one_unit_ahead(tmp_path):
+    # Driven by hand, as a runner does: unit k is emitted while unit k+1 is prepared.
+    folder, _ = tiny_model_with_tokenizer()
+    path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": f"doc {i}"} for i in range(9)])
+    units = inputs.plan_units(inputs.plan_sources([path], "text"), start=0, stop=9, num_units=3)
+    fn = T.PrepareUnits(T.PrepareSpec("text", folder, 16, "pack"))
+    fn.setup()
+    fn.start_bundle()
+    emitted = [[d.unit.index for d in fn.process(u)] for u in units]
+    last = [v.value.unit.index for v in fn.finish_bundle()]
+    fn.teardown()
+    assert emitted == [[], [0], [1]] and last == [2]
 
 
 def test_segment_pack_batch_fill_fixed_shapes():
@@ -84,15 +112,45 @@ def test_pad_mode_one_segment_per_row():
     assert packing.pack_rows([5, 3, 7], 8, "pad") == [[0], [1], [2]]
 
 
+def _batch(lengths, seq_len=4, unit=0):
+    """A packing.Batch whose real tokens are numbered 1.. in row order (one document per row)."""
+    B = len(lengths)
+    real = np.arange(seq_len)[None, :] < np.asarray(lengths)[:, None]
+    tokens = np.where(real, np.arange(1, B * seq_len + 1).reshape(B, seq_len), 0).astype(np.int32)
+    positions = np.where(real, np.arange(seq_len)[None, :], 0).astype(np.int32)
+    doc = np.where(real, np.arange(B)[:, None], 0)
+    return packing.Batch(tokens, real.astype(np.int32), positions, doc, positions.astype(np.int64),
+                         np.asarray(lengths, np.int64), unit)
+
+
+def test_write_shards_writes_each_layer_in_row_order(tmp_path):
+    from llm_activations.format import records
+
+    layers = (2, 5)
+    batches = [_batch([4, 0, 2]), _batch([3, 1, 0])]  # empty rows write no record
+    acts = [{l: np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2) + 100 * b + l for l in layers} for b in range(2)]
+    end = T.UnitEnd(inputs.WorkUnit(0, 0, 6, ()), {"tokens": 10}, [])
+    with TestPipeline() as p:
+        _ = (p | beam.Create([T.Extracted(b, a) for b, a in zip(batches, acts)] + [end])
+             | beam.ParDo(T.WriteShards(str(tmp_path), layers, 1, "none", "fp")))
+    for l in layers:
+        got = [records.decode_example(d) for d in records.read_shard(str(tmp_path / records.shard_relpath(l, 0, 1)))]
+        want = [(b, r) for b in range(2) for r in range(3) if batches[b].lengths[r]]
+        assert len(got) == len(want) == 4
+        for ex, (b, r) in zip(got, want):
+            n = int(batches[b].lengths[r])
+            assert ex["token_ids"].tolist() == batches[b].tokens[r, :n].tolist()
+            np.testing.assert_array_equal(records.decode_activations(ex, np.float32, 2), acts[b][l][r, :n])
+
+
 def test_write_shards_closes_files_at_unit_end(tmp_path):
     from llm_activations.format import records
 
-    ex = records.encode_example(np.ones((2, 4), np.float32), token_ids=np.array([1, 2]), doc_index=np.array([0, 0]),
-                                token_index=np.array([0, 1]), position=np.array([0, 1]))
+    acts = {0: np.ones((2, 4, 4), np.float32)}
     units = [inputs.WorkUnit(i, i * 5, i * 5 + 5, ()) for i in range(2)]
     ends = [T.UnitEnd(units[0], {"tokens": 4}, []), T.UnitEnd(units[1], {"rejected": 1}, ['{"doc_index": 7}'])]
     with TestPipeline() as p:
-        infos = (p | beam.Create([(0, 0, ex, 2), (0, 0, ex, 2), *ends])
+        infos = (p | beam.Create([T.Extracted(_batch([2, 0]), acts), T.Extracted(_batch([0, 2]), acts), *ends])
                  | beam.ParDo(T.WriteShards(str(tmp_path), (0,), 2, "none", "fp"))
                  | beam.Map(lambda m: (m["unit"], [(s["path"], s["records"], s["tokens"]) for s in m["shards"]],
                                        m["counts"]["tokens"], m["rejected_file"])))
