@@ -224,6 +224,7 @@ class SimulatedStats:
 
     def __init__(self):
         self.batches = self.tokens = 0
+        self.in_flight = self.max_in_flight = 0  # dispatched, result not yet returned
         self.busy = 0.0
         self.first_dispatch = self.last_result = None
         self.cpu_first = self.cpu_last = None
@@ -293,6 +294,8 @@ class SimulatedExtractor:
             self.stats.first_dispatch, self.stats.cpu_first = now, _cpu_seconds()
         start = max(now, self._free_at)
         self._free_at = start + self.step_seconds
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         return _SimulatedPending(self, self._free_at, int((np.asarray(segment_ids) > 0).sum()))
 
 
@@ -315,6 +318,7 @@ class _SimulatedPending:
             time.sleep(left)
         ex, stats = self._ex, self._ex.stats
         stats.batches += 1
+        stats.in_flight -= 1
         stats.tokens += self._tokens
         stats.busy += ex.step_seconds
         stats.last_result, stats.cpu_last = time.perf_counter(), _cpu_seconds()

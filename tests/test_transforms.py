@@ -7,6 +7,7 @@ import os
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -160,3 +161,55 @@ def test_write_shards_closes_files_at_unit_end(tmp_path):
     assert len(list(records.read_shard(str(tmp_path / "layer_00/part-00000-of-00002.tfrecord")))) == 2
     assert (tmp_path / "rejected/part-00001-of-00002.jsonl").read_text() == '{"doc_index": 7}\n'
     assert sorted(os.listdir(tmp_path / "_units")) == ["unit-00000-of-00002.json", "unit-00001-of-00002.json"]
+
+
+class _RecordingExtractor:
+    """Extractor stand-in that logs dispatches and collections (for ExtractActivations' order)."""
+
+    def __init__(self, spec, log):
+        from types import SimpleNamespace
+
+        self.layers, self.log, self.compilations = spec.layers, log, 1
+        self.mesh = SimpleNamespace(shape={"data": 1, "model": 1})
+
+    def dispatch(self, tokens, segment_ids, positions):
+        from types import SimpleNamespace
+
+        from llm_activations.format.stats import Moments
+
+        i = int(tokens[0, 0])
+        self.log.append(("dispatch", i))
+        acts = {l: np.full(tokens.shape + (2,), i, np.float32) for l in self.layers}
+        moments = {l: Moments.of(np.full((int((segment_ids > 0).sum()), 2), float(i))) for l in self.layers}
+        return SimpleNamespace(result=lambda: self.log.append(("collect", i)) or SimpleNamespace(activations=acts, moments=moments))
+
+
+class _RecordingFactory:
+    def __init__(self):
+        self.log = []
+
+    def __call__(self, spec):
+        return _RecordingExtractor(spec, self.log)
+
+
+def test_extract_keeps_two_batches_in_flight_and_units_in_order():
+    factory = _RecordingFactory()
+    spec = T.ModelSpec("unused", (3,), 2, 4, "float32", "float32", None, factory)
+    fn = T.ExtractActivations(spec)
+    fn.setup()
+    fn.start_bundle()
+    unit = inputs.WorkUnit(0, 0, 5, ())
+    out = []
+    for i in range(1, 6):
+        b = _batch([4, 1])
+        b.tokens[0, 0] = i  # the batch's number, read back by the stand-in
+        out += list(fn.process(b))
+    out += list(fn.process(T.UnitEnd(unit, {"tokens": 25}, [])))
+    out += [v.value for v in fn.finish_bundle() if not isinstance(v, beam.pvalue.TaggedOutput)]
+    fn.teardown()
+    log = factory.log
+    for i in range(1, 4):  # batch i is collected only when i+1 and i+2 have been dispatched
+        assert log.index(("dispatch", i + 2)) < log.index(("collect", i))
+    assert [e.batch.tokens[0, 0] for e in out if isinstance(e, T.Extracted)] == [1, 2, 3, 4, 5]
+    assert isinstance(out[-1], T.UnitEnd) and out[-1].moments[3].count == 25
+    assert out[-1].moments[3].mean[0] == pytest.approx(3.0)  # (1+2+3+4+5) * 5 tokens / 25
