@@ -57,7 +57,7 @@ _VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
 
 def _varint_sizes(v: np.ndarray) -> np.ndarray:
     """Bytes of each value's protobuf varint (1..10), for uint64 values [n]."""
-    return 1 + (v[:, None] >= _VARINT_LIMITS[None, :]).sum(axis=1)
+    return 1 + np.searchsorted(_VARINT_LIMITS, v, side="right")
 
 
 def _varint_encode(values: np.ndarray) -> bytes:
