@@ -213,3 +213,17 @@ def test_extract_keeps_two_batches_in_flight_and_units_in_order():
     assert [e.batch.tokens[0, 0] for e in out if isinstance(e, T.Extracted)] == [1, 2, 3, 4, 5]
     assert isinstance(out[-1], T.UnitEnd) and out[-1].moments[3].count == 25
     assert out[-1].moments[3].mean[0] == pytest.approx(3.0)  # (1+2+3+4+5) * 5 tokens / 25
+
+
+def test_a_failed_layer_writer_fails_the_bundle_and_leaves_no_shard(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # the output 'folder' is a file: creating layer_00/ inside it fails
+    fn = T.WriteShards(str(blocker), (0,), 1, "none", "fp")
+    fn.start_bundle()
+    list(fn.process(T.Extracted(_batch([2, 1]), {0: np.ones((2, 4, 3), np.float32)})))
+    # the writer thread's error reaches the bundle's thread: raised by put() (RuntimeError) or,
+    # if it came later, through the unit's close (the original error)
+    with pytest.raises((NotADirectoryError, RuntimeError), match="Not a directory|writing layer 0 failed"):
+        list(fn.process(T.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {}, [])))
+    fn.teardown()
+    assert blocker.read_text() == "" and not os.path.exists(tmp_path / "_units")
