@@ -307,7 +307,6 @@ class ExtractActivations(beam.DoFn):
                 raise AcceleratorBusy(f"{AcceleratorBusy.MARK} {why}") from e
             raise
         self._progress = _progress_bar()
-        self._fail_hook = _FailOnce.from_env()
 
     def start_bundle(self):
         self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
@@ -349,8 +348,6 @@ class ExtractActivations(beam.DoFn):
                 return  # the newest batches are still computing; leave them in flight
             batch, pending = self._queue.popleft()
             self._pending_batches -= 1
-            if self._fail_hook:
-                self._fail_hook.tick()
             t0 = time.perf_counter()
             result = pending.result()
             self._account(batch, result.moments)
@@ -368,30 +365,6 @@ class ExtractActivations(beam.DoFn):
         self._batches_counter.inc()
         if self._progress is not None:
             self._progress.update(n)
-
-
-
-class _FailOnce:
-    """Test hook for retry tests: LLM_ACTIVATIONS_TEST_FAIL_ONCE="N:MARKER" makes the DoFn raise
-    once, when it collects its (N+1)-th batch, in the first process that creates the MARKER file.
-    Every unit whose batches were all collected before has been written completely by then."""
-
-    def __init__(self, after: int, marker: str):
-        self._left, self._marker = after, marker
-
-    @staticmethod
-    def from_env():
-        value = os.environ.get("LLM_ACTIVATIONS_TEST_FAIL_ONCE")
-        if not value:
-            return None
-        after, marker = value.split(":", 1)
-        return _FailOnce(int(after), marker)
-
-    def tick(self):
-        self._left -= 1
-        if self._left < 0 and not os.path.exists(self._marker):
-            open(self._marker, "w").close()
-            raise RuntimeError("injected failure (LLM_ACTIVATIONS_TEST_FAIL_ONCE test hook)")
 
 
 _REPORT_LOCK = threading.Lock()
