@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -157,9 +158,10 @@ def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, h
 # ----------------------------------------------------------------------------- runs
 
 
-def run_extract(model: str, inputs: list[str], output: str, **options) -> tuple[dict, float]:
+def run_extract(model: str, inputs: list[str], output: str, extractor_factory=None, **options) -> tuple[dict, float]:
     """One `extract` run in this process (DirectRunner), as `python -m llm_activations extract` does it.
 
+    extractor_factory: pipeline.run_extract's (None = the real model; SimulatedDevice = a stand-in).
     Returns (metadata, wall seconds of the whole call: checks, planning, pipeline, metadata).
     """
     from llm_activations.options import ExtractConfig
@@ -167,7 +169,7 @@ def run_extract(model: str, inputs: list[str], output: str, **options) -> tuple[
 
     cfg = ExtractConfig(model=model, inputs=tuple(inputs), output=output, overwrite=True, **options)
     with Timer() as t:
-        meta = run(cfg)
+        meta = run(cfg, extractor_factory=extractor_factory)
     return meta, t.seconds
 
 
@@ -212,3 +214,115 @@ def bare_step(extractor, batches: list, repeat: int = 1) -> tuple[float, int]:
                 tokens += b.real_tokens
         pending.result()
     return t.seconds, tokens
+
+
+# ----------------------------------------------------------------------------- simulated accelerator
+
+
+class SimulatedStats:
+    """What a simulated device saw: the dispatch window, its busy time and the host's CPU time in it."""
+
+    def __init__(self):
+        self.batches = self.tokens = 0
+        self.in_flight = self.max_in_flight = 0  # dispatched, result not yet returned
+        self.busy = 0.0
+        self.first_dispatch = self.last_result = None
+        self.cpu_first = self.cpu_last = None
+
+    @property
+    def window(self) -> float:
+        return self.last_result - self.first_dispatch
+
+    @property
+    def duty_cycle(self) -> float:
+        return self.busy / self.window if self.window > 0 else float("nan")
+
+    @property
+    def cpu_per_batch(self) -> float:
+        """user + sys seconds of the whole process (every thread) per batch, inside the window."""
+        return (self.cpu_last - self.cpu_first) / max(1, self.batches)
+
+
+SIMULATED: dict = {}  # run name -> SimulatedStats; the pipeline runs in this process (DirectRunner)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class SimulatedDevice:
+    """extractor_factory for pipeline.run_extract: an accelerator that takes `step_seconds` per batch.
+
+    Like a device it is asynchronous and serial: dispatch() returns at once; batch i starts when it
+    is dispatched or when batch i-1 ends, whichever is later, and its result() returns step_seconds
+    after that start. Activations have the real shape and storage dtype but are one preallocated
+    array per (hook, layer) output, hidden_size wide for every hook (z too: the bench's configs have
+    heads x 64 = hidden); their content does not matter to the host path. Picklable (Beam pickles the
+    DoFn holding it); the statistics go to SIMULATED[name] in this process.
+    """
+
+    def __init__(self, name: str, step_seconds: float, hidden_size: int):
+        self.name, self.step_seconds, self.hidden_size = name, step_seconds, hidden_size
+
+    def __repr__(self):  # part of the ModelSpec's repr, the per-process cache key of the extractor
+        return f"SimulatedDevice({self.name!r}, {self.step_seconds}, {self.hidden_size})"
+
+    def __call__(self, spec):
+        return SimulatedExtractor(spec, self.step_seconds, self.hidden_size, SIMULATED.setdefault(self.name, SimulatedStats()))
+
+
+class SimulatedExtractor:
+    """The Extractor interface (dispatch -> Pending.result() -> StepOutput) over a simulated device."""
+
+    def __init__(self, spec, step_seconds: float, hidden_size: int, stats: SimulatedStats):
+        from types import SimpleNamespace
+
+        import ml_dtypes
+
+        dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[spec.storage_dtype]
+        self.step_seconds, self.stats = step_seconds, stats
+        self.outputs = [(hook, layer) for hook in spec.hooks for layer in spec.layers]  # StepOutput's keys
+        self.mesh = SimpleNamespace(shape={"data": 1, "model": 1})
+        self.compilations = 1
+        # ones, not zeros: the pages are written once here, never lazily zero-filled during the run
+        self._acts = {k: np.ones((spec.batch_size, spec.seq_len, hidden_size), dtype) for k in self.outputs}
+        self._zeros = np.zeros(hidden_size, np.float64)
+        self._free_at = 0.0
+
+    def dispatch(self, tokens, segment_ids, positions):
+        now = time.perf_counter()
+        if self.stats.first_dispatch is None:
+            self.stats.first_dispatch, self.stats.cpu_first = now, _cpu_seconds()
+        start = max(now, self._free_at)
+        self._free_at = start + self.step_seconds
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        return _SimulatedPending(self, self._free_at, int((np.asarray(segment_ids) > 0).sum()))
+
+
+class SimulatedOutput(NamedTuple):
+    """model.extractor.StepOutput's fields, without importing JAX."""
+
+    activations: dict
+    moments: dict
+
+
+class _SimulatedPending:
+    def __init__(self, extractor: SimulatedExtractor, done_at: float, tokens: int):
+        self._ex, self._done_at, self._tokens = extractor, done_at, tokens
+
+    def result(self):
+        from llm_activations.format.stats import Moments
+
+        left = self._done_at - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        ex, stats = self._ex, self._ex.stats
+        stats.batches += 1
+        stats.in_flight -= 1
+        stats.tokens += self._tokens
+        stats.busy += ex.step_seconds
+        stats.last_result, stats.cpu_last = time.perf_counter(), _cpu_seconds()
+        moments = {k: Moments(self._tokens, ex._zeros, ex._zeros, 0.0) for k in ex.outputs}
+        return SimulatedOutput(dict(ex._acts), moments)

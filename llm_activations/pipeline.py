@@ -1,8 +1,8 @@
 """`python -m llm_activations extract`: build and run the Beam pipeline (configuration and its
 checks live in options.py).
 
-    PlanUnits -> Reshuffle -> ReadDocuments -> Tokenize -> Segment -> Pack -> Batch
-              -> Extract -> WriteShards            (transforms.ExtractUnits)
+    PlanUnits -> Reshuffle -> ReadTokenizePack (one unit ahead) -> Batch
+              -> Extract (batches in flight) -> WriteShards (a writer thread per layer)   (transforms.ExtractUnits)
     unit manifests (shards, counts, rejected, Moments) + run stats -> metadata.json (last)
 
 Every configuration error is found on the launcher (options.check_config) before a model is loaded
@@ -211,15 +211,20 @@ def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_do
     return settings
 
 
-def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base: dict, resumed: list):
-    """Attach the extraction to Beam pipeline p. The whole job reads as this one screen."""
+def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base: dict, resumed: list,
+                   extractor_factory=None):
+    """Attach the extraction to Beam pipeline p. The whole job reads as this one screen.
+
+    extractor_factory(spec) -> Extractor replaces the model (None: the checkpoint's own Extractor);
+    benchmarks pass a simulated accelerator here.
+    """
     import apache_beam as beam
     from apache_beam.pvalue import AsList, AsSingleton
 
     from llm_activations import transforms as T
 
     spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
-                       tuple(cfg.hooks))
+                       tuple(cfg.hooks), extractor_factory)
     out = (
         p
         | "PlanUnits" >> beam.Create(units)
@@ -235,8 +240,10 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
     )
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
+def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     """Check, plan, run the pipeline to completion; returns the written metadata.
+
+    extractor_factory: see build_pipeline (None for the real model).
 
     Nothing in the output folder is deleted until every check that can run on the launcher has
     passed: options, checkpoint headers, devices, inputs (files, fields, hf:// split), the folder
@@ -254,7 +261,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
         base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
         ok = False
         try:
-            _run_pipeline(cfg, options, [u for u in units if u.index not in done], fp, base, list(done.values()))
+            _run_pipeline(cfg, options, [u for u in units if u.index not in done], fp, base, list(done.values()),
+                          extractor_factory)
             ok = True
         finally:
             if not ok:  # failed or interrupted (Ctrl-C): no half-written file stays behind
@@ -266,7 +274,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
         return meta
 
 
-def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resumed: list) -> None:
+def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resumed: list,
+                  extractor_factory=None) -> None:
     import apache_beam as beam
 
     from llm_activations.transforms import MergeRun
@@ -277,7 +286,7 @@ def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resume
     with _sigint_seen() as interrupted:
         try:
             p = beam.Pipeline(options=options)
-            build_pipeline(p, cfg, todo, fp, base, resumed)
+            build_pipeline(p, cfg, todo, fp, base, resumed, extractor_factory)
             result = p.run()
             result.wait_until_finish()
             print_counters(result)

@@ -4,22 +4,31 @@ Elements are *work units* (contiguous doc_index ranges, see inputs.py) until `Ba
 into fixed-shape model batches followed by a UnitEnd marker. There is no GroupByKey on the data
 path: every step after the initial Reshuffle of unit descriptors fuses into one streaming stage,
 so a worker holds one unit's tokens and a couple of batches of activations at a time, whatever the
-corpus size. Each unit is written to its own shard file per layer by the worker that processed it,
-in row order, so files depend only on input and configuration, and a retried bundle rewrites the
-same bytes under the same names.
+corpus size. Each unit is written to its own shard file per hook and layer by the worker that
+processed it, in row order, so files depend only on input and configuration, and a retried bundle
+rewrites the same bytes under the same names.
 
 When a unit's files are complete the writer records a *unit manifest* (manifests.py): the unit's
-shards, counts, rejected records and per-layer Moments. metadata.json is built from the manifests
-alone, and `--resume` skips the units that already have one.
+shards, counts, rejected records and per-(hook, layer) Moments. metadata.json is built from the
+manifests alone, and `--resume` skips the units that already have one.
+
+The host keeps the accelerator busy by overlapping everything with the device's work:
+PrepareUnits reads, tokenizes and packs the next unit on a background thread while the current
+unit's batches compute; ExtractActivations keeps IN_FLIGHT batches dispatched while it collects
+one; WriteShards hands each batch to one writer thread per (hook, layer) output, which frame the
+records around the activation bytes (never copied before the write) while a thread per open file
+hashes them. Every queue is bounded, so a worker's memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
@@ -52,13 +61,14 @@ class UnitData:
     rows: list = field(default_factory=list)  # [[segment position, ...]]
     counts: collections.Counter = field(default_factory=collections.Counter)
     rejected: list = field(default_factory=list)  # JSON lines for rejected/
+    metrics: collections.Counter = field(default_factory=collections.Counter)  # Beam counters to add
 
 
 @dataclass(frozen=True)
 class UnitEnd:
     """Follows the last batch of a unit: its files can be closed and its manifest written.
 
-    Batch fills in counts and rejected records; Extract adds the unit's per-layer Moments.
+    Batch fills in counts and rejected records; Extract adds the unit's per-(hook, layer) Moments.
     """
 
     unit: inputs.WorkUnit
@@ -80,39 +90,32 @@ class ModelSpec:
     storage_dtype: str
     mesh_shape: tuple | None
     hooks: tuple = hk.DEFAULT_HOOKS
+    factory: object = None  # callable(ModelSpec) -> Extractor-like; None = load the checkpoint
 
 
 def _counter(name: str):
     return beam.metrics.Metrics.counter(NAMESPACE, name)
 
 
-# ----------------------------------------------------------------------------- read
+# ----------------------------------------------------------------------------- read, tokenize, segment, pack
 
 
-class ReadDocuments(beam.DoFn):
+def read_documents(unit: inputs.WorkUnit, text_field: str, num_hosts: int = 1, host_index: int = 0) -> UnitData:
     """WorkUnit -> UnitData with its documents; unusable records are kept with their reason."""
-
-    def __init__(self, text_field: str, num_hosts: int = 1, host_index: int = 0):
-        self._text_field, self._num_hosts, self._host_index = text_field, num_hosts, host_index
-        self._documents, self._rejected = _counter("documents_read"), _counter("rejected")
-
-    def process(self, unit: inputs.WorkUnit):
-        data = UnitData(unit)
-        for item in inputs.read_unit(unit, self._text_field, self._num_hosts, self._host_index):
-            if isinstance(item, inputs.Rejected):
-                data.counts["rejected"] += 1
-                data.rejected.append(item.to_json())
-                self._rejected.inc()
-            else:
-                data.docs.append(item)
-                self._documents.inc()
-        yield data
-
-
-# ----------------------------------------------------------------------------- tokenize
+    data = UnitData(unit)
+    for item in inputs.read_unit(unit, text_field, num_hosts, host_index):
+        if isinstance(item, inputs.Rejected):
+            data.counts["rejected"] += 1
+            data.rejected.append(item.to_json())
+            data.metrics["rejected"] += 1
+        else:
+            data.docs.append(item)
+            data.metrics["documents_read"] += 1
+    return data
 
 
 _TOKENIZERS = shared.Shared()
+TOKENIZER_BATCH = 256  # documents per tokenizer call: big enough for the Rust tokenizer's threads
 
 
 class _Holder:
@@ -128,38 +131,27 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
-class Tokenize(beam.DoFn):
-    """Tokenizes a unit's documents in one batched call: exactly tokenizer(text)["input_ids"]."""
+def tokenize_documents(data: UnitData, tokenizer) -> UnitData:
+    """Tokenizes a unit's documents in batched calls: exactly tokenizer(text)["input_ids"].
 
-    BATCH = 256  # documents per tokenizer call: big enough for the Rust tokenizer's threads
-
-    def __init__(self, model: str):
-        self._model = model
-        self._tokens = _counter("tokens_read")
-
-    def setup(self):
-        # One tokenizer per worker process, shared by its threads.
-        self._tokenizer = _TOKENIZERS.acquire(lambda: _Holder(load_tokenizer(self._model)), tag=self._model).value
-
-    def process(self, data: UnitData):
-        docs = data.docs
-        for i in range(0, len(docs), self.BATCH):
-            chunk = docs[i : i + self.BATCH]
-            ids = self._tokenizer([d.text for d in chunk])["input_ids"]
-            for doc, tok in zip(chunk, ids):
-                if not tok:  # text that encodes to no token cannot be extracted
-                    data.counts["rejected"] += 1
-                    data.rejected.append(inputs.Rejected(
-                        doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]).to_json())
-                    continue
-                data.tokens.append((doc.doc_index, np.asarray(tok, dtype=np.int32)))
-                data.counts["documents"] += 1
-                self._tokens.inc(len(tok))
-        data.docs = []  # the texts are no longer needed: keep a unit's memory to its tokens
-        yield data
-
-
-# ----------------------------------------------------------------------------- segment, pack, batch
+    A batched call runs the Rust tokenizer's encode_batch, which spreads the documents over the
+    host's cores (unless TOKENIZERS_PARALLELISM=false) and releases the GIL meanwhile.
+    """
+    docs = data.docs
+    for i in range(0, len(docs), TOKENIZER_BATCH):
+        chunk = docs[i : i + TOKENIZER_BATCH]
+        ids = tokenizer([d.text for d in chunk])["input_ids"]
+        for doc, tok in zip(chunk, ids):
+            if not tok:  # text that encodes to no token cannot be extracted
+                data.counts["rejected"] += 1
+                data.rejected.append(inputs.Rejected(
+                    doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]).to_json())
+                continue
+            data.tokens.append((doc.doc_index, np.asarray(tok, dtype=np.int32)))
+            data.counts["documents"] += 1
+            data.metrics["tokens_read"] += len(tok)
+    data.docs = []  # the texts are no longer needed: keep a unit's memory to its tokens
+    return data
 
 
 def segment_unit(data: UnitData, seq_len: int) -> UnitData:
@@ -173,6 +165,72 @@ def pack_unit(data: UnitData, seq_len: int, mode: str) -> UnitData:
     """Place the unit's segments into rows (best-fit decreasing in pack mode, one per row in pad)."""
     rows = packing.pack_rows([len(s.tokens) for s in data.segments], seq_len, mode)
     return replace(data, rows=rows)
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """How PrepareUnits reads, tokenizes and packs a unit (plain data, cheap to pickle)."""
+
+    text_field: str
+    model: str
+    seq_len: int
+    mode: str
+    num_hosts: int = 1
+    host_index: int = 0
+
+
+def prepare_unit(unit: inputs.WorkUnit, spec: PrepareSpec, tokenizer) -> UnitData:
+    """read -> tokenize -> segment -> pack: a unit ready to be cut into batches."""
+    data = read_documents(unit, spec.text_field, spec.num_hosts, spec.host_index)
+    return pack_unit(segment_unit(tokenize_documents(data, tokenizer), spec.seq_len), spec.seq_len, spec.mode)
+
+
+class PrepareUnits(beam.DoFn):
+    """WorkUnit -> packed UnitData, one unit ahead of the device.
+
+    Packing is best-fit over a whole unit, so a unit must be read and tokenized whole before its
+    first batch exists. process(unit k) therefore starts preparing unit k on a background thread
+    and emits unit k-1, prepared while unit k-2's batches computed; the last unit of a bundle
+    leaves in finish_bundle. At most two units are held (the one being batched, the one being
+    prepared), whatever the corpus size. Beam counters are incremented here, on the bundle's
+    thread, from what the background thread counted.
+    """
+
+    def __init__(self, spec: PrepareSpec):
+        self._spec = spec
+        self._counters = {name: _counter(name) for name in ("documents_read", "rejected", "tokens_read")}
+
+    def setup(self):
+        # One tokenizer per worker process, shared by its threads.
+        self._tokenizer = _TOKENIZERS.acquire(lambda: _Holder(load_tokenizer(self._spec.model)), tag=self._spec.model).value
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+
+    def start_bundle(self):
+        self._ahead: Future | None = None
+
+    def process(self, unit: inputs.WorkUnit):
+        following = self._pool.submit(prepare_unit, unit, self._spec, self._tokenizer)
+        if self._ahead is not None:
+            yield self._emit(self._ahead)
+        self._ahead = following
+
+    def finish_bundle(self):
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            yield WindowedValue(self._emit(ahead), 0, [GlobalWindow()])
+
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _emit(self, prepared: Future) -> UnitData:
+        data = prepared.result()
+        for name, n in data.metrics.items():
+            self._counters[name].inc(n)
+        return data
+
+
+# ----------------------------------------------------------------------------- batch
 
 
 class Batch(beam.DoFn):
@@ -201,6 +259,8 @@ _MODELS = shared.Shared()
 
 
 def load_extractor(spec: ModelSpec):
+    if spec.factory is not None:
+        return spec.factory(spec)
     from llm_activations.model.extractor import Extractor
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
@@ -208,26 +268,27 @@ def load_extractor(spec: ModelSpec):
                      hooks=spec.hooks)
 
 
-def encode_rows(batch: packing.Batch, activations: dict) -> list:
-    """((hook, layer), unit, Example bytes, tokens) for every non-empty row of a finished batch."""
-    out = []
-    for r in np.flatnonzero(batch.lengths):
-        n = int(batch.lengths[r])
-        ints = {"token_ids": batch.tokens[r, :n], "doc_index": batch.doc_index[r, :n],
-                "token_index": batch.token_index[r, :n], "position": batch.positions[r, :n]}
-        for key, acts in activations.items():
-            out.append((key, batch.unit, records.encode_example(acts[r, :n], **ints), n))
-    return out
+@dataclass(frozen=True)
+class Extracted:
+    """A finished batch: its inputs and, per (hook, layer), the activations [B, T, width] in the
+    storage dtype."""
+
+    batch: packing.Batch
+    activations: dict
+
+
+IN_FLIGHT = 2  # batches left computing on the device while the host collects an earlier one
 
 
 class ExtractActivations(beam.DoFn):
-    """Runs the model on each batch and emits per-layer records; keeps the device busy.
+    """Runs the model on each batch and emits an Extracted per batch; keeps the device busy.
 
     The Extractor (weights on the device mesh, step compiled once) is built once per worker
-    process in setup() and shared by its threads. JAX dispatch is asynchronous: batch i+1 is
-    dispatched before blocking on batch i's results, so encoding and writing batch i overlaps with
-    the device computing batch i+1. Each UnitEnd leaves with the unit's per-layer Moments; at
-    bundle end the DoFn reports the compilations it observed on the 'run' output.
+    process in setup() and shared by its threads. Dispatch is asynchronous: the DoFn collects
+    batch i only once batches i+1..i+IN_FLIGHT are dispatched, so the device always has work
+    queued while the host collects, hands off and writes batch i. Each UnitEnd leaves with the
+    unit's per-(hook, layer) Moments; at bundle end the DoFn reports the compilations it observed on the
+    'run' output.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -247,7 +308,6 @@ class ExtractActivations(beam.DoFn):
                 raise AcceleratorBusy(f"{AcceleratorBusy.MARK} {why}") from e
             raise
         self._progress = _progress_bar()
-        self._fail_hook = _FailOnce.from_env()
 
     def start_bundle(self):
         self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
@@ -260,14 +320,12 @@ class ExtractActivations(beam.DoFn):
         if isinstance(element, UnitEnd):
             self._queue.append(element)
         else:
-            if self._fail_hook:
-                self._fail_hook.tick()
             self._queue.append((element, self._extractor.dispatch(element.tokens, element.segment_ids, element.positions)))
             self._pending_batches += 1
-        yield from self._drain(keep_newest=True)
+        yield from self._drain(keep=IN_FLIGHT)
 
     def finish_bundle(self):
-        for value in self._drain(keep_newest=False):
+        for value in self._drain(keep=0):
             yield WindowedValue(value, 0, [GlobalWindow()])
         compilations = _unreported_compilations(self._extractor)
         run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
@@ -278,7 +336,8 @@ class ExtractActivations(beam.DoFn):
         if getattr(self, "_progress", None) is not None:
             self._progress.close()
 
-    def _drain(self, keep_newest: bool):
+    def _drain(self, keep: int):
+        """Collect finished batches (and pass UnitEnds on in order) until `keep` are in flight."""
         while self._queue:
             head = self._queue[0]
             if isinstance(head, UnitEnd):
@@ -286,15 +345,15 @@ class ExtractActivations(beam.DoFn):
                 yield replace(head, moments=self._moments.pop(head.unit.index, {}), run={
                     "worker": _worker(), "compilations": self._extractor.compilations, "mesh": _mesh(self._extractor)})
                 continue
-            if keep_newest and self._pending_batches == 1:
-                return  # the newest batch is still computing; leave it in flight
+            if self._pending_batches <= keep:
+                return  # the newest batches are still computing; leave them in flight
             batch, pending = self._queue.popleft()
             self._pending_batches -= 1
             t0 = time.perf_counter()
             result = pending.result()
-            yield from encode_rows(batch, result.activations)
             self._account(batch, result.moments)
             self._busy += time.perf_counter() - t0
+            yield Extracted(batch, result.activations)
 
     def _account(self, batch: packing.Batch, moments: dict) -> None:
         unit = self._moments.setdefault(batch.unit, {})
@@ -307,29 +366,6 @@ class ExtractActivations(beam.DoFn):
         self._batches_counter.inc()
         if self._progress is not None:
             self._progress.update(n)
-
-
-
-class _FailOnce:
-    """Test hook for retry tests: LLM_ACTIVATIONS_TEST_FAIL_ONCE="N:MARKER" makes the DoFn raise
-    once, at its N-th batch, in the first process that creates the MARKER file."""
-
-    def __init__(self, after: int, marker: str):
-        self._left, self._marker = after, marker
-
-    @staticmethod
-    def from_env():
-        value = os.environ.get("LLM_ACTIVATIONS_TEST_FAIL_ONCE")
-        if not value:
-            return None
-        after, marker = value.split(":", 1)
-        return _FailOnce(int(after), marker)
-
-    def tick(self):
-        self._left -= 1
-        if self._left < 0 and not os.path.exists(self._marker):
-            open(self._marker, "w").close()
-            raise RuntimeError("injected failure (LLM_ACTIVATIONS_TEST_FAIL_ONCE test hook)")
 
 
 _REPORT_LOCK = threading.Lock()
@@ -368,45 +404,49 @@ def _progress_bar():
 
 
 class WriteShards(beam.DoFn):
-    """Appends each record to its unit's shard file for its hook and layer; at UnitEnd closes the
-    files and writes the unit's rejected records and manifest.
+    """Appends each batch's rows to its unit's shard file for each hook and layer; at UnitEnd closes
+    the files and writes the unit's rejected records and manifest.
 
     Unit u is shard u of every hook and layer (part-0000u-of-N). A unit whose documents were all
     rejected still gets its (empty) files, so a dataset always has N files per hook and layer.
     Emits the manifest.
+
+    Each (hook, layer) output has a writer thread of its own (OutputWriter), fed through a bounded
+    queue: the bundle's thread only encodes the rows' int64 features (once for all outputs) and
+    goes back to the device. At UnitEnd it waits for the outputs' files to be complete, so a unit's
+    manifest is written, and emitted, only after its shards; meanwhile the device computes the
+    next unit.
     """
+
+    QUEUE = 2  # batches waiting per output writer (beyond the one being written)
 
     def __init__(self, output: str, layers: tuple, num_units: int, compression: str, fingerprint: str,
                  hooks: tuple = hk.DEFAULT_HOOKS):
         self._output, self._layers, self._num_units = output, layers, num_units
         self._compression, self._fingerprint, self._hooks = compression, fingerprint, hooks
-
-    def start_bundle(self):
         self._writers: dict = {}
 
-    def _writer(self, hook_layer: tuple, unit: int) -> records.ShardWriter:
-        key = (hook_layer, unit)
-        if key not in self._writers:
-            hook, layer = hook_layer
-            rel = records.shard_relpath(layer, unit, self._num_units, self._compression, hook=hook)
-            self._writers[key] = (rel, records.ShardWriter(f"{self._output.rstrip('/')}/{rel}", self._compression))
-        return self._writers[key][1]
+    def start_bundle(self):
+        self._stop_writers()  # left over only if the previous bundle failed
+        # Hook-major order, as the manifest lists the shards.
+        self._writers = {(hook, layer): OutputWriter(self._output, hook, layer, self._hooks, self._num_units,
+                                                     self._compression, self.QUEUE)
+                         for hook in self._hooks for layer in self._layers}
 
     def process(self, element):
         if isinstance(element, UnitEnd):
             yield self._finish_unit(element)
             return
-        hook_layer, unit, example, n = element
-        self._writer(hook_layer, unit).write(example, n)
+        batch = element.batch
+        tails = records.int_features_tails(batch.lengths, token_ids=batch.tokens, doc_index=batch.doc_index,
+                                           token_index=batch.token_index, position=batch.positions)
+        for key, writer in self._writers.items():
+            writer.put(batch.unit, batch.lengths, tails, element.activations[key])
 
     def _finish_unit(self, end: UnitEnd) -> dict:
         u = end.unit.index
-        shards = []
-        for hook in self._hooks:
-            for layer in self._layers:
-                self._writer((hook, layer), u)  # a unit without records still gets its (empty) file
-                rel, writer = self._writers.pop(((hook, layer), u))
-                shards.append({"path": rel, **hk.shard_fields(hook, layer, self._hooks), **writer.close()})
+        closing = [writer.close_unit(u) for writer in self._writers.values()]  # all outputs close at once
+        shards = [f.result() for f in closing]
         manifest = manifests.unit_manifest(end.unit, self._fingerprint, end.counts, shards, end.moments,
                                            rejected_file=None, run=end.run)
         if end.rejected:
@@ -415,8 +455,99 @@ class WriteShards(beam.DoFn):
         return manifest
 
     def finish_bundle(self):
-        if self._writers:  # cannot happen: every unit ends with a UnitEnd in the same bundle
-            raise RuntimeError(f"shards left open at bundle end: {sorted(self._writers)}")
+        abandoned = self._stop_writers()
+        if abandoned:  # cannot happen: every unit ends with a UnitEnd in the same bundle
+            raise RuntimeError(f"shards left open at bundle end: units {abandoned}")
+
+    def teardown(self):
+        self._stop_writers()
+
+    def _stop_writers(self) -> list:
+        """Stop the writer threads; returns the units whose files were still open (abandoned)."""
+        writers, self._writers = self._writers, {}
+        return sorted({u for w in writers.values() for u in w.stop()})
+
+
+class OutputWriter:
+    """One (hook, layer)'s shard files, written in arrival order by a thread of its own.
+
+    put() queues a batch's rows (blocking while QUEUE batches wait: memory stays bounded and the
+    bundle's thread slows to the writer's pace); close_unit() queues the closing of a unit's file
+    and returns a Future of its shard description. Each row is framed around a view of the
+    activations (records.example_parts / frame_parts): the activation bytes go from the device's
+    result to the file without a copy, hashed on the ShardWriter's own thread as they are written.
+    A failure is raised on the bundle's thread at its next put() or close_unit().
+    """
+
+    def __init__(self, output: str, hook: str, layer: int, hooks: tuple, num_units: int, compression: str, depth: int):
+        self._output, self._num_units, self._compression = output, num_units, compression
+        self._hook, self._layer = hook, layer
+        self._fields = hk.shard_fields(hook, layer, hooks)  # what the manifest's shards entry says it is
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._files: dict = {}  # unit -> (relative path, ShardWriter)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"write-{hook}-{layer}", daemon=True)
+        self._thread.start()
+
+    def put(self, unit: int, lengths: np.ndarray, tails: list, activations: np.ndarray) -> None:
+        self._raise_failure()
+        self._queue.put(("rows", unit, lengths, tails, activations))
+
+    def close_unit(self, unit: int) -> Future:
+        self._raise_failure()
+        done: Future = Future()
+        self._queue.put(("close", unit, done))
+        return done
+
+    def stop(self) -> list:
+        """Finish what is queued, then end the thread; returns the units of files left open, which
+        are aborted (ShardWriter.abort: nothing appears under their final names)."""
+        self._queue.put(None)
+        self._thread.join()
+        abandoned = sorted(self._files)
+        for _, writer in self._files.values():
+            writer.abort()
+        self._files.clear()
+        return abandoned
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing {self._hook} layer {self._layer} failed: {self._error!r}") from self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:  # keep draining so that put() never blocks forever
+                if item[0] == "close":
+                    item[2].set_exception(self._error)
+                continue
+            try:
+                if item[0] == "rows":
+                    self._write_rows(*item[1:])
+                else:
+                    item[2].set_result(self._close(item[1]))
+            except BaseException as e:  # noqa: BLE001 - handed to the bundle's thread
+                self._error = e
+                if item[0] == "close":
+                    item[2].set_exception(e)
+
+    def _file(self, unit: int) -> records.ShardWriter:
+        if unit not in self._files:
+            rel = records.shard_relpath(self._layer, unit, self._num_units, self._compression, hook=self._hook)
+            path = f"{self._output.rstrip('/')}/{rel}"
+            self._files[unit] = (rel, records.ShardWriter(path, self._compression, hash_in_background=True))
+        return self._files[unit][1]
+
+    def _write_rows(self, unit: int, lengths: np.ndarray, tails: list, activations: np.ndarray) -> None:
+        writer = self._file(unit)
+        for r in np.flatnonzero(lengths).tolist():
+            n = int(lengths[r])
+            parts = records.frame_parts(*records.example_parts(activations[r, :n], tails[r]))
+            writer.write_parts(parts, n)
+
+    def _close(self, unit: int) -> dict:
+        self._file(unit)  # a unit without records still gets its (empty) file
+        rel, writer = self._files.pop(unit)
+        return {"path": rel, **self._fields, **writer.close()}
 
 
 # ----------------------------------------------------------------------------- run statistics
@@ -460,10 +591,8 @@ class ExtractUnits(beam.PTransform):
         cfg = self._cfg
         extracted = (
             units
-            | "ReadDocuments" >> beam.ParDo(ReadDocuments(cfg.text_field, cfg.num_hosts, cfg.host_index))
-            | "Tokenize" >> beam.ParDo(Tokenize(cfg.model))
-            | "Segment" >> beam.Map(segment_unit, cfg.seq_len)
-            | "Pack" >> beam.Map(pack_unit, cfg.seq_len, cfg.mode)
+            | "ReadTokenizePack" >> beam.ParDo(PrepareUnits(PrepareSpec(cfg.text_field, cfg.model, cfg.seq_len, cfg.mode,
+                                                                       cfg.num_hosts, cfg.host_index)))
             | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len))
             | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,3 +45,95 @@ def extract_args(model: str, inputs: list[str], output: str, *extra: str) -> lis
 
 
 os.environ.setdefault("LLM_ACTIVATIONS_NO_PROGRESS", "1")
+
+
+@dataclass(frozen=True)
+class FailOnce:
+    """extractor_factory for pipeline.run_extract: the real Extractor, with one injected failure at
+    the (after+1)-th batch the process collects, in whichever process first creates `marker`.
+
+    where="collect": collecting that batch raises (in Extract). where="write": that batch's
+    activations raise when a shard writer reads its first row (in WriteShards, after the writers
+    have written the unit's earlier rows), so a retried or resumed unit must not keep those rows.
+    The marker file makes the failure happen once per run, whatever retries, processes or DoFn
+    instances follow: a retry finds it and goes through. Counting is per process (the extractor is
+    shared by the process's DoFn instances, like the real one).
+    """
+
+    after: int
+    marker: str  # its repr is part of ModelSpec's repr, the per-process cache key of the extractor
+    where: str = "collect"
+
+    def __post_init__(self):
+        assert self.where in ("collect", "write"), self.where
+
+    def __call__(self, spec):
+        from llm_activations import transforms
+
+        return _FailingExtractor(transforms.load_extractor(replace(spec, factory=None)), self)
+
+    def fail(self, what: str) -> None:
+        """Raise, unless another attempt (any process) already did."""
+        try:
+            open(self.marker, "x").close()  # atomic: exactly one attempt wins
+        except FileExistsError:
+            return
+        raise RuntimeError(f"injected failure {what} (tests' FailOnce)")
+
+
+class _FailingExtractor:
+    """Delegates to an Extractor; counts the batches collected through dispatch(...).result()."""
+
+    def __init__(self, inner, fail: FailOnce):
+        self._inner, self._fail, self._collected = inner, fail, 0
+
+    def __getattr__(self, name):  # mesh, compilations, ...: the real extractor's
+        return getattr(self._inner, name)
+
+    def dispatch(self, *args, **kwargs):
+        return _FailingPending(self._inner.dispatch(*args, **kwargs), self)
+
+    def collect(self, pending):
+        self._collected += 1
+        if self._collected <= self._fail.after:
+            return pending.result()
+        if self._fail.where == "collect":
+            self._fail.fail(f"collecting batch {self._collected}")
+            return pending.result()
+        out = pending.result()
+        poisoned = {k: _FailOnRead(a, self._fail, self._collected) for k, a in out.activations.items()}
+        return replace(out, activations=poisoned)
+
+
+class _FailingPending:
+    def __init__(self, pending, extractor: _FailingExtractor):
+        self._pending, self._extractor = pending, extractor
+
+    def result(self):
+        return self._extractor.collect(self._pending)
+
+
+class _FailOnRead:
+    """A batch's activations [B, T, H] whose first row read fails once (FailOnce "write")."""
+
+    def __init__(self, array, fail: FailOnce, batch: int):
+        self.array, self.fail, self.batch = array, fail, batch
+
+    def __getitem__(self, index):
+        self.fail.fail(f"writing batch {self.batch}")
+        return self.array[index]
+
+
+def run_extract_cli(argv: list[str], extractor_factory=None) -> dict:
+    """`extract` as cli.main(argv) runs it (argv starts with "extract"), with run_extract's
+    extractor_factory; returns the metadata. Exceptions propagate (no exit status)."""
+    import argparse
+
+    from llm_activations import pipeline
+
+    assert argv[0] == "extract"
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    args, beam_args = parser.parse_known_args(argv[1:])
+    args.beam_args = beam_args
+    return pipeline.run_extract(pipeline.config_from_args(args), extractor_factory=extractor_factory)

@@ -250,6 +250,31 @@ def test_gcs_upload_is_invisible_until_commit_and_abort_leaves_nothing(gcs_emula
     assert fileio.files_under(f"{bucket}/x") == ["shard.tfrecord"]
 
 
+def test_shard_writer_parts_and_abort_on_gs_match_local(gcs_emulator, tmp_path):
+    # The writer threads' path: zero-copy frame_parts pieces (the body a NumPy view), background
+    # sha256, gzip; on gs:// the same bytes and description as locally, and abort() leaves nothing.
+    bucket = gcs_emulator.make_bucket("parts-test")
+    rng = np.random.default_rng(0)
+    rows = [(rng.standard_normal((n, 24)).astype(np.float32), np.arange(n)) for n in (5, 1, 300)]
+
+    def write(path, compression):
+        w = records.ShardWriter(path, compression, hash_in_background=True)
+        for acts, ints in rows:
+            tail = records.int_features_tail(token_ids=ints, doc_index=ints, token_index=ints, position=ints)
+            w.write_parts(records.frame_parts(*records.example_parts(acts, tail)), len(ints))
+        return w
+
+    for compression in ("none", "gzip"):
+        name = records.shard_relpath(0, 0, 1, compression)
+        local, remote = str(tmp_path / compression / name), f"{bucket}/{compression}/{name}"
+        want, got = write(local, compression).close(), write(remote, compression).close()
+        assert got == want and want["records"] == 3 and want["tokens"] == 306
+        assert fileio.sha256_file(remote) == (want["sha256"], want["bytes"])
+        aborted = write(remote.replace("part-", "other-"), compression)
+        aborted.abort()
+        assert fileio.files_under(f"{bucket}/{compression}") == [name]
+
+
 def test_local_commit_writer_renames_and_cleans_up(tmp_path):
     path = str(tmp_path / "d" / "f.bin")
     assert not fileio.writes_in_place(path)

@@ -19,7 +19,7 @@ from llm_activations.format import records
 from llm_activations.cli import main
 from llm_activations.errors import DatasetError
 from llm_activations.format.metadata import read_metadata
-from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer, write_jsonl
+from pipeline_fixtures import FailOnce, corpus_texts, extract_args, run_extract_cli, tiny_model_with_tokenizer, write_jsonl
 
 
 def sha(path) -> str:
@@ -181,29 +181,31 @@ def test_bundle_repeat_gives_no_duplicates(model, small_corpus, baseline, tmp_pa
     assert read_metadata(out)["counts"] == read_metadata(baseline)["counts"]
 
 
-def test_runner_retry_after_failure_gives_no_duplicates(model, small_corpus, baseline, tmp_path, monkeypatch):
-    # Beam's bundle-based DirectRunner retries a failed bundle, as Dataflow does.
-    monkeypatch.setenv("LLM_ACTIVATIONS_TEST_FAIL_ONCE", f"2:{tmp_path / 'failed'}")
+def test_runner_retry_after_failure_gives_no_duplicates(model, small_corpus, baseline, tmp_path):
+    # Beam's bundle-based DirectRunner retries a failed bundle, as Dataflow does. The failure is
+    # in the writing stage, after the unit's first rows were written: the retry rewrites them,
+    # and they must not appear twice. (A failure while collecting in Extract would be retried
+    # before anything reaches the writers: this runner passes on a bundle's outputs only once it
+    # has succeeded.)
     out = str(tmp_path / "retry")
     args = extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0", "--runner", "BundleBasedDirectRunner")
-    assert main(args) == 0
+    run_extract_cli(args, FailOnce(2, str(tmp_path / "failed"), where="write"))
     assert (tmp_path / "failed").exists()  # the failure really happened
     assert shard_hashes(out) == shard_hashes(baseline)
     assert read_metadata(out)["counts"] == read_metadata(baseline)["counts"]
     assert not glob.glob(f"{out}/layer_*/*.inprogress-*")
 
 
-def test_interrupted_run_leaves_a_refused_folder_and_rerun_recovers(model, small_corpus, baseline, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_ACTIVATIONS_TEST_FAIL_ONCE", f"1:{tmp_path / 'failed'}")
+def test_interrupted_run_leaves_a_refused_folder_and_rerun_recovers(model, small_corpus, baseline, tmp_path):
     out = str(tmp_path / "killed")
     args = extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0")
     with pytest.raises(Exception, match="injected failure"):
-        main(args)
+        run_extract_cli(args, FailOnce(1, str(tmp_path / "failed")))
     assert not os.path.exists(os.path.join(out, "metadata.json"))
     with pytest.raises(DatasetError, match="not a finished"):
         read_metadata(out)
     assert main(["validate", out]) == 2
-    assert main(args + ["--overwrite"]) == 0  # the marker exists: no second failure
+    assert main(args + ["--overwrite"]) == 0  # the real model this time
     assert shard_hashes(out) == shard_hashes(baseline)
 
 
@@ -247,16 +249,15 @@ def test_busy_tpu_message_names_the_holder_or_the_stale_lock(tmp_path):
     assert devices.explain_busy_accelerator(ValueError("shape mismatch")) is None
 
 
-def test_resume_finishes_only_the_missing_units_exactly(model, small_corpus, baseline, tmp_path, monkeypatch):
+def test_resume_finishes_only_the_missing_units_exactly(model, small_corpus, baseline, tmp_path):
     out = str(tmp_path / "resumed")
     args = extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0")
     base_meta = read_metadata(baseline)
     per_unit = [json.loads(p.read_text())["counts"]["batches"] for p in sorted(Path(baseline, "_units").iterdir())]
     assert len(per_unit) == 2 and min(per_unit) >= 2
     # Units run in any order: failing after max+1 batches lands inside whichever unit runs second.
-    monkeypatch.setenv("LLM_ACTIVATIONS_TEST_FAIL_ONCE", f"{max(per_unit) + 1}:{tmp_path / 'failed'}")
     with pytest.raises(Exception, match="injected failure"):
-        main(args)
+        run_extract_cli(args, FailOnce(max(per_unit) + 1, str(tmp_path / "failed")))
     finished = sorted(os.listdir(os.path.join(out, "_units")))
     assert len(finished) == 1  # one unit completed before the failure
     assert main(args + ["--resume"]) == 0

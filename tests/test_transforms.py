@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -24,15 +26,12 @@ def _unit(tmp_path, lines):
 
 def test_read_documents_splits_good_and_rejected(tmp_path):
     unit = _unit(tmp_path, [{"text": "alpha"}, "{not json", {"text": None}, [1, 2], {"text": "beta"}, {"body": "x"}])
-    with TestPipeline() as p:
-        out = p | beam.Create([unit]) | beam.ParDo(T.ReadDocuments("text"))
-        docs = out | "Docs" >> beam.FlatMap(lambda d: [(doc.doc_index, doc.text) for doc in d.docs])
-        assert_that(docs, equal_to([(0, "alpha"), (4, "beta")]), label="docs")
-        reasons = out | "Rejected" >> beam.FlatMap(
-            lambda d: [(json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]) for r in d.rejected])
-        assert_that(reasons, equal_to([(1, "malformed JSON"), (2, "field 'text' is null"),
-                                       (3, "record is a JSON list, not an object"), (5, "record has no field 'text'")]),
-                    label="rejected")
+    d = T.read_documents(unit, "text")
+    assert [(doc.doc_index, doc.text) for doc in d.docs] == [(0, "alpha"), (4, "beta")]
+    assert [(json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]) for r in d.rejected] == [
+        (1, "malformed JSON"), (2, "field 'text' is null"), (3, "record is a JSON list, not an object"),
+        (5, "record has no field 'text'")]
+    assert d.counts == {"rejected": 4} and d.metrics == {"rejected": 4, "documents_read": 2}
 
 
 def test_tokenize_gives_exactly_the_tokenizers_ids(tmp_path):
@@ -42,10 +41,41 @@ def test_tokenize_gives_exactly_the_tokenizers_ids(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     texts = [f"Document number {i}: " + "words " * i for i in range(1, 300)]  # > one tokenizer batch
     data = T.UnitData(inputs.WorkUnit(0, 0, len(texts), ()), docs=[inputs.Document(i, t) for i, t in enumerate(texts)])
+    got = T.tokenize_documents(data, T.load_tokenizer(folder))
+    expected = [tok(t)["input_ids"] for t in texts]
+    assert [(i, t.tolist()) for i, t in got.tokens] == list(enumerate(expected))
+    assert got.metrics["tokens_read"] == sum(map(len, expected)) and got.counts["documents"] == len(texts)
+
+
+def test_prepare_units_emits_every_unit_once_in_order_one_unit_ahead(tmp_path):
+    folder, _ = tiny_model_with_tokenizer()
+    lines = [{"text": f"doc {i} " + "word " * (i % 40)} for i in range(60)] + ["{bad"]
+    path = write_jsonl(str(tmp_path / "in.jsonl"), lines)
+    sources = inputs.plan_sources([path], "text")
+    units = inputs.plan_units(sources, start=0, stop=len(lines), num_units=4)
+    spec = T.PrepareSpec("text", folder, 16, "pack")
+    tok = T.load_tokenizer(folder)
+    expected = [T.prepare_unit(u, spec, tok) for u in units]
     with TestPipeline() as p:
-        out = p | beam.Create([data]) | beam.ParDo(T.Tokenize(folder))
-        got = out | beam.FlatMap(lambda d: [(i, t.tolist()) for i, t in d.tokens])
-        assert_that(got, equal_to([(i, tok(t)["input_ids"]) for i, t in enumerate(texts)]))
+        out = p | beam.Create(units) | beam.ParDo(T.PrepareUnits(spec))
+        got = out | beam.Map(lambda d: (d.unit.index, dict(d.counts), len(d.rows), [s.tokens.tolist() for s in d.segments]))
+        assert_that(got, equal_to([(d.unit.index, dict(d.counts), len(d.rows), [s.tokens.tolist() for s in d.segments])
+                                   for d in expected]))
+    assert sum(d.counts["rejected"] for d in expected) == 1 and sum(d.counts["documents"] for d in expected) == 60
+
+
+def test_prepare_units_looks_one_unit_ahead(tmp_path):
+    # Driven by hand, as a runner does: unit k is emitted while unit k+1 is prepared.
+    folder, _ = tiny_model_with_tokenizer()
+    path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": f"doc {i}"} for i in range(9)])
+    units = inputs.plan_units(inputs.plan_sources([path], "text"), start=0, stop=9, num_units=3)
+    fn = T.PrepareUnits(T.PrepareSpec("text", folder, 16, "pack"))
+    fn.setup()
+    fn.start_bundle()
+    emitted = [[d.unit.index for d in fn.process(u)] for u in units]
+    last = [v.value.unit.index for v in fn.finish_bundle()]
+    fn.teardown()
+    assert emitted == [[], [0], [1]] and last == [2]
 
 
 def test_segment_pack_batch_fill_fixed_shapes():
@@ -84,15 +114,73 @@ def test_pad_mode_one_segment_per_row():
     assert packing.pack_rows([5, 3, 7], 8, "pad") == [[0], [1], [2]]
 
 
+def _batch(lengths, seq_len=4, unit=0):
+    """A packing.Batch whose real tokens are numbered 1.. in row order (one document per row)."""
+    B = len(lengths)
+    real = np.arange(seq_len)[None, :] < np.asarray(lengths)[:, None]
+    tokens = np.where(real, np.arange(1, B * seq_len + 1).reshape(B, seq_len), 0).astype(np.int32)
+    positions = np.where(real, np.arange(seq_len)[None, :], 0).astype(np.int32)
+    doc = np.where(real, np.arange(B)[:, None], 0)
+    return packing.Batch(tokens, real.astype(np.int32), positions, doc, positions.astype(np.int64),
+                         np.asarray(lengths, np.int64), unit)
+
+
+def test_write_shards_writes_each_layer_in_row_order(tmp_path):
+    from llm_activations.format import records
+
+    layers = (2, 5)
+    batches = [_batch([4, 0, 2]), _batch([3, 1, 0])]  # empty rows write no record
+    acts = [{("resid_post", l): np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2) + 100 * b + l for l in layers}
+            for b in range(2)]
+    end = T.UnitEnd(inputs.WorkUnit(0, 0, 6, ()), {"tokens": 10}, [])
+    with TestPipeline() as p:
+        _ = (p | beam.Create([T.Extracted(b, a) for b, a in zip(batches, acts)] + [end])
+             | beam.ParDo(T.WriteShards(str(tmp_path), layers, 1, "none", "fp")))
+    for l in layers:
+        got = [records.decode_example(d) for d in records.read_shard(str(tmp_path / records.shard_relpath(l, 0, 1)))]
+        want = [(b, r) for b in range(2) for r in range(3) if batches[b].lengths[r]]
+        assert len(got) == len(want) == 4
+        for ex, (b, r) in zip(got, want):
+            n = int(batches[b].lengths[r])
+            assert ex["token_ids"].tolist() == batches[b].tokens[r, :n].tolist()
+            np.testing.assert_array_equal(records.decode_activations(ex, np.float32, 2), acts[b][("resid_post", l)][r, :n])
+
+
+def test_write_shards_gives_each_hook_and_layer_its_own_writer_and_file(tmp_path):
+    from llm_activations.format import records
+
+    hooks, layers = ("z", "resid_post"), (1, 2)
+    batch = _batch([3, 2])
+    # each output's activations differ (and z is wider), so a mixed-up file would show
+    acts = {(h, l): np.full((2, 4, 6 if h == "z" else 2), 10 * i + 1, np.float32)
+            for i, (h, l) in enumerate((h, l) for h in hooks for l in layers)}
+    end = T.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {"tokens": 5}, [])
+    fn = T.WriteShards(str(tmp_path), layers, 1, "none", "fp", hooks)
+    fn.start_bundle()
+    threads = {t.name for t in threading.enumerate()}
+    assert {"write-z-1", "write-z-2", "write-resid_post-1", "write-resid_post-2"} <= threads
+    list(fn.process(T.Extracted(batch, acts)))
+    (manifest,) = list(fn.process(end))
+    fn.finish_bundle()
+    assert [(s["path"], s["hook"], s["layer"], s["records"], s["tokens"]) for s in manifest["shards"]] == [
+        ("z/layer_01/part-00000-of-00001.tfrecord", "z", 1, 2, 5), ("z/layer_02/part-00000-of-00001.tfrecord", "z", 2, 2, 5),
+        ("layer_01/part-00000-of-00001.tfrecord", "resid_post", 1, 2, 5),
+        ("layer_02/part-00000-of-00001.tfrecord", "resid_post", 2, 2, 5)]
+    for (h, l), a in acts.items():
+        rows = [records.decode_example(d) for d in records.read_shard(str(tmp_path / records.shard_relpath(l, 0, 1, hook=h)))]
+        for r, ex in enumerate(rows):
+            n = int(batch.lengths[r])
+            np.testing.assert_array_equal(records.decode_activations(ex, np.float32, a.shape[-1]), a[r, :n])
+
+
 def test_write_shards_closes_files_at_unit_end(tmp_path):
     from llm_activations.format import records
 
-    ex = records.encode_example(np.ones((2, 4), np.float32), token_ids=np.array([1, 2]), doc_index=np.array([0, 0]),
-                                token_index=np.array([0, 1]), position=np.array([0, 1]))
+    acts = {("resid_post", 0): np.ones((2, 4, 4), np.float32)}
     units = [inputs.WorkUnit(i, i * 5, i * 5 + 5, ()) for i in range(2)]
     ends = [T.UnitEnd(units[0], {"tokens": 4}, []), T.UnitEnd(units[1], {"rejected": 1}, ['{"doc_index": 7}'])]
     with TestPipeline() as p:
-        infos = (p | beam.Create([(("resid_post", 0), 0, ex, 2), (("resid_post", 0), 0, ex, 2), *ends])
+        infos = (p | beam.Create([T.Extracted(_batch([2, 0]), acts), T.Extracted(_batch([0, 2]), acts), *ends])
                  | beam.ParDo(T.WriteShards(str(tmp_path), (0,), 2, "none", "fp"))
                  | beam.Map(lambda m: (m["unit"], [(s["path"], s["records"], s["tokens"]) for s in m["shards"]],
                                        m["counts"]["tokens"], m["rejected_file"])))
@@ -102,3 +190,69 @@ def test_write_shards_closes_files_at_unit_end(tmp_path):
     assert len(list(records.read_shard(str(tmp_path / "layer_00/part-00000-of-00002.tfrecord")))) == 2
     assert (tmp_path / "rejected/part-00001-of-00002.jsonl").read_text() == '{"doc_index": 7}\n'
     assert sorted(os.listdir(tmp_path / "_units")) == ["unit-00000-of-00002.json", "unit-00001-of-00002.json"]
+
+
+class _RecordingExtractor:
+    """Extractor stand-in that logs dispatches and collections (for ExtractActivations' order)."""
+
+    def __init__(self, spec, log):
+        from types import SimpleNamespace
+
+        self.outputs, self.log, self.compilations = [(h, l) for h in spec.hooks for l in spec.layers], log, 1
+        self.mesh = SimpleNamespace(shape={"data": 1, "model": 1})
+
+    def dispatch(self, tokens, segment_ids, positions):
+        from types import SimpleNamespace
+
+        from llm_activations.format.stats import Moments
+
+        i = int(tokens[0, 0])
+        self.log.append(("dispatch", i))
+        acts = {k: np.full(tokens.shape + (2,), i, np.float32) for k in self.outputs}
+        moments = {k: Moments.of(np.full((int((segment_ids > 0).sum()), 2), float(i))) for k in self.outputs}
+        return SimpleNamespace(result=lambda: self.log.append(("collect", i)) or SimpleNamespace(activations=acts, moments=moments))
+
+
+class _RecordingFactory:
+    def __init__(self):
+        self.log = []
+
+    def __call__(self, spec):
+        return _RecordingExtractor(spec, self.log)
+
+
+def test_extract_keeps_two_batches_in_flight_and_units_in_order():
+    factory = _RecordingFactory()
+    spec = T.ModelSpec("unused", (3,), 2, 4, "float32", "float32", None, factory=factory)
+    fn = T.ExtractActivations(spec)
+    fn.setup()
+    fn.start_bundle()
+    unit = inputs.WorkUnit(0, 0, 5, ())
+    out = []
+    for i in range(1, 6):
+        b = _batch([4, 1])
+        b.tokens[0, 0] = i  # the batch's number, read back by the stand-in
+        out += list(fn.process(b))
+    out += list(fn.process(T.UnitEnd(unit, {"tokens": 25}, [])))
+    out += [v.value for v in fn.finish_bundle() if not isinstance(v, beam.pvalue.TaggedOutput)]
+    fn.teardown()
+    log = factory.log
+    for i in range(1, 4):  # batch i is collected only when i+1 and i+2 have been dispatched
+        assert log.index(("dispatch", i + 2)) < log.index(("collect", i))
+    assert [e.batch.tokens[0, 0] for e in out if isinstance(e, T.Extracted)] == [1, 2, 3, 4, 5]
+    assert isinstance(out[-1], T.UnitEnd) and out[-1].moments[("resid_post", 3)].count == 25
+    assert out[-1].moments[("resid_post", 3)].mean[0] == pytest.approx(3.0)  # (1+2+3+4+5) * 5 tokens / 25
+
+
+def test_a_failed_layer_writer_fails_the_bundle_and_leaves_no_shard(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # the output 'folder' is a file: creating layer_00/ inside it fails
+    fn = T.WriteShards(str(blocker), (0,), 1, "none", "fp")
+    fn.start_bundle()
+    list(fn.process(T.Extracted(_batch([2, 1]), {("resid_post", 0): np.ones((2, 4, 3), np.float32)})))
+    # the writer thread's error reaches the bundle's thread: raised by put() (RuntimeError) or,
+    # if it came later, through the unit's close (the original error)
+    with pytest.raises((NotADirectoryError, RuntimeError), match="Not a directory|writing resid_post layer 0 failed"):
+        list(fn.process(T.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {}, [])))
+    fn.teardown()
+    assert blocker.read_text() == "" and not os.path.exists(tmp_path / "_units")

@@ -17,7 +17,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import queue
 import struct
+import threading
 from typing import BinaryIO, Iterator
 
 import google_crc32c
@@ -51,24 +53,33 @@ def compression_of(path: str) -> str:
 # ----------------------------------------------------------------------------- varints
 
 
+_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)  # 2**7, 2**14, ...
+
+
+def _varint_sizes(v: np.ndarray) -> np.ndarray:
+    """Bytes of each value's protobuf varint (1..10), for uint64 values [n]."""
+    return 1 + np.searchsorted(_VARINT_LIMITS, v, side="right")
+
+
 def _varint_encode(values: np.ndarray) -> bytes:
     """Protobuf varints of non-negative integers, vectorised: [n] -> bytes."""
     v = np.asarray(values, dtype=np.uint64).reshape(-1)
     if v.size == 0:
         return b""
-    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
-    groups = (v[:, None] >> shifts[None, :]) & np.uint64(0x7F)  # [n, 10] 7-bit groups
-    bitlen = np.zeros(v.shape, dtype=np.int64)
-    nz = v > 0
-    bitlen[nz] = np.floor(np.log2(v[nz].astype(np.float64))).astype(np.int64) + 1
-    # float log2 can be off by one near 2**k for huge values; correct it exactly.
-    too_small = (bitlen < 64) & (v >= (np.uint64(1) << np.minimum(bitlen, 63).astype(np.uint64)))
-    bitlen[too_small & nz] += 1
-    nbytes = np.maximum(1, (bitlen + 6) // 7)  # [n]
-    k = np.arange(10)[None, :]
-    keep = k < nbytes[:, None]
+    return _varint_groups(v, _varint_sizes(v)).tobytes()
+
+
+def _varint_groups(v: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """The varint bytes of uint64 values v [n] with known sizes, concatenated: uint8 [sum(nbytes)].
+
+    Only as many 7-bit groups as the widest value needs are computed (token ids: 3, positions: 2).
+    """
+    width = int(nbytes.max())
+    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
+    groups = (v[:, None] >> shifts[None, :]) & np.uint64(0x7F)  # [n, width] 7-bit groups
+    k = np.arange(width)[None, :]
     cont = (k < (nbytes[:, None] - 1)).astype(np.uint64) << np.uint64(7)
-    return (groups | cont)[keep].astype(np.uint8).tobytes()
+    return (groups | cont)[k < nbytes[:, None]].astype(np.uint8)
 
 
 def _varint_decode(buf: bytes | memoryview) -> np.ndarray:
@@ -111,8 +122,18 @@ def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
         shift += 7
 
 
+def _varint_len(n: int) -> int:
+    """Bytes of the varint of n >= 0: one per started 7 bits."""
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _len_prefix(field: int, size: int) -> bytes:
+    """Tag and length of a length-delimited field whose payload has `size` bytes."""
+    return _varint((field << 3) | 2) + _varint(size)
+
+
 def _len_field(field: int, payload: bytes) -> bytes:
-    return _varint((field << 3) | 2) + _varint(len(payload)) + payload
+    return _len_prefix(field, len(payload)) + payload
 
 
 # ----------------------------------------------------------------------------- Example
@@ -127,14 +148,54 @@ def encode_example(activations: np.ndarray, **int_features: np.ndarray) -> bytes
 
     int_features are the SPEC's token_ids, doc_index, token_index and position, each [n].
     """
+    head, body, tail = example_parts(activations, int_features_tail(**int_features))
+    return head + body.tobytes() + tail
+
+
+def int_features_tail(**int_features: np.ndarray) -> bytes:
+    """The Example's bytes after the activations: its four int64 list features, in SPEC order."""
+    return b"".join(_int_entry(key, _varint_encode(int_features[key])) for key in INT_FEATURES)
+
+
+def _int_entry(key: str, packed: bytes) -> bytes:
+    return _feature_entry(key, _len_field(3, _len_field(1, packed)))
+
+
+def int_features_tails(lengths: np.ndarray, **int_features: np.ndarray) -> list[bytes]:
+    """int_features_tail of every row of a batch at once: features [B, T], real tokens a prefix of
+    `lengths` [B] per row. One vectorised varint pass per feature instead of one per row."""
+    lengths = np.asarray(lengths, np.int64)
+    real = np.arange(next(iter(int_features.values())).shape[1])[None, :] < lengths[:, None]  # [B, T]
+    first_token = np.r_[0, np.cumsum(lengths)]  # [B + 1] row r's tokens are [first_token[r], first_token[r+1])
+    per_key = []
+    for key in INT_FEATURES:
+        v = np.asarray(int_features[key])[real].astype(np.uint64)  # the rows' real prefixes, in row order
+        nbytes = _varint_sizes(v)
+        data = _varint_groups(v, nbytes).tobytes() if v.size else b""
+        offsets = np.r_[0, np.cumsum(nbytes)][first_token].tolist()  # [B + 1] byte offsets of the rows
+        per_key.append([_int_entry(key, data[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+    return [b"".join(parts) for parts in zip(*per_key)]
+
+
+def example_parts(activations: np.ndarray, tail: bytes) -> tuple[bytes, np.ndarray, bytes]:
+    """An Example as (head, body, tail) with body the activation bytes themselves, not a copy.
+
+    head + body + tail is encode_example's bytes: the activations feature comes first, so every
+    length in head can be computed from the sizes alone. body is a uint8 view of `activations`
+    [n, H] (made little-endian and contiguous first if it is not already).
+    """
     acts = np.ascontiguousarray(activations)
     if acts.dtype.byteorder == ">":
         acts = acts.astype(acts.dtype.newbyteorder("<"))
-    entries = [_feature_entry(ACTIVATIONS, _len_field(1, _len_field(1, acts.tobytes())))]
-    for key in INT_FEATURES:
-        packed = _len_field(1, _varint_encode(int_features[key]))
-        entries.append(_feature_entry(key, _len_field(3, packed)))
-    return _len_field(1, b"".join(entries))
+    body = acts.reshape(-1).view(np.uint8)
+    key = ACTIVATIONS.encode()
+    bytes_list = 1 + _varint_len(body.size) + body.size  # BytesList{1: raw}
+    feature = 1 + _varint_len(bytes_list) + bytes_list  # Feature{1: BytesList}
+    entry = 1 + _varint_len(len(key)) + len(key) + 1 + _varint_len(feature) + feature  # {1: key, 2: Feature}
+    features = 1 + _varint_len(entry) + entry + len(tail)  # Features{1: entry, 1: entry, ...}
+    head = b"".join((_len_prefix(1, features), _len_prefix(1, entry), _len_field(1, key), _len_prefix(2, feature),
+                     _len_prefix(1, bytes_list), _len_prefix(1, body.size)))
+    return head, body, tail
 
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, memoryview]]:
@@ -216,7 +277,10 @@ def decode_activations(example: dict, dtype: np.dtype, hidden_size: int) -> np.n
 
 
 def _masked_crc(data: bytes) -> int:
-    crc = google_crc32c.value(data)
+    return _mask(google_crc32c.value(data))
+
+
+def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -224,6 +288,17 @@ def frame_record(data: bytes) -> bytes:
     """One TFRecord: length, masked CRC32C of the length, data, masked CRC32C of the data."""
     header = struct.pack("<Q", len(data))
     return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def frame_parts(head: bytes, body: np.ndarray, tail: bytes) -> tuple[bytes, np.ndarray, bytes]:
+    """frame_record(head + body + tail) as three pieces, without joining them: (prefix, body, suffix).
+
+    The data CRC is chained over the pieces (google_crc32c.extend takes a NumPy array; a memoryview
+    it refuses). body is passed through untouched, so its bytes reach the file without a copy.
+    """
+    header = struct.pack("<Q", len(head) + body.size + len(tail))
+    crc = google_crc32c.extend(google_crc32c.extend(google_crc32c.value(head), body), tail)
+    return (header + struct.pack("<I", _masked_crc(header)) + head, body, tail + struct.pack("<I", _mask(crc)))
 
 
 def iter_records(stream: BinaryIO, check_crc: bool = True) -> Iterator[bytes]:
@@ -273,12 +348,16 @@ class ShardWriter:
     rename; GCS: a direct upload finalized on close), and a retry that rewrites the same rows
     produces the same bytes. The sha256 and size are of the bytes on disk (compressed, with gzip),
     hashed as they are written.
+
+    With hash_in_background, a thread of its own hashes the pieces while the caller's thread
+    writes them (hashlib and file writes both release the GIL, so the two run on two cores);
+    pieces must then stay unmodified until close().
     """
 
-    def __init__(self, path: str, compression: str = "none"):
+    def __init__(self, path: str, compression: str = "none", hash_in_background: bool = False):
         self.path = path
         self.compression = compression
-        self._sha = hashlib.sha256()
+        self._sha = _BackgroundSha256() if hash_in_background else hashlib.sha256()
         self.records = self.tokens = self.bytes = 0
         self._file = fileio.open_for_commit(path)
         self._hashing = _HashingWriter(self._file, self)
@@ -291,11 +370,24 @@ class ShardWriter:
         self.records += 1
         self.tokens += num_tokens
 
+    def write_parts(self, parts: tuple, num_tokens: int) -> None:
+        """One record given as frame_parts' pieces, written one after the other (never joined)."""
+        for piece in parts:
+            self._out.write(piece)
+        self.records += 1
+        self.tokens += num_tokens
+
     def close(self) -> dict:
         if self._out is not self._hashing:
             self._out.close()  # writes the gzip trailer through the hashing writer
         self._file.commit()
         return {"records": self.records, "tokens": self.tokens, "bytes": self.bytes, "sha256": self._sha.hexdigest()}
+
+    def abort(self) -> None:
+        """Give up on the file (its writer failed): stop a background hasher and discard the file
+        (fileio.CommitWriter.abort: the temporary file is deleted, a GCS upload cancelled)."""
+        self._sha.hexdigest()
+        self._file.abort()
 
 
 class _HashingWriter:
@@ -305,13 +397,41 @@ class _HashingWriter:
         self._raw, self._owner = raw, owner
 
     def write(self, data) -> int:
+        self._owner._sha.update(data)  # first: a background hasher starts while the bytes are written
         self._raw.write(data)
-        self._owner._sha.update(data)
         self._owner.bytes += len(data)
         return len(data)
 
     def flush(self) -> None:
         self._raw.flush()
+
+
+class _BackgroundSha256:
+    """hashlib.sha256's update/hexdigest, with the hashing done by a thread of its own.
+
+    The queue is bounded (in pieces: about two batches of rows), so the hasher never falls more
+    than that behind the writer and the arrays it still refers to stay few.
+    """
+
+    DEPTH = 96
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(self.DEPTH)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def update(self, data) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._sha.hexdigest()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._sha.update(data)
 
 
 def describe_shard(path: str) -> dict:
