@@ -8,6 +8,10 @@ shape given by flags, then
   2. builds an Extractor on it and times the compiled step (dispatch i+1 before result() of i).
 
     python bench/bench_model.py --hidden 1024 --layers 8 --batch-size 4 --seq-len 256
+    python bench/bench_model.py --compile-depths 4 24   # only: XLA compile seconds of the step per depth
+
+Compile time is measured on random weights (no checkpoint) for the same shape at each depth; with
+layers as one lax.scan it should not grow with depth.
 """
 
 from __future__ import annotations
@@ -136,6 +140,28 @@ def throughput(folder: str, args) -> tuple[float, int, float]:
     return args.steps * args.batch_size * args.seq_len / elapsed, ex.compilations, setup
 
 
+def compile_seconds(args, depth: int) -> tuple[float, float]:
+    """(wall, CPU user+sys) seconds to lower and compile the Extractor's step for a model of `depth`
+    blocks (the last one requested), on abstract random-weight shapes, no persistent cache."""
+    import jax
+    import jax.numpy as jnp
+
+    from llm_activations.model.attention import backend_for
+    from llm_activations.model.extractor import make_step
+    from llm_activations.model.transformer import ParamSpec, param_specs
+
+    c = bench_config(argparse.Namespace(**{**vars(args), "layers": depth}))
+    dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(c, depth),
+                          is_leaf=lambda x: isinstance(x, ParamSpec))
+    ints = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32)
+    step = make_step(c, [depth - 1], None, ml_dtypes.bfloat16, backend_for(jax.devices()[:1], dtype))
+    t, cpu = time.perf_counter(), os.times()
+    jax.jit(step).lower(params, ints, ints, ints).compile()
+    end = os.times()
+    return time.perf_counter() - t, end.user - cpu.user + end.system - cpu.system
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
@@ -149,7 +175,17 @@ def main(argv=None) -> int:
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--shard-mb", type=int, default=64)
+    p.add_argument("--compile-depths", type=int, nargs="+", help="only measure compile seconds at these depths")
     args = p.parse_args(argv)
+    if args.compile_depths:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", None)  # measure compiles, not cache reads
+        for depth in args.compile_depths:
+            wall, cpu = compile_seconds(args, depth)
+            print(f"compile, {depth} layers, {args.compute_dtype}, batch {args.batch_size} x seq {args.seq_len}: "
+                  f"{wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+        return 0
     c = bench_config(args)
     with tempfile.TemporaryDirectory(prefix="bench_model_") as folder:
         size = write_checkpoint(folder, c, args.shard_mb)

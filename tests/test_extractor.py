@@ -34,7 +34,8 @@ def _batches(n):
 def test_attributes(f32):
     assert f32.layers == (0, 2) and f32.hidden_size == 64 and f32.config.model_type == "qwen3"
     assert f32.storage_dtype == np.float32 and f32.mesh.shape == {"data": 2, "model": 2}
-    assert len(f32.params["layers"]) == 3  # block 3 is deeper than any requested layer: not loaded
+    # block 3 is deeper than any requested layer: not loaded
+    assert all(w.shape[0] == 3 for w in f32.params["layers"].values())
 
 
 def test_many_batches_one_compilation_and_pipelined_dispatch(f32, qwen3):

@@ -58,7 +58,7 @@ def test_bfloat16_within_bound(variant):
 def test_attention_mask_is_block_diagonal_causal():
     import jax.numpy as jnp
 
-    from llm_activations.model.transformer import attention_mask
+    from llm_activations.model.attention import attention_mask
 
     mask = np.asarray(attention_mask(jnp.array([[1, 1, 2, 2, 2, 0]])))[0]
     want = np.array([
@@ -76,18 +76,20 @@ def test_forward_runs_only_the_blocks_it_needs():
     import jax
     import jax.numpy as jnp
 
+    from llm_activations.model.attention import backend_for
     from llm_activations.model.config import load_model_config
     from llm_activations.model.transformer import forward, init_params
 
     config, _ = load_model_config(cached_checkpoint("qwen2")[0])
     params = init_params(config, 2, seed=0)  # blocks 0 and 1 only
     tokens, segs, pos, _ = packed_batch([[5, 3]], 8)
-    run = jax.jit(forward, static_argnums=(1, 5))
-    out = run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (1,))
+    run = jax.jit(forward, static_argnums=(1, 5, 6))
+    backend = backend_for(jax.devices()[:1], np.float32)
+    out = run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (1,), backend)
     assert list(out) == [1] and out[1].shape == (1, 8, 64)
     assert np.isfinite(np.asarray(out[1])).all()
     with pytest.raises(ValueError, match="layer 2 requested but params hold 2 blocks"):
-        run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,))
+        run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,), backend)
 
 
 def test_float32_parity_across_query_blocks_and_key_windows():

@@ -49,9 +49,9 @@ def test_sharded_equals_one_device(folder, one_device, shape):
                    storage_dtype="float32", mesh_shape=shape)
     assert dict(ex.mesh.shape) == {"data": shape[0], "model": shape[1]}
     assert ex.mesh.devices.size == shape[0] * shape[1]
-    q = ex.params["layers"][0]["q"]
-    assert q.sharding.spec == P(None, "model", None)
-    assert q.addressable_shards[0].data.shape == (64, 8 // shape[1], 8)  # heads really split
+    q = ex.params["layers"]["q"]
+    assert q.sharding.spec == P(None, None, "model", None)
+    assert q.addressable_shards[0].data.shape == (max(LAYERS) + 1, 64, 8 // shape[1], 8)  # heads really split, blocks stacked
     out = ex(*packed_batch(ROWS, SEQ_LEN)[:3])
     for layer in LAYERS:
         # only the summation order of the split matmuls differs

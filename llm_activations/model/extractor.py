@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llm_activations.model import checkpoint
 from llm_activations.model import transformer as model
 from llm_activations.model import sharding
+from llm_activations.model.attention import Backend, backend_for
 from llm_activations.model.config import ModelConfig, load_model_config
 from llm_activations.errors import UsageError
 from llm_activations.format.stats import Moments
@@ -83,11 +84,11 @@ def layer_moments(x: jax.Array, real: jax.Array):
     return count, mean, m2, norm_sum
 
 
-def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype):
+def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, backend: Backend):
     """step(params, tokens, segment_ids, positions) -> {layer: (acts, count, mean, m2, norm_sum)}."""
 
     def step(params, tokens, segment_ids, positions):
-        acts = model.forward(params, config, tokens, segment_ids, positions, layers, mesh=mesh)
+        acts = model.forward(params, config, tokens, segment_ids, positions, layers, backend, mesh=mesh)
         real = segment_ids > 0
         return {layer: (x.astype(storage_dtype),) + layer_moments(x, real) for layer, x in acts.items()}
 
@@ -97,14 +98,15 @@ def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype):
 class Extractor:
     """A model loaded onto a ("data", "model") mesh with its step compiled once.
 
-    model: checkpoint folder or hub id. layers: 0-based block indices (resid_post). Inputs of
+    model: checkpoint folder or hub id. layers: 0-based block indices (resid_post). attention:
+    "auto" (the mesh's platform decides) or one of attention.IMPLEMENTATIONS. Inputs of
     dispatch / __call__ are int32 numpy [batch_size, seq_len]: token ids, segment ids (0 = padding)
     and position ids.
     """
 
     def __init__(self, model: str, *, layers: Sequence[int], batch_size: int, seq_len: int,
                  compute_dtype: str = "bfloat16", storage_dtype: str = "bfloat16",
-                 mesh_shape: tuple[int, int] | None = None):
+                 mesh_shape: tuple[int, int] | None = None, attention: str = "auto"):
         if compute_dtype not in COMPUTE_DTYPES:
             raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if storage_dtype not in STORAGE_DTYPES:
@@ -123,6 +125,7 @@ class Extractor:
         self.storage_dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
         num_blocks = self.layers[-1] + 1
         self.mesh = sharding.make_mesh(mesh_shape, self.config, batch_size, self.compute_dtype, num_blocks)
+        self.backend = backend_for(self.mesh.devices.flat, self.compute_dtype, attention)
         self.params = checkpoint.load_params(checkpoint.resolve_checkpoint(model), self.config, num_blocks,
                                              self.mesh, self.compute_dtype)
         self._compile()
@@ -138,7 +141,7 @@ class Extractor:
 
     def _compile(self) -> None:
         _listen_for_compiles()
-        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype)
+        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.backend)
         # A unique name lets the compile listener count this step's compilations alone.
         self._name = step.__name__ = step.__qualname__ = f"extract_step_{next(_ids)}"
         self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
