@@ -1,6 +1,11 @@
 """Parity with transformers: every requested layer of each segment equals the reference model
-run on that segment alone (SPEC: every segment is an independent context)."""
+run on that segment alone (SPEC: every segment is an independent context).
 
+Every attention implementation passes the same tests: "xla" everywhere, "splash" (the TPU kernel)
+in Pallas interpret mode off a TPU, and the GPU kernels where a GPU is the default device.
+"""
+
+import jax
 import numpy as np
 import pytest
 
@@ -22,10 +27,18 @@ F32_BOUND = 1e-4
 BF16_BOUND = 5e-2
 
 
-def _run(variant, compute_dtype):
+PLATFORM = jax.devices()[0].platform
+_NO_GPU = pytest.mark.skipif(PLATFORM not in ("gpu", "cuda"), reason=f"a GPU kernel; the default device here is {PLATFORM}")
+# Implementations that compute float32 (cuDNN's flash kernel takes only 16-bit inputs).
+FLOAT32_ATTENTION = ["xla", "splash", pytest.param("tokamax", marks=_NO_GPU)]
+BFLOAT16_ATTENTION = FLOAT32_ATTENTION + [pytest.param("cudnn", marks=_NO_GPU)]
+
+
+def _run(variant, compute_dtype, attention="xla"):
     folder, torch_model = cached_checkpoint(variant)
     ex = Extractor(folder, layers=LAYERS, batch_size=len(ROWS), seq_len=SEQ_LEN, compute_dtype=compute_dtype,
-                   storage_dtype="float32", mesh_shape=(1, 1))
+                   storage_dtype="float32", mesh_shape=(1, 1), attention=attention)
+    assert ex.backend.attention == attention
     tokens, segs, pos, spans = packed_batch(ROWS, SEQ_LEN)
     out = ex(tokens, segs, pos)
     errors = []
@@ -36,9 +49,10 @@ def _run(variant, compute_dtype):
     return np.array(errors), out, segs
 
 
+@pytest.mark.parametrize("attention", FLOAT32_ATTENTION)
 @pytest.mark.parametrize("variant", ["qwen2", "qwen2_tied", "qwen3", "llama"])
-def test_float32_matches_transformers_per_segment(variant):
-    errors, out, segs = _run(variant, "float32")
+def test_float32_matches_transformers_per_segment(variant, attention):
+    errors, out, segs = _run(variant, "float32", attention)
     assert len(errors) == 6 * len(LAYERS)
     assert errors.max() <= F32_BOUND, errors
     for layer in LAYERS:
@@ -46,10 +60,11 @@ def test_float32_matches_transformers_per_segment(variant):
         assert out.moments[layer].count == int((segs > 0).sum())
 
 
+@pytest.mark.parametrize("attention", BFLOAT16_ATTENTION)
 @pytest.mark.parametrize("variant", ["qwen2", "qwen3"])
-def test_bfloat16_within_bound(variant):
-    errors, _, _ = _run(variant, "bfloat16")
-    print(f"{variant} bfloat16 max rel error {errors.max():.4f}")
+def test_bfloat16_within_bound(variant, attention):
+    errors, _, _ = _run(variant, "bfloat16", attention)
+    print(f"{variant} {attention} bfloat16 max rel error {errors.max():.4f}")
     assert errors.max() <= BF16_BOUND, errors
     # Not trivially equal to float32 either: the comparison would not notice a float32 fallback.
     assert errors.max() > 1e-4
@@ -92,13 +107,15 @@ def test_forward_runs_only_the_blocks_it_needs():
         run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,), backend)
 
 
-def test_float32_parity_across_query_blocks_and_key_windows():
-    """seq_len 400 spans several query blocks, so the blocked attention and its per-block key
-    windows (short packed segments need few keys, a full-length segment needs all) are exercised."""
+@pytest.mark.parametrize("attention", FLOAT32_ATTENTION)
+def test_float32_parity_across_query_blocks_and_key_windows(attention):
+    """seq_len 400 spans several query blocks (and splash's 128-wide tiles, padded to 512), so the
+    blocked attention and its per-block key windows (short packed segments need few keys, a
+    full-length segment needs all) are exercised."""
     rows, t = [[100, 200, 90], [400], [130, 129, 7], []], 400
     folder, torch_model = cached_checkpoint("qwen2", max_position_embeddings=512)
     ex = Extractor(folder, layers=[0, 3], batch_size=4, seq_len=t, compute_dtype="float32",
-                   storage_dtype="float32", mesh_shape=(1, 1))
+                   storage_dtype="float32", mesh_shape=(1, 1), attention=attention)
     tokens, segs, pos, spans = packed_batch(rows, t)
     out = ex(tokens, segs, pos)
     for row, start, n in spans:

@@ -72,6 +72,20 @@ def test_automatic_shape_on_cpu_is_all_data(config):
     assert sharding.make_mesh(None, config, 4, np.float32).shape == {"data": 4, "model": 1}
 
 
+@pytest.mark.parametrize("shape", [(2, 2), (1, 4)])
+def test_splash_kernel_sharded_equals_one_device(folder, one_device, shape):
+    """The Pallas kernel runs per device under shard_map (batch over "data", heads over "model")."""
+    ex = Extractor(folder, layers=LAYERS, batch_size=BATCH, seq_len=SEQ_LEN, compute_dtype="float32",
+                   storage_dtype="float32", mesh_shape=shape, attention="splash")
+    out = ex(*packed_batch(ROWS, SEQ_LEN)[:3])
+    for layer in LAYERS:
+        np.testing.assert_allclose(out.activations[layer], one_device.activations[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_rules_give_the_stacked_blocks_axis_to_no_mesh_axis():
+    assert sharding.logical_to_spec(("layers", "embed", "mlp")) == P(None, None, "model")
+
+
 def test_automatic_shape_splits_the_model_when_it_does_not_fit(config, monkeypatch):
     full = sharding.weight_bytes_per_device(config, 1, np.float32)
     half = sharding.weight_bytes_per_device(config, 2, np.float32)

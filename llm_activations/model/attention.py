@@ -66,13 +66,12 @@ def platform_of(devices: Sequence) -> str:
     return "gpu" if p in ("gpu", "cuda", "rocm") else p
 
 
-def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: int | None = None,
-                interpret: bool = False) -> Backend:
+def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: int | None = None) -> Backend:
     """The Backend for these devices (e.g. `mesh.devices.flat`) and compute dtype.
 
     attention "auto" picks AUTO[platform] (on GPU "xla" for float32, which cuDNN does not take).
-    A named kernel that cannot run here is a UsageError; interpret=True lets the Pallas kernel
-    run on CPU (tests).
+    "splash" off a TPU runs in Pallas interpret mode: exact but slow, for tests on CPU. Any other
+    kernel that cannot run here is a UsageError.
     """
     platform = platform_of(list(devices))
     sixteen_bit = np.dtype(dtype).itemsize == 2
@@ -83,14 +82,14 @@ def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: 
     if attention not in IMPLEMENTATIONS:
         raise UsageError(f"attention implementation {attention!r} is not one of auto, {', '.join(IMPLEMENTATIONS)}")
     needs = {"splash": "tpu", "cudnn": "gpu", "tokamax": "gpu"}.get(attention)
-    if needs and platform != needs and not (interpret and attention == "splash"):
+    if needs and platform != needs and attention != "splash":
         raise UsageError(f"attention implementation {attention!r} needs a {needs.upper()}; the mesh's devices are {platform}")
     if attention == "cudnn" and not sixteen_bit:
         raise UsageError("attention implementation 'cudnn' needs a 16-bit compute dtype (bfloat16); use 'xla' for float32")
     block = query_block or QUERY_BLOCK.get(platform, 512)
     if block < 1:
         raise UsageError(f"query block {block} must be positive")
-    return Backend(platform, attention, block, interpret)
+    return Backend(platform, attention, block, interpret=attention == "splash" and platform != "tpu")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -246,9 +245,10 @@ def _splash(q, k, v, segment_ids, *, interpret: bool) -> jax.Array:
     return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
 
-def _cudnn(q, k, v, same_segment) -> jax.Array:
-    """cuDNN flash attention: causal mask type, segments as a [B, 1, T, S] boolean mask."""
-    return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True, implementation="cudnn")
+def _cudnn(q, k, v, same_segment, implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention: causal mask type, segments as a [B, 1, T, S] boolean mask.
+    (implementation="xla" runs the same call anywhere: the tests check its arguments on CPU.)"""
+    return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True, implementation=implementation)
 
 
 def _tokamax(q, k, v, starts) -> jax.Array:
