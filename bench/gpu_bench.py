@@ -169,7 +169,7 @@ def bench_transformers(name, c, batch, seq_len, steps, peak, device: str) -> dic
     sync = torch.cuda.synchronize if device == "cuda" else (lambda *a: None)
     with torch.inference_mode():
         seconds = time_steps(lambda: model(input_ids=tokens, use_cache=False).last_hidden_state, lambda _: sync(), steps)
-    del model
+    model = None  # free its memory before the next shape
     if device == "cuda":
         torch.cuda.empty_cache()
     return row(name, batch, seq_len, c, f"transformers {transformers.__version__} eager (sdpa)", seconds, peak)
