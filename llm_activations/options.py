@@ -43,6 +43,7 @@ class ExtractConfig:
     beam_args: tuple = field(default_factory=tuple)
     is_demo: bool = False
     resume: bool = False
+    compilation_cache: str | None = None  # persistent XLA cache folder, "none", or None for the default
 
 
 # ----------------------------------------------------------------------------- command line
@@ -78,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
     a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
     a("--host-index", type=int, default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
+    a("--compilation-cache", metavar="DIR",
+      help="persistent XLA compilation cache, local or gs://, shared by runs and hosts; 'none' turns it off "
+           "(default: $LLM_ACTIVATIONS_COMPILATION_CACHE, else ~/.cache/llm_activations/jax under $XDG_CACHE_HOME if set)")
     a("--docs-per-unit", type=int, default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
 
 
@@ -109,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         beam_args=tuple(getattr(args, "beam_args", ()) or ()),
         is_demo=is_demo,
         resume=args.resume,
+        compilation_cache=args.compilation_cache,
     )
 
 

@@ -94,7 +94,7 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
     from llm_activations import transforms as T
 
     spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
-                       tuple(cfg.hooks))
+                       tuple(cfg.hooks), cfg.compilation_cache)
     out = (
         p
         | "PlanUnits" >> beam.Create(units)
@@ -125,7 +125,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     todo = [u for u in units if u.index not in done]
     base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
     if not todo:  # everything was finished before: only the metadata is missing
-        finalize_metadata(base, cfg.output, [], MergeRun().create_accumulator(), list(done.values()))
+        nothing = MergeRun()
+        finalize_metadata(base, cfg.output, [], nothing.extract_output(nothing.create_accumulator()), list(done.values()))
         return read_metadata(cfg.output)
     try:
         p = beam.Pipeline(options=options)
@@ -221,6 +222,10 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
     meta["run"].update({
         "workers": len(run["workers"]),
         "compilations": run["compilations"],
+        # seconds each worker spent compiling (or loading) its step, summed; True when the
+        # persistent compilation cache served every one of them
+        "compile_seconds": round(run["compile_seconds"], 3),
+        "compile_cache_hit": run["compile_cache_hit"],
         "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall, 3),
         # what this run extracted (units finished by an earlier, resumed run are not counted)

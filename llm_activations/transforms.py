@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -79,6 +78,7 @@ class ModelSpec:
     storage_dtype: str
     mesh_shape: tuple | None
     hooks: tuple = hk.DEFAULT_HOOKS
+    compilation_cache: str | None = None  # folder, "none", or None for the default
 
 
 def _counter(name: str):
@@ -204,7 +204,7 @@ def load_extractor(spec: ModelSpec):
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
                      compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape,
-                     hooks=spec.hooks)
+                     hooks=spec.hooks, compilation_cache=spec.compilation_cache)
 
 
 def encode_rows(batch: packing.Batch, activations: dict) -> list:
@@ -226,7 +226,8 @@ class ExtractActivations(beam.DoFn):
     process in setup() and shared by its threads. JAX dispatch is asynchronous: batch i+1 is
     dispatched before blocking on batch i's results, so encoding and writing batch i overlaps with
     the device computing batch i+1. Each UnitEnd leaves with the unit's per-layer Moments; at
-    bundle end the DoFn reports the compilations it observed on the 'run' output.
+    bundle end the DoFn reports its tokens and its process's one compile of the step (keyed by
+    worker, so MergeRun counts each once) on the 'run' output.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -268,10 +269,11 @@ class ExtractActivations(beam.DoFn):
     def finish_bundle(self):
         for value in self._drain(keep_newest=False):
             yield WindowedValue(value, 0, [GlobalWindow()])
-        compilations = _unreported_compilations(self._extractor)
-        run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
-               "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
-               "workers": {f"{socket.gethostname()}:{os.getpid()}"}}
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        stats = self._extractor.compile_stats
+        run = {"compiles": {worker: (stats.seconds, stats.cache_hit)}, "tokens": self._tokens,
+               "extract_seconds": self._busy, "mesh": {str(k): int(v) for k, v in self._extractor.mesh.shape.items()},
+               "workers": {worker}}
         yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
 
     def teardown(self):
@@ -329,21 +331,6 @@ class _FailOnce:
         if self._left < 0 and not os.path.exists(self._marker):
             open(self._marker, "w").close()
             raise RuntimeError("injected failure (LLM_ACTIVATIONS_TEST_FAIL_ONCE test hook)")
-
-
-_REPORT_LOCK = threading.Lock()
-
-
-def _unreported_compilations(extractor) -> int:
-    """Compilations not yet reported by any DoFn instance sharing this process's extractor.
-
-    Several DoFn instances (threads, stages) share one Extractor per process, so the count of
-    what was already reported lives on the shared object, not on the DoFn.
-    """
-    with _REPORT_LOCK:
-        done = getattr(extractor, "_reported_compilations", 0)
-        extractor._reported_compilations = extractor.compilations
-        return extractor.compilations - done
 
 
 def _progress_bar():
@@ -414,13 +401,14 @@ class WriteShards(beam.DoFn):
 
 
 class MergeRun(beam.CombineFn):
-    """Sums compilations, tokens and extract time over bundles and unions worker ids."""
+    """Sums tokens and extract time over bundles, unions worker ids and their compiles (one per
+    worker process: the Extractor compiles its step once, ahead of time)."""
 
     def create_accumulator(self):
-        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "mesh": None}
+        return {"compiles": {}, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "mesh": None}
 
     def add_input(self, acc, run):
-        acc["compilations"] += run["compilations"]
+        acc["compiles"].update(run["compiles"])
         acc["tokens"] += run["tokens"]
         acc["extract_seconds"] += run["extract_seconds"]
         acc["workers"] |= set(run["workers"])
@@ -434,7 +422,9 @@ class MergeRun(beam.CombineFn):
         return total
 
     def extract_output(self, acc):
-        return acc
+        compiles = acc["compiles"].values()
+        return {**acc, "compilations": len(compiles), "compile_seconds": sum(s for s, _ in compiles),
+                "compile_cache_hit": bool(compiles) and all(hit for _, hit in compiles)}
 
 
 # ----------------------------------------------------------------------------- composite transforms
