@@ -8,6 +8,12 @@ shape given by flags, then
   2. builds an Extractor on it and times the compiled step (dispatch i+1 before result() of i).
 
     python bench/bench_model.py --hidden 1024 --layers 8 --batch-size 4 --seq-len 256
+    python bench/bench_model.py --compile-depths 4 24   # only: XLA compile seconds of the step per depth
+    python bench/bench_model.py --compile-depths 4 24 --hooks resid_pre attn_out z resid_mid mlp_in mlp_out resid_post
+
+Compile time is measured on random weights (no checkpoint) for the same shape at each depth; with
+layers as one lax.scan it should not grow with depth, whatever hooks are captured (each hook adds
+one carry to the same scan body).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llm_activations.format import hooks as hk  # noqa: E402
 from llm_activations.model.checkpoint import INDEX_FILE, KEY_TABLE  # noqa: E402
 from llm_activations.model.config import ModelConfig, model_config_to_hf  # noqa: E402
 from llm_activations.model.transformer import layer_specs  # noqa: E402
@@ -117,7 +124,7 @@ def throughput(folder: str, args) -> tuple[float, int, float]:
 
     t = time.perf_counter()
     ex = Extractor(folder, layers=[args.layers - 1], batch_size=args.batch_size, seq_len=args.seq_len,
-                   compute_dtype=args.compute_dtype, storage_dtype="bfloat16")
+                   compute_dtype=args.compute_dtype, storage_dtype="bfloat16", hooks=args.hooks)
     setup = time.perf_counter() - t
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.seq_len)
@@ -133,7 +140,29 @@ def throughput(folder: str, args) -> tuple[float, int, float]:
         pending = following
     pending.result()
     elapsed = time.perf_counter() - t
-    return args.steps * args.batch_size * args.seq_len / elapsed, ex.compilations, setup
+    return args.steps * args.batch_size * args.seq_len / elapsed, ex.compile_stats, setup
+
+
+def compile_seconds(args, depth: int) -> tuple[float, float]:
+    """(wall, CPU user+sys) seconds to lower and compile the Extractor's step for a model of `depth`
+    blocks (the last one requested), on abstract random-weight shapes, no persistent cache."""
+    import jax
+    import jax.numpy as jnp
+
+    from llm_activations.model.attention import backend_for
+    from llm_activations.model.extractor import make_step
+    from llm_activations.model.transformer import ParamSpec, param_specs
+
+    c = bench_config(argparse.Namespace(**{**vars(args), "layers": depth}))
+    dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(c, depth),
+                          is_leaf=lambda x: isinstance(x, ParamSpec))
+    ints = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32)
+    step = make_step(c, [depth - 1], None, ml_dtypes.bfloat16, backend_for(jax.devices()[:1], dtype), args.hooks)
+    t, cpu = time.perf_counter(), os.times()
+    jax.jit(step).lower(params, ints, ints, ints).compile()
+    end = os.times()
+    return time.perf_counter() - t, end.user - cpu.user + end.system - cpu.system
 
 
 def main(argv=None) -> int:
@@ -149,7 +178,20 @@ def main(argv=None) -> int:
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--shard-mb", type=int, default=64)
+    p.add_argument("--compile-depths", type=int, nargs="+", help="only measure compile seconds at these depths")
+    p.add_argument("--hooks", nargs="+", default=list(hk.DEFAULT_HOOKS), help=f"hook points captured ({', '.join(hk.HOOKS)})")
     args = p.parse_args(argv)
+    args.hooks = hk.check_hooks(args.hooks)
+    if args.compile_depths:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", None)  # measure compiles, not cache reads
+        for depth in args.compile_depths:
+            wall, cpu = compile_seconds(args, depth)
+            print(f"compile, {depth} layers, {len(args.hooks)} hook(s), {args.compute_dtype}, "
+                  f"batch {args.batch_size} x seq {args.seq_len}: "
+                  f"{wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+        return 0
     c = bench_config(args)
     with tempfile.TemporaryDirectory(prefix="bench_model_") as folder:
         size = write_checkpoint(folder, c, args.shard_mb)
@@ -163,9 +205,10 @@ def main(argv=None) -> int:
         print(f"peak RSS: baseline (python + jax + mesh) {base / 2**20:.0f} MiB; loading {peak / 2**20:.0f} MiB in {seconds:.1f} s")
         print(f"  load overhead over baseline {(peak - base) / 2**20:.0f} MiB = {(peak - base) / size:.2f} x checkpoint size "
               f"(goal <= 1.20); {(peak - base) / loaded:.2f} x bytes loaded")
-        tps, compilations, setup = throughput(folder, args)
+        tps, compiled, setup = throughput(folder, args)
         print(f"forward ({args.compute_dtype}, batch {args.batch_size} x seq {args.seq_len}, last layer): "
-              f"{tps:,.0f} tokens/s over {args.steps} steps; setup (load + compile) {setup:.1f} s; compilations {compilations}")
+              f"{tps:,.0f} tokens/s over {args.steps} steps; setup (load + compile) {setup:.1f} s, of which compile "
+              f"{compiled.seconds:.1f} s ({'from the cache' if compiled.cache_hit else 'cold'})")
     return 0
 
 

@@ -284,7 +284,7 @@ class SimulatedExtractor:
         self.step_seconds, self.stats = step_seconds, stats
         self.outputs = [(hook, layer) for hook in spec.hooks for layer in spec.layers]  # StepOutput's keys
         self.mesh = SimpleNamespace(shape={"data": 1, "model": 1})
-        self.compilations = 1
+        self.compile_stats = SimpleNamespace(seconds=0.0, cache_hit=False)  # nothing to compile
         # ones, not zeros: the pages are written once here, never lazily zero-filled during the run
         self._acts = {k: np.ones((spec.batch_size, spec.seq_len, hidden_size), dtype) for k in self.outputs}
         self._zeros = np.zeros(hidden_size, np.float64)

@@ -43,6 +43,7 @@ class ExtractConfig:
     beam_args: tuple = field(default_factory=tuple)
     is_demo: bool = False
     resume: bool = False
+    compilation_cache: str | None = None  # persistent XLA cache folder, "none", or None for the default
 
 
 # ----------------------------------------------------------------------------- command line
@@ -78,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
     a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
     a("--host-index", type=int, default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
+    a("--compilation-cache", metavar="DIR",
+      help="persistent XLA compilation cache, local or gs://, shared by runs and hosts; 'none' turns it off "
+           "(default: $LLM_ACTIVATIONS_COMPILATION_CACHE, else ~/.cache/llm_activations/jax under $XDG_CACHE_HOME if set)")
     a("--docs-per-unit", type=int, default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
 
 
@@ -109,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         beam_args=tuple(getattr(args, "beam_args", ()) or ()),
         is_demo=is_demo,
         resume=args.resume,
+        compilation_cache=args.compilation_cache,
     )
 
 
@@ -186,38 +191,10 @@ def check_config(cfg: ExtractConfig):
     if cfg.num_shards > 1 and any(i.startswith("hf://") for i in cfg.inputs):
         raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
                          "leave --num-shards out, or save the split as parquet files to shard it")
-    check_checkpoint(folder, model_cfg, max(layers) + 1)
+    from llm_activations.model.checkpoint import check_complete
+
+    check_complete(folder, model_cfg, max(layers) + 1)
     return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers)), "hooks": hooks}), model_cfg, hf
-
-
-def check_checkpoint(folder: str, model_cfg, num_blocks: int) -> None:
-    """Every weight blocks 0..num_blocks-1 need is in the checkpoint with its shape, and every file
-    is as long as its header says (a truncated download), read from the safetensors headers alone:
-    the workers would otherwise find out after the output folder was prepared."""
-    from safetensors import safe_open
-
-    from llm_activations.model import checkpoint as ck
-    from llm_activations.model.transformer import param_specs
-
-    shapes = {}
-    for path in ck.safetensors_files(folder):
-        try:
-            with safe_open(path, "np") as f:  # the library checks the header covers the file exactly
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-        except Exception as e:
-            raise UsageError(f"--model {folder}: {os.path.basename(path)} is unreadable or truncated ({e})") from None
-    specs = param_specs(model_cfg, num_blocks)
-    rules = {r.param: r for r in ck.KEY_TABLE}
-    needed = [("embed", None)] + [(name, i) for i, block in enumerate(specs["layers"]) for name in block]
-    for param, layer in needed:
-        rule = rules[param]
-        key = rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
-        if key not in shapes:
-            raise UsageError(f"--model {folder}: the checkpoint has no {key}, needed for layers up to {num_blocks - 1} "
-                             "(an incomplete download, or config.json names more layers than the weights hold)")
-        if shapes[key] != rule.hf_shape(model_cfg):
-            raise UsageError(f"--model {folder}: checkpoint key {key} has shape {list(shapes[key])}, "
-                             f"expected {list(rule.hf_shape(model_cfg))} from config.json")
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:

@@ -224,7 +224,7 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
     from llm_activations import transforms as T
 
     spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
-                       tuple(cfg.hooks), extractor_factory)
+                       hooks=tuple(cfg.hooks), compilation_cache=cfg.compilation_cache, factory=extractor_factory)
     out = (
         p
         | "PlanUnits" >> beam.Create(units)
@@ -281,7 +281,8 @@ def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resume
     from llm_activations.transforms import MergeRun
 
     if not todo:  # everything was finished before: only the metadata is missing
-        finalize_metadata(base, cfg.output, [], MergeRun().create_accumulator(), resumed)
+        nothing = MergeRun()
+        finalize_metadata(base, cfg.output, [], nothing.extract_output(nothing.create_accumulator()), resumed)
         return
     with _sigint_seen() as interrupted:
         try:
@@ -426,6 +427,10 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
     meta["run"].update({
         "workers": len(run["workers"]) + len(earlier),
         "compilations": run["compilations"] + sum(earlier.values()),
+        # seconds this run's workers spent compiling (or loading) their step, summed; True when the
+        # persistent compilation cache served every one of them
+        "compile_seconds": round(run["compile_seconds"], 3),
+        "compile_cache_hit": run["compile_cache_hit"],
         "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall, 3),
         # what this run extracted (units finished by an earlier, resumed run are not counted)

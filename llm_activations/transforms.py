@@ -90,6 +90,7 @@ class ModelSpec:
     storage_dtype: str
     mesh_shape: tuple | None
     hooks: tuple = hk.DEFAULT_HOOKS
+    compilation_cache: str | None = None  # folder, "none", or None for the default
     factory: object = None  # callable(ModelSpec) -> Extractor-like; None = load the checkpoint
 
 
@@ -265,7 +266,7 @@ def load_extractor(spec: ModelSpec):
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
                      compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape,
-                     hooks=spec.hooks)
+                     hooks=spec.hooks, compilation_cache=spec.compilation_cache)
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,8 @@ class ExtractActivations(beam.DoFn):
     process in setup() and shared by its threads. Dispatch is asynchronous: the DoFn collects
     batch i only once batches i+1..i+IN_FLIGHT are dispatched, so the device always has work
     queued while the host collects, hands off and writes batch i. Each UnitEnd leaves with the
-    unit's per-(hook, layer) Moments; at bundle end the DoFn reports the compilations it observed on the
-    'run' output.
+    unit's per-(hook, layer) Moments; at bundle end the DoFn reports its tokens and its process's
+    one compile of the step (keyed by worker, so MergeRun counts each once) on the 'run' output.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -327,9 +328,9 @@ class ExtractActivations(beam.DoFn):
     def finish_bundle(self):
         for value in self._drain(keep=0):
             yield WindowedValue(value, 0, [GlobalWindow()])
-        compilations = _unreported_compilations(self._extractor)
-        run = {"compilations": compilations, "tokens": self._tokens, "extract_seconds": self._busy,
-               "mesh": _mesh(self._extractor), "workers": {_worker()}}
+        stats = self._extractor.compile_stats
+        run = {"compiles": {_worker(): (stats.seconds, stats.cache_hit)}, "tokens": self._tokens,
+               "extract_seconds": self._busy, "mesh": _mesh(self._extractor), "workers": {_worker()}}
         yield beam.pvalue.TaggedOutput(RUN, WindowedValue(run, 0, [GlobalWindow()]))
 
     def teardown(self):
@@ -343,7 +344,7 @@ class ExtractActivations(beam.DoFn):
             if isinstance(head, UnitEnd):
                 self._queue.popleft()
                 yield replace(head, moments=self._moments.pop(head.unit.index, {}), run={
-                    "worker": _worker(), "compilations": self._extractor.compilations, "mesh": _mesh(self._extractor)})
+                    "worker": _worker(), "compilations": 1, "mesh": _mesh(self._extractor)})  # one AOT compile per process
                 continue
             if self._pending_batches <= keep:
                 return  # the newest batches are still computing; leave them in flight
@@ -368,27 +369,12 @@ class ExtractActivations(beam.DoFn):
             self._progress.update(n)
 
 
-_REPORT_LOCK = threading.Lock()
-
-
 def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _mesh(extractor) -> dict:
     return {str(k): int(v) for k, v in extractor.mesh.shape.items()}
-
-
-def _unreported_compilations(extractor) -> int:
-    """Compilations not yet reported by any DoFn instance sharing this process's extractor.
-
-    Several DoFn instances (threads, stages) share one Extractor per process, so the count of
-    what was already reported lives on the shared object, not on the DoFn.
-    """
-    with _REPORT_LOCK:
-        done = getattr(extractor, "_reported_compilations", 0)
-        extractor._reported_compilations = extractor.compilations
-        return extractor.compilations - done
 
 
 def _progress_bar():
@@ -554,13 +540,14 @@ class OutputWriter:
 
 
 class MergeRun(beam.CombineFn):
-    """Sums compilations, tokens and extract time over bundles and unions worker ids."""
+    """Sums tokens and extract time over bundles, unions worker ids and their compiles (one per
+    worker process: the Extractor compiles its step once, ahead of time)."""
 
     def create_accumulator(self):
-        return {"compilations": 0, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "mesh": None}
+        return {"compiles": {}, "tokens": 0, "extract_seconds": 0.0, "workers": set(), "mesh": None}
 
     def add_input(self, acc, run):
-        acc["compilations"] += run["compilations"]
+        acc["compiles"].update(run["compiles"])
         acc["tokens"] += run["tokens"]
         acc["extract_seconds"] += run["extract_seconds"]
         acc["workers"] |= set(run["workers"])
@@ -574,7 +561,9 @@ class MergeRun(beam.CombineFn):
         return total
 
     def extract_output(self, acc):
-        return acc
+        compiles = acc["compiles"].values()
+        return {**acc, "compilations": len(compiles), "compile_seconds": sum(s for s, _ in compiles),
+                "compile_cache_hit": bool(compiles) and all(hit for _, hit in compiles)}
 
 
 # ----------------------------------------------------------------------------- composite transforms

@@ -1,6 +1,8 @@
-"""Extractor: one compilation, asynchronous dispatch, storage dtype cast on device, moments."""
+"""Extractor: one compilation, asynchronous dispatch, storage dtype cast on device, moments,
+and the persistent compilation cache."""
 
-import jax
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -34,12 +36,12 @@ def _batches(n):
 def test_attributes(f32):
     assert f32.layers == (0, 2) and f32.hidden_size == 64 and f32.config.model_type == "qwen3"
     assert f32.storage_dtype == np.float32 and f32.mesh.shape == {"data": 2, "model": 2}
-    assert len(f32.params["layers"]) == 3  # block 3 is deeper than any requested layer: not loaded
+    # block 3 is deeper than any requested layer: not loaded
+    assert all(w.shape[0] == 3 for w in f32.params["layers"].values())
 
 
-def test_many_batches_one_compilation_and_pipelined_dispatch(f32, qwen3):
+def test_many_batches_pipelined_dispatch(f32, qwen3):
     torch_model = qwen3[1]
-    assert f32.compilations == 1
     batches = list(_batches(6))
     pending = f32.dispatch(*batches[0][:3])
     outputs = []
@@ -47,7 +49,6 @@ def test_many_batches_one_compilation_and_pipelined_dispatch(f32, qwen3):
         following = f32.dispatch(*nxt[:3]) if nxt is not None else None
         outputs.append(pending.result())
         pending = following
-    assert f32.compilations == 1
     for (tokens, segs, pos, spans), out in zip(batches, outputs):
         np.testing.assert_array_equal(out.activations[("resid_post", 2)], f32(tokens, segs, pos).activations[("resid_post", 2)])
         row, start, n = spans[-1]
@@ -56,7 +57,6 @@ def test_many_batches_one_compilation_and_pipelined_dispatch(f32, qwen3):
         assert out.moments[("resid_post", 0)].count == int((segs > 0).sum())
     # contents really differed between batches
     assert not np.array_equal(outputs[0].activations[("resid_post", 0)], outputs[1].activations[("resid_post", 0)])
-    assert f32.compilations == 1
 
 
 def test_moments_over_real_tokens(f32):
@@ -100,7 +100,6 @@ def test_bad_inputs(f32):
         f32(tokens, segs.astype(np.float32), pos)
     with pytest.raises(ValueError, match=r"outside \[0, 512\)"):
         f32(tokens + 600, segs, pos)
-    assert f32.compilations == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -115,8 +114,27 @@ def test_usage_errors(qwen3, kwargs, message):
         Extractor(qwen3[0], batch_size=BATCH, seq_len=SEQ_LEN, **kwargs)
 
 
-def test_compilations_are_per_extractor(qwen3, f32):
-    other = Extractor(qwen3[0], layers=[1], batch_size=2, seq_len=8, compute_dtype="float32", mesh_shape=(1, 1))
-    other(*packed_batch([[8], [3]], 8)[:3])
-    jax.jit(lambda x: x + 1)(np.ones(3))  # unrelated compilations are not counted
-    assert other.compilations == 1 and f32.compilations == 1
+def test_compile_stats_without_a_cache(f32):
+    # tests/conftest.py sets LLM_ACTIVATIONS_COMPILATION_CACHE=none
+    assert f32.cache_folder is None
+    assert f32.compile_stats.seconds > 0 and not f32.compile_stats.cache_hit
+
+
+def test_second_extractor_loads_its_step_from_the_cache(qwen3, tmp_path):
+    cache = tmp_path / "xla_cache"
+    batch = packed_batch([[8], [3, 2]], 8)[:3]
+    first = Extractor(qwen3[0], layers=[1], batch_size=2, seq_len=8, compute_dtype="float32",
+                      storage_dtype="float32", mesh_shape=(1, 1), compilation_cache=str(cache))
+    assert first.cache_folder == str(cache) and not first.compile_stats.cache_hit
+    assert len(os.listdir(cache)) >= 1  # the step was written (small CPU programs too)
+    second = Extractor(qwen3[0], layers=[1], batch_size=2, seq_len=8, compute_dtype="float32",
+                       storage_dtype="float32", mesh_shape=(1, 1), compilation_cache=str(cache))
+    assert second.compile_stats.cache_hit
+    np.testing.assert_array_equal(second(*batch).activations[("resid_post", 1)], first(*batch).activations[("resid_post", 1)])
+    # another shape is another program: compiled, not served
+    other = Extractor(qwen3[0], layers=[1], batch_size=2, seq_len=16, compute_dtype="float32",
+                      storage_dtype="float32", mesh_shape=(1, 1), compilation_cache=str(cache))
+    assert not other.compile_stats.cache_hit
+    off = Extractor(qwen3[0], layers=[1], batch_size=2, seq_len=8, compute_dtype="float32",
+                    storage_dtype="float32", mesh_shape=(1, 1), compilation_cache="none")
+    assert off.cache_folder is None and not off.compile_stats.cache_hit

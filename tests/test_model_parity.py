@@ -1,11 +1,16 @@
 """Parity with transformers: every requested layer of each segment equals the reference model
-run on that segment alone (SPEC: every segment is an independent context)."""
+run on that segment alone (SPEC: every segment is an independent context).
+
+Every attention implementation passes the same tests: "xla" everywhere, "splash" (the TPU kernel)
+in Pallas interpret mode off a TPU, and the GPU kernels where a GPU is the default device.
+"""
 
 import numpy as np
 import pytest
 
 from llm_activations.model.extractor import Extractor
-from tiny_models import cached_checkpoint, packed_batch, reference_layers, rel_error
+from tiny_models import (BFLOAT16_ATTENTION, FLOAT32_ATTENTION, cached_checkpoint, packed_batch, reference_layers,
+                         rel_error)
 
 SEQ_LEN = 64
 LAYERS = [0, 1, 2, 3]
@@ -22,10 +27,11 @@ F32_BOUND = 1e-4
 BF16_BOUND = 5e-2
 
 
-def _run(variant, compute_dtype):
+def _run(variant, compute_dtype, attention="xla"):
     folder, torch_model = cached_checkpoint(variant)
     ex = Extractor(folder, layers=LAYERS, batch_size=len(ROWS), seq_len=SEQ_LEN, compute_dtype=compute_dtype,
-                   storage_dtype="float32", mesh_shape=(1, 1))
+                   storage_dtype="float32", mesh_shape=(1, 1), attention=attention)
+    assert ex.backend.attention == attention
     tokens, segs, pos, spans = packed_batch(ROWS, SEQ_LEN)
     out = ex(tokens, segs, pos)
     errors = []
@@ -36,9 +42,10 @@ def _run(variant, compute_dtype):
     return np.array(errors), out, segs
 
 
+@pytest.mark.parametrize("attention", FLOAT32_ATTENTION)
 @pytest.mark.parametrize("variant", ["qwen2", "qwen2_tied", "qwen3", "llama"])
-def test_float32_matches_transformers_per_segment(variant):
-    errors, out, segs = _run(variant, "float32")
+def test_float32_matches_transformers_per_segment(variant, attention):
+    errors, out, segs = _run(variant, "float32", attention)
     assert len(errors) == 6 * len(LAYERS)
     assert errors.max() <= F32_BOUND, errors
     for layer in LAYERS:
@@ -46,10 +53,11 @@ def test_float32_matches_transformers_per_segment(variant):
         assert out.moments[("resid_post", layer)].count == int((segs > 0).sum())
 
 
+@pytest.mark.parametrize("attention", BFLOAT16_ATTENTION)
 @pytest.mark.parametrize("variant", ["qwen2", "qwen3"])
-def test_bfloat16_within_bound(variant):
-    errors, _, _ = _run(variant, "bfloat16")
-    print(f"{variant} bfloat16 max rel error {errors.max():.4f}")
+def test_bfloat16_within_bound(variant, attention):
+    errors, _, _ = _run(variant, "bfloat16", attention)
+    print(f"{variant} {attention} bfloat16 max rel error {errors.max():.4f}")
     assert errors.max() <= BF16_BOUND, errors
     # Not trivially equal to float32 either: the comparison would not notice a float32 fallback.
     assert errors.max() > 1e-4
@@ -58,7 +66,7 @@ def test_bfloat16_within_bound(variant):
 def test_attention_mask_is_block_diagonal_causal():
     import jax.numpy as jnp
 
-    from llm_activations.model.transformer import attention_mask
+    from llm_activations.model.attention import attention_mask
 
     mask = np.asarray(attention_mask(jnp.array([[1, 1, 2, 2, 2, 0]])))[0]
     want = np.array([
@@ -76,27 +84,31 @@ def test_forward_runs_only_the_blocks_it_needs():
     import jax
     import jax.numpy as jnp
 
+    from llm_activations.model.attention import backend_for
     from llm_activations.model.config import load_model_config
     from llm_activations.model.transformer import forward, init_params
 
     config, _ = load_model_config(cached_checkpoint("qwen2")[0])
     params = init_params(config, 2, seed=0)  # blocks 0 and 1 only
     tokens, segs, pos, _ = packed_batch([[5, 3]], 8)
-    run = jax.jit(forward, static_argnums=(1, 5))
-    out = run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (1,))
+    run = jax.jit(forward, static_argnums=(1, 5, 6))
+    backend = backend_for(jax.devices()[:1], np.float32)
+    out = run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (1,), backend)
     assert list(out) == [("resid_post", 1)] and out[("resid_post", 1)].shape == (1, 8, 64)
     assert np.isfinite(np.asarray(out[("resid_post", 1)])).all()
     with pytest.raises(ValueError, match="layer 2 requested but params hold 2 blocks"):
-        run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,))
+        run(params, config, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos), (2,), backend)
 
 
-def test_float32_parity_across_query_blocks_and_key_windows():
-    """seq_len 400 spans several query blocks, so the blocked attention and its per-block key
-    windows (short packed segments need few keys, a full-length segment needs all) are exercised."""
+@pytest.mark.parametrize("attention", FLOAT32_ATTENTION)
+def test_float32_parity_across_query_blocks_and_key_windows(attention):
+    """seq_len 400 spans several query blocks (and splash's 128-wide tiles, padded to 512), so the
+    blocked attention and its per-block key windows (short packed segments need few keys, a
+    full-length segment needs all) are exercised."""
     rows, t = [[100, 200, 90], [400], [130, 129, 7], []], 400
     folder, torch_model = cached_checkpoint("qwen2", max_position_embeddings=512)
     ex = Extractor(folder, layers=[0, 3], batch_size=4, seq_len=t, compute_dtype="float32",
-                   storage_dtype="float32", mesh_shape=(1, 1))
+                   storage_dtype="float32", mesh_shape=(1, 1), attention=attention)
     tokens, segs, pos, spans = packed_batch(rows, t)
     out = ex(tokens, segs, pos)
     for row, start, n in spans:

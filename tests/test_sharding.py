@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from llm_activations.model import sharding
 from llm_activations.model.config import load_model_config
 from llm_activations.errors import UsageError
+from llm_activations.format import hooks as hk
 from llm_activations.model.extractor import Extractor
 from tiny_models import cached_checkpoint, packed_batch
 
@@ -49,9 +50,9 @@ def test_sharded_equals_one_device(folder, one_device, shape):
                    storage_dtype="float32", mesh_shape=shape)
     assert dict(ex.mesh.shape) == {"data": shape[0], "model": shape[1]}
     assert ex.mesh.devices.size == shape[0] * shape[1]
-    q = ex.params["layers"][0]["q"]
-    assert q.sharding.spec == P(None, "model", None)
-    assert q.addressable_shards[0].data.shape == (64, 8 // shape[1], 8)  # heads really split
+    q = ex.params["layers"]["q"]
+    assert q.sharding.spec == P(None, None, "model", None)
+    assert q.addressable_shards[0].data.shape == (max(LAYERS) + 1, 64, 8 // shape[1], 8)  # heads really split, blocks stacked
     out = ex(*packed_batch(ROWS, SEQ_LEN)[:3])
     for layer in LAYERS:
         # only the summation order of the split matmuls differs
@@ -72,15 +73,39 @@ def test_automatic_shape_on_cpu_is_all_data(config):
     assert sharding.make_mesh(None, config, 4, np.float32).shape == {"data": 4, "model": 1}
 
 
-def test_automatic_shape_splits_the_model_when_it_does_not_fit(config, monkeypatch):
+@pytest.mark.parametrize("shape", [(2, 2), (1, 4)])
+def test_splash_kernel_sharded_equals_one_device(folder, one_device, shape):
+    """The Pallas kernel runs per device under shard_map (batch over "data", heads over "model")."""
+    ex = Extractor(folder, layers=LAYERS, batch_size=BATCH, seq_len=SEQ_LEN, compute_dtype="float32",
+                   storage_dtype="float32", mesh_shape=shape, attention="splash")
+    out = ex(*packed_batch(ROWS, SEQ_LEN)[:3])
+    for layer in LAYERS:
+        key = ("resid_post", layer)
+        np.testing.assert_allclose(out.activations[key], one_device.activations[key], rtol=1e-5, atol=1e-5)
+
+
+def test_rules_give_the_stacked_blocks_axis_to_no_mesh_axis():
+    assert sharding.logical_to_spec(("layers", "embed", "mlp")) == P(None, None, "model")
+
+
+class _Device:
+    """An accelerator as auto_mesh_shape sees it: only its memory statistics."""
+
+    def __init__(self, bytes_limit: int):
+        self.bytes_limit = bytes_limit
+
+    def memory_stats(self):
+        return {"bytes_limit": self.bytes_limit}
+
+
+def test_automatic_shape_splits_the_model_when_it_does_not_fit(config):
     full = sharding.weight_bytes_per_device(config, 1, np.float32)
     half = sharding.weight_bytes_per_device(config, 2, np.float32)
     # memory for the half-split weights but not the whole: model=2, the remaining 4 devices data
-    monkeypatch.setattr(sharding, "_device_memory", lambda d: int((half + full) / 2 / sharding.WEIGHT_MEMORY_FRACTION))
-    assert sharding.auto_mesh_shape(config, 8, np.float32) == (4, 2)
+    roomy = [_Device(int((half + full) / 2 / sharding.WEIGHT_MEMORY_FRACTION))] * 8
+    assert sharding.auto_mesh_shape(config, 8, np.float32, roomy) == (4, 2)
     # nothing fits: the largest valid split (4 = kv heads), not an invalid 8
-    monkeypatch.setattr(sharding, "_device_memory", lambda d: 1)
-    assert sharding.auto_mesh_shape(config, 8, np.float32) == (2, 4)
+    assert sharding.auto_mesh_shape(config, 8, np.float32, [_Device(1)] * 8) == (2, 4)
 
 
 @pytest.mark.parametrize("shape, batch, message", [
@@ -93,3 +118,17 @@ def test_automatic_shape_splits_the_model_when_it_does_not_fit(config, monkeypat
 def test_invalid_shapes(config, shape, batch, message):
     with pytest.raises(UsageError, match=message):
         sharding.make_mesh(shape, config, batch, np.float32)
+
+
+@pytest.mark.parametrize("shape, attention", [((2, 4), "xla"), ((1, 4), "splash")])
+def test_every_hook_sharded_equals_one_device(folder, shape, attention):
+    """Every hook's carry in the layer scan (z is heads x head_dim wide, its heads split over
+    "model") gives the one-device values, with the fused kernel under shard_map too."""
+    kw = dict(layers=LAYERS, batch_size=BATCH, seq_len=SEQ_LEN, compute_dtype="float32", storage_dtype="float32",
+              hooks=hk.HOOKS)
+    batch = packed_batch(ROWS, SEQ_LEN)[:3]
+    want = Extractor(folder, mesh_shape=(1, 1), **kw)(*batch).activations
+    got = Extractor(folder, mesh_shape=shape, attention=attention, **kw)(*batch).activations
+    assert sorted(got) == sorted(want) == sorted((h, l) for h in hk.HOOKS for l in LAYERS)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=str(key))

@@ -198,8 +198,9 @@ class _RecordingExtractor:
     def __init__(self, spec, log):
         from types import SimpleNamespace
 
-        self.outputs, self.log, self.compilations = [(h, l) for h in spec.hooks for l in spec.layers], log, 1
+        self.outputs, self.log = [(h, l) for h in spec.hooks for l in spec.layers], log
         self.mesh = SimpleNamespace(shape={"data": 1, "model": 1})
+        self.compile_stats = SimpleNamespace(seconds=0.0, cache_hit=False)
 
     def dispatch(self, tokens, segment_ids, positions):
         from types import SimpleNamespace

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
+
+_PLATFORM = jax.devices()[0].platform
+_NO_GPU = pytest.mark.skipif(_PLATFORM not in ("gpu", "cuda"), reason=f"a GPU kernel; the default device here is {_PLATFORM}")
+# Attention implementations every parity test runs ("splash" in Pallas interpret mode off a TPU):
+# those that compute float32 (cuDNN's flash kernel takes only 16-bit inputs), and the bfloat16 ones.
+FLOAT32_ATTENTION = ["xla", "splash", pytest.param("tokamax", marks=_NO_GPU)]
+BFLOAT16_ATTENTION = FLOAT32_ATTENTION + [pytest.param("cudnn", marks=_NO_GPU)]
 
 VARIANTS = {
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=False, rope_theta=10000.0)),

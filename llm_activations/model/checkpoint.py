@@ -2,11 +2,13 @@
 
 One explicit table maps HF keys to our param paths, with each key's HF shape and the transform
 beside it. Tensors are read one at a time, converted on the host to the compute dtype, and put
-on the mesh before the next is read, so the host never holds a second copy of the model.
+on the mesh (block weights written into their [L, ...] stack in place) before the next is read,
+so the host never holds a second copy of the model.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -14,13 +16,15 @@ import re
 from typing import Callable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
 from llm_activations.model.config import ModelConfig
 from llm_activations.errors import UsageError
-from llm_activations.model.transformer import param_shardings, param_specs
+from llm_activations.model.sharding import named_sharding
+from llm_activations.model.transformer import layer_specs, param_shardings, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -85,6 +89,36 @@ def resolve_checkpoint(path_or_id: str) -> str:
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
     except Exception as e:  # offline, unknown repo, gated...
         raise UsageError(f"--model {path_or_id}: not a local folder and not loadable from the hub ({type(e).__name__})") from None
+
+
+def hf_key(rule: KeyRule, layer: int | None) -> str:
+    """The HF key a rule matches for one layer (None for the embedding)."""
+    return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
+
+
+def check_complete(folder: str, config: ModelConfig, num_blocks: int) -> None:
+    """Every weight blocks 0..num_blocks-1 need is in the checkpoint with its shape, and every file
+    is as long as its header says (a truncated download), from the safetensors headers alone: the
+    launcher runs this before it touches the output folder, so the workers never find out late."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(path, "np") as f:  # the library checks the header covers the file exactly
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except Exception as e:
+            raise UsageError(f"--model {folder}: {os.path.basename(path)} is unreadable or truncated ({e})") from None
+    rules = {r.param: r for r in KEY_TABLE}
+    needed = [(rules["embed"], None)] + [(rules[name], i) for i in range(num_blocks) for name in layer_specs(config)]
+    for rule, layer in needed:
+        key = hf_key(rule, layer)
+        if key not in shapes:
+            raise UsageError(f"--model {folder}: the checkpoint has no {key}, needed for layers up to {num_blocks - 1} "
+                             "(an incomplete download, or config.json names more layers than the weights hold)")
+        if shapes[key] != rule.hf_shape(config):
+            raise UsageError(f"--model {folder}: checkpoint key {key} has shape {list(shapes[key])}, "
+                             f"expected {list(rule.hf_shape(config))} from config.json")
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -158,12 +192,16 @@ def _match(key: str) -> tuple[KeyRule, int | None] | None:
 def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, dtype) -> dict:
     """Params for blocks 0 .. num_layers-1 (plus the embedding), each placed in its sharding on mesh.
 
+    Block weights are stacked into [num_layers, ...] arrays (what forward's lax.scan walks). Each
+    stack is allocated once on the mesh and every block's tensor is written into it in place as it
+    is read, so the host holds one tensor at a time and the device never a second copy.
     Raises UsageError naming the key for a missing, unknown, duplicate or wrongly shaped weight.
     """
     dtype = np.dtype(dtype)
     shardings = param_shardings(config, num_layers, mesh)
     specs = param_specs(config, num_layers)
-    params: dict = {"embed": None, "layers": [dict() for _ in range(num_layers)]}
+    params: dict = {"embed": None, "layers": {}}
+    filled: set[tuple[str, int]] = set()
     seen: set[str] = set()
     for path in safetensors_files(folder):
         for key, read, shape in _read_tensors(path):
@@ -180,21 +218,44 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
                 raise UsageError(f"unexpected checkpoint key {key}: config.json has only {config.num_layers} layers")
             if layer is not None and layer >= num_layers:
                 continue  # deeper than any requested layer: never read
-            if layer is not None and rule.param not in specs["layers"][layer]:
+            if layer is not None and rule.param not in specs["layers"]:
                 raise UsageError(f"unexpected checkpoint key {key}: a {config.architecture} with this config.json has no such weight")
             if shape != rule.hf_shape(config):
                 raise UsageError(f"checkpoint key {key} has shape {list(shape)}, expected {list(rule.hf_shape(config))} from config.json")
             value = np.ascontiguousarray(rule.to_ours(read(), config), dtype=dtype)
-            target = shardings[rule.param] if layer is None else shardings["layers"][layer][rule.param]
-            # Wait for the transfer so at most one tensor's host buffer is alive at any time.
-            placed = jax.block_until_ready(jax.device_put(value, target))
             if layer is None:
-                params[rule.param] = placed
+                params[rule.param] = jax.device_put(value, shardings[rule.param])
+                jax.block_until_ready(params[rule.param])
             else:
-                params["layers"][layer][rule.param] = placed
+                spec = specs["layers"][rule.param]
+                stack = params["layers"].pop(rule.param, None)
+                if stack is None:
+                    stack = _zeros(spec.shape, dtype, shardings["layers"][rule.param])
+                block = jax.device_put(value, named_sharding(mesh, spec.axes[1:]))
+                params["layers"][rule.param] = jax.block_until_ready(_write_block(stack, block, np.int32(layer)))
+                filled.add((rule.param, layer))
+                del stack, block  # the stack was donated; the block is written
+            # The transfer is done: at most one tensor's host and device copies are alive at any time.
             del value
-    _check_complete(params, specs, config)
+    _check_complete(params, filled, specs, config, num_layers)
     return params
+
+
+def _zeros(shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+    return _zeros_program(shape, np.dtype(dtype), sharding)()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_program(shape: tuple[int, ...], dtype, sharding):
+    # One program per (shape, dtype, sharding), reused by every later load in the process.
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+# Writes one block into its stack in place (the stack's buffer is donated): one small program per
+# weight shape, whatever the number of blocks.
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_block(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, value, layer, 0)
 
 
 def _hf_key(param: str, layer: int | None) -> str:
@@ -202,11 +263,11 @@ def _hf_key(param: str, layer: int | None) -> str:
     return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
 
 
-def _check_complete(params: dict, specs: dict, config: ModelConfig) -> None:
+def _check_complete(params: dict, filled: set, specs: dict, config: ModelConfig, num_layers: int) -> None:
     if params["embed"] is None:
         raise UsageError(f"checkpoint is missing {_hf_key('embed', None)}")
-    for i, (got, want) in enumerate(zip(params["layers"], specs["layers"])):
-        missing = [name for name in want if name not in got]
+    for i in range(num_layers):
+        missing = [name for name in specs["layers"] if (name, i) not in filled]
         if missing:
             raise UsageError(f"checkpoint is missing {_hf_key(missing[0], i)}"
                              + (f" (and {len(missing) - 1} more weights of layer {i})" if len(missing) > 1 else ""))

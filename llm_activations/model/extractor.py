@@ -7,9 +7,6 @@ turns into float64 `stats.Moments`.
 
 from __future__ import annotations
 
-import collections
-import itertools
-import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,9 +16,10 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm_activations.model import checkpoint
+from llm_activations.model import checkpoint, compile_cache
 from llm_activations.model import transformer as model
 from llm_activations.model import sharding
+from llm_activations.model.attention import Backend, backend_for
 from llm_activations.model.config import ModelConfig, load_model_config
 from llm_activations.errors import UsageError
 from llm_activations.format import hooks as hk
@@ -29,25 +27,6 @@ from llm_activations.format.stats import Moments
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-
-# XLA compilations observed per jitted function name, from jax.monitoring (registered once).
-_COMPILES: collections.Counter = collections.Counter()
-_LISTENER_LOCK = threading.Lock()
-_listening = False
-_ids = itertools.count()
-
-
-def _on_event(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        _COMPILES[kwargs.get("fun_name")] += 1
-
-
-def _listen_for_compiles() -> None:
-    global _listening
-    with _LISTENER_LOCK:
-        if not _listening:
-            jax.monitoring.register_event_duration_secs_listener(_on_event)
-            _listening = True
 
 
 @dataclass(frozen=True)
@@ -84,11 +63,12 @@ def layer_moments(x: jax.Array, real: jax.Array):
     return count, mean, m2, norm_sum
 
 
-def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, hooks: Sequence[str] = hk.DEFAULT_HOOKS):
+def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, backend: Backend,
+              hooks: Sequence[str] = hk.DEFAULT_HOOKS):
     """step(params, tokens, segment_ids, positions) -> {(hook, layer): (acts, count, mean, m2, norm_sum)}."""
 
     def step(params, tokens, segment_ids, positions):
-        acts = model.forward(params, config, tokens, segment_ids, positions, layers, mesh=mesh, hooks=hooks)
+        acts = model.forward(params, config, tokens, segment_ids, positions, layers, backend, mesh=mesh, hooks=hooks)
         real = segment_ids > 0
         return {key: (x.astype(storage_dtype),) + layer_moments(x, real) for key, x in acts.items()}
 
@@ -99,20 +79,25 @@ class Extractor:
     """A model loaded onto a ("data", "model") mesh with its step compiled once.
 
     model: checkpoint folder or hub id. layers: 0-based block indices; hooks: hook points taken at
-    each of them (format/hooks.py; outputs are keyed (hook, layer)). Inputs of
+    each of them (format/hooks.py; outputs are keyed (hook, layer)). attention: "auto" (the mesh's
+    platform decides) or one of attention.IMPLEMENTATIONS. compilation_cache: the persistent XLA
+    cache folder (None: compile_cache.default_folder(); "none": off); the step's compile_stats say
+    how long setup compiled and whether the cache served it. Inputs of
     dispatch / __call__ are int32 numpy [batch_size, seq_len]: token ids, segment ids (0 = padding)
     and position ids.
     """
 
     def __init__(self, model: str, *, layers: Sequence[int], batch_size: int, seq_len: int,
                  compute_dtype: str = "bfloat16", storage_dtype: str = "bfloat16",
-                 mesh_shape: tuple[int, int] | None = None, hooks: Sequence[str] = hk.DEFAULT_HOOKS):
+                 mesh_shape: tuple[int, int] | None = None, hooks: Sequence[str] = hk.DEFAULT_HOOKS,
+                 attention: str = "auto", compilation_cache: str | None = None):
         if compute_dtype not in COMPUTE_DTYPES:
             raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if storage_dtype not in STORAGE_DTYPES:
             raise UsageError(f"storage dtype {storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         if batch_size < 1 or seq_len < 1:
             raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
+        self.cache_folder = compile_cache.configure(compilation_cache)
         self.config, self.hf_config = load_model_config(model)
         self.layers = tuple(sorted(set(int(l) for l in layers)))
         if not self.layers:
@@ -127,6 +112,7 @@ class Extractor:
         self.storage_dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
         num_blocks = self.layers[-1] + 1
         self.mesh = sharding.make_mesh(mesh_shape, self.config, batch_size, self.compute_dtype, num_blocks)
+        self.backend = backend_for(self.mesh.devices.flat, self.compute_dtype, attention)
         self.params = checkpoint.load_params(checkpoint.resolve_checkpoint(model), self.config, num_blocks,
                                              self.mesh, self.compute_dtype)
         self._compile()
@@ -139,16 +125,10 @@ class Extractor:
         """Values per token of a hook's activations."""
         return hk.width(hook, self.config.hidden_size, self.config.num_heads, self.config.head_dim)
 
-    @property
-    def compilations(self) -> int:
-        """XLA compilations of this extractor's step observed in this process (1 after setup)."""
-        return _COMPILES[f"jit({self._name})"]
-
     def _compile(self) -> None:
-        _listen_for_compiles()
-        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.hooks)
-        # A unique name lets the compile listener count this step's compilations alone.
-        self._name = step.__name__ = step.__qualname__ = f"extract_step_{next(_ids)}"
+        """Compile the step once, ahead of time, for the fixed input shapes: the Compiled object
+        runs only those shapes, so no later call can compile again."""
+        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.backend, self.hooks)
         self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
         acts = sharding.named_sharding(self.mesh, ("batch", "seq", "embed"))
         scalar = NamedSharding(self.mesh, PartitionSpec())
@@ -158,7 +138,7 @@ class Extractor:
                          out_shardings=out_shardings)
         shape = jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32, sharding=self._input_sharding)
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
-        self._step = jitted.lower(params, shape, shape, shape).compile()
+        self._step, self.compile_stats = compile_cache.compile_step(jitted, params, shape, shape, shape)
 
     def _put(self, name: str, x) -> jax.Array:
         x = np.asarray(x)

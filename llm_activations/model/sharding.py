@@ -21,6 +21,7 @@ MESH_AXES = ("data", "model")
 # logical axis -> mesh axis (None = replicated). The embedding table stays replicated: its lookup
 # is a gather, and vocab sizes need not divide the "model" axis.
 RULES: dict[str, str | None] = {
+    "layers": None,  # the stacked-blocks axis lax.scan walks: every device holds all its blocks
     "batch": "data",
     "seq": None,
     "vocab": None,

@@ -1,0 +1,111 @@
+"""Attention implementations against a dense NumPy reference, and the choice of kernel per platform."""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_activations.errors import UsageError
+from llm_activations.model import attention as attn
+
+PLATFORM = jax.devices()[0].platform
+ON_GPU = PLATFORM in ("gpu", "cuda")
+
+
+def _devices(platform, n=1):
+    return [SimpleNamespace(platform=platform)] * n
+
+
+@pytest.mark.parametrize("platform, dtype, want, block", [
+    ("cpu", np.float32, "xla", 128),
+    ("cpu", jnp.bfloat16, "xla", 128),
+    ("cuda", jnp.bfloat16, "cudnn", 512),
+    ("cuda", np.float32, "xla", 512),  # cuDNN's flash kernel takes only 16-bit inputs
+    ("rocm", jnp.float16, "cudnn", 512),
+    ("tpu", jnp.bfloat16, "splash", 512),
+])
+def test_auto_picks_the_platforms_kernel(platform, dtype, want, block):
+    b = attn.backend_for(_devices(platform, 4), dtype)
+    assert (b.attention, b.query_block, b.interpret) == (want, block, False)
+    assert b.float32_dots == (platform == "cpu")
+
+
+def test_named_kernels_and_their_errors():
+    assert attn.backend_for(_devices("cpu"), np.float32, "splash").interpret  # Pallas interpret mode off a TPU
+    assert not attn.backend_for(_devices("tpu"), np.float32, "splash").interpret
+    assert attn.backend_for(_devices("cuda"), np.float32, "xla", query_block=2048).query_block == 2048
+    with pytest.raises(UsageError, match=r"'cudnn' needs a GPU; the mesh's devices are cpu"):
+        attn.backend_for(_devices("cpu"), jnp.bfloat16, "cudnn")
+    with pytest.raises(UsageError, match=r"'cudnn' needs a 16-bit compute dtype"):
+        attn.backend_for(_devices("cuda"), np.float32, "cudnn")
+    with pytest.raises(UsageError, match=r"'flash' is not one of auto, xla, splash, cudnn, tokamax"):
+        attn.backend_for(_devices("cpu"), np.float32, "flash")
+    with pytest.raises(UsageError, match=r"mixes device platforms \['cpu', 'tpu'\]"):
+        attn.backend_for(_devices("cpu") + _devices("tpu"), np.float32)
+
+
+def _segments(rng, b, t):
+    """[B, T] packed rows: random segment lengths, then padding (0) at the end of some rows."""
+    rows = []
+    for _ in range(b):
+        ids, seg = [], 1
+        while len(ids) < t:
+            n = int(rng.integers(1, t // 2))
+            ids += [seg] * n
+            seg += 1
+        row = np.array(ids[:t])
+        row[t - int(rng.integers(0, t // 4)):] = 0
+        rows.append(row)
+    return np.stack(rows).astype(np.int32)
+
+
+def _reference(q, k, v, segs):
+    """Dense float64 attention with the block-diagonal causal mask: [B, T, N, H]."""
+    n, kv = q.shape[2], k.shape[2]
+    k, v = np.repeat(k, n // kv, axis=2), np.repeat(v, n // kv, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    mask = np.asarray(attn.attention_mask(jnp.asarray(segs)))[:, None]
+    logits = np.where(mask, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("name", ["xla", "splash"] + (["cudnn", "tokamax"] if ON_GPU else []))
+@pytest.mark.parametrize("t", [64, 200])
+def test_kernel_equals_dense_reference(name, t):
+    rng = np.random.default_rng(t)
+    b, n, kv, h = 3, 4, 2, 32
+    q, k, v = (rng.standard_normal((b, t, heads, h)) for heads in (n, kv, kv))
+    segs = _segments(rng, b, t)
+    dtype = jnp.bfloat16 if name == "cudnn" else jnp.float32
+    backend = attn.backend_for(jax.devices()[:1], dtype, name, query_block=64)
+    aux = attn.prepare(backend, jnp.asarray(segs))
+    got = jax.jit(lambda q, k, v, s, a: attn.attend(backend, q, k, v, s, a))(
+        *(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(segs), aux)
+    want = _reference(q, k, v, segs)
+    real = segs > 0  # padding queries may differ by implementation; they are never stored
+    tol = 3e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float32)[real], want[real], rtol=tol, atol=tol)
+
+
+def test_cudnn_call_arguments_through_jax_nn_xla_implementation():
+    """The cuDNN kernel cannot run here; the same jax.nn.dot_product_attention call (mask, causal
+    flag, layout, GQA) with implementation="xla" can, and must equal the reference."""
+    rng = np.random.default_rng(5)
+    b, t, n, kv, h = 2, 96, 4, 2, 32
+    q, k, v = (rng.standard_normal((b, t, heads, h)) for heads in (n, kv, kv))
+    segs = _segments(rng, b, t)
+    backend = attn.Backend("gpu", "cudnn", 512)
+    got = attn._cudnn(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                      attn.prepare(backend, jnp.asarray(segs)), implementation="xla")
+    real = segs > 0
+    np.testing.assert_allclose(np.asarray(got)[real], _reference(q, k, v, segs)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_segment_starts_are_each_querys_first_key():
+    segs = np.array([[1, 1, 2, 2, 2, 3, 0, 0], [4, 4, 4, 4, 4, 4, 4, 4]], np.int32)
+    np.testing.assert_array_equal(attn.segment_starts(jnp.asarray(segs)),
+                                  [[0, 0, 2, 2, 2, 5, 6, 6], [0] * 8])
