@@ -157,8 +157,11 @@ def check_model_folder(folder: str) -> None:
         raise UsageError(f"--model {folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
 
 
-def check_config(cfg: ExtractConfig):
-    """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
+def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
+    """All cheap checks; returns (resolved cfg, model config, raw HF config dict).
+
+    check_weights=False skips the checkpoint's weights (for a run whose extractor is injected and
+    never loads them, such as bench/bench_simulated.py's stand-in device)."""
     from llm_activations.format import fileio
     from llm_activations.model.config import load_model_config
 
@@ -191,9 +194,10 @@ def check_config(cfg: ExtractConfig):
     if cfg.num_shards > 1 and any(i.startswith("hf://") for i in cfg.inputs):
         raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
                          "leave --num-shards out, or save the split as parquet files to shard it")
-    from llm_activations.model.checkpoint import check_complete
+    if check_weights:
+        from llm_activations.model.checkpoint import check_complete
 
-    check_complete(folder, model_cfg, max(layers) + 1)
+        check_complete(folder, model_cfg, max(layers) + 1)
     return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers)), "hooks": hooks}), model_cfg, hf
 
 

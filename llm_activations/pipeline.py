@@ -250,7 +250,7 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     itself and its lock (whose creation proves it writable).
     """
     options = parse_beam_options(cfg.beam_args)
-    cfg, model_cfg, hf = check_config(cfg)
+    cfg, model_cfg, hf = check_config(cfg, check_weights=extractor_factory is None)
     check_devices(cfg, options)
     sources, host_docs, units = plan(cfg)
     check_output(cfg)
