@@ -5,7 +5,6 @@ UsageError: exit 2, one line)."""
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
@@ -132,34 +131,10 @@ def parse_mesh(text: str | None) -> tuple | None:
 # ----------------------------------------------------------------------------- checks
 
 
-def resolve_model(model: str) -> str:
-    """A local checkpoint folder for `model` (a folder, or a hub id fetched with huggingface_hub)."""
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
-        raise UsageError(f"--model {model!r}: no such checkpoint folder (expected config.json, *.safetensors and tokenizer files)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-    except Exception as e:  # offline, unknown repo, gated model...
-        raise UsageError(f"--model {model!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}); "
-                         "download it first and pass the folder") from None
-
-
-def check_model_folder(folder: str) -> None:
-    files = set(os.listdir(folder))
-    if "config.json" not in files:
-        raise UsageError(f"--model {folder}: no config.json in the folder")
-    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
-        raise UsageError(f"--model {folder}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)")
-    if not files & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}:
-        raise UsageError(f"--model {folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-
-
 def check_config(cfg: ExtractConfig):
     """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
     from llm_activations.format import fileio
+    from llm_activations.model import source
     from llm_activations.model.config import load_model_config
 
     # gs:// without Beam's GCP extra or credentials: one line now, not a traceback mid-run.
@@ -173,8 +148,8 @@ def check_config(cfg: ExtractConfig):
         raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
     if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
         raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
-    folder = resolve_model(cfg.model)
-    check_model_folder(folder)
+    folder = source.resolve(cfg.model)
+    source.check_folder(folder)
     model_cfg, hf = load_model_config(folder)
     layers = cfg.layers or (model_cfg.num_layers // 2,)
     for layer in layers:

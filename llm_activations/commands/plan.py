@@ -180,7 +180,10 @@ def make_plan(
     )
 
 
-def resolve_model(name_or_path: str) -> tuple[str, ModelConfig]:
+def preset_or_config(name_or_path: str) -> tuple[str, ModelConfig]:
+    """(display name, ModelConfig) for plan's --model: a preset name (also as Qwen/NAME or in lower case),
+    a config.json path, or a model folder. Unlike extract's --model (model/source.py), nothing is
+    downloaded: a plan needs the numbers alone."""
     if name_or_path in MODEL_PRESETS:
         return name_or_path, model_config_from_hf(MODEL_PRESETS[name_or_path])
     lower = {k.lower(): k for k in MODEL_PRESETS}
@@ -263,7 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name, config = resolve_model(args.model)
+    name, config = preset_or_config(args.model)
     chip = CHIP_PRESETS[args.chip]
     if args.chips_per_host:
         chip = Chip(chip.name, chip.hbm_bytes, chip.peak_bf16_flops, args.chips_per_host)

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm_activations.model import checkpoint, compile_cache
+from llm_activations.model import checkpoint, compile_cache, source
 from llm_activations.model import transformer as model
 from llm_activations.model import sharding
 from llm_activations.model.attention import Backend, backend_for
@@ -98,7 +98,8 @@ class Extractor:
         if batch_size < 1 or seq_len < 1:
             raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
         self.cache_folder = compile_cache.configure(compilation_cache)
-        self.config, self.hf_config = load_model_config(model)
+        folder = source.resolve(model)
+        self.config, self.hf_config = load_model_config(folder)
         self.layers = tuple(sorted(set(int(l) for l in layers)))
         if not self.layers:
             raise UsageError("no layers requested")
@@ -113,7 +114,7 @@ class Extractor:
         num_blocks = self.layers[-1] + 1
         self.mesh = sharding.make_mesh(mesh_shape, self.config, batch_size, self.compute_dtype, num_blocks)
         self.backend = backend_for(self.mesh.devices.flat, self.compute_dtype, attention)
-        self.params = checkpoint.load_params(checkpoint.resolve_checkpoint(model), self.config, num_blocks,
+        self.params = checkpoint.load_params(folder, self.config, num_blocks,
                                              self.mesh, self.compute_dtype)
         self._compile()
 
