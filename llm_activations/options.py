@@ -9,10 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
 from llm_activations.errors import UsageError
+from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 
-DTYPES = ("bfloat16", "float16", "float32")
-COMPUTE_DTYPES = ("bfloat16", "float32")
 MODES = ("pack", "pad")
 COMPRESSIONS = ("none", "gzip")
 DOCS_PER_UNIT = 4096
@@ -68,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
     a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
     a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
-    a("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype of activations (default: bfloat16)")
-    a("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="dtype the model computes in (default: bfloat16)")
+    a("--dtype", default="bfloat16", choices=list(dtypes.STORAGE), help="storage dtype of activations (default: bfloat16)")
+    a("--compute-dtype", default="bfloat16", choices=list(dtypes.COMPUTE), help="dtype the model computes in (default: bfloat16)")
     a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
