@@ -134,7 +134,7 @@ def check_config(cfg: ExtractConfig):
     """All cheap checks; returns (resolved cfg, model config, raw HF config dict)."""
     from llm_activations.format import fileio
     from llm_activations.model import source
-    from llm_activations.model.config import load_model_config
+    from llm_activations.model.config import check_layers, load_model_config
 
     # gs:// without Beam's GCP extra or credentials: one line now, not a traceback mid-run.
     fileio.check_urls([p for p in (*cfg.inputs, cfg.output) if not p.startswith("hf://")])
@@ -150,12 +150,7 @@ def check_config(cfg: ExtractConfig):
     folder = source.resolve(cfg.model)
     source.check_folder(folder)
     model_cfg, hf = load_model_config(folder)
-    layers = cfg.layers or (model_cfg.num_layers // 2,)
-    for layer in layers:
-        if not 0 <= layer < model_cfg.num_layers:
-            raise UsageError(f"--layers {layer}: out of range; this model has layers 0..{model_cfg.num_layers - 1}")
-    if len(set(layers)) != len(layers):
-        raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
+    layers = check_layers(model_cfg, cfg.layers or (model_cfg.num_layers // 2,))
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
     if cfg.mesh is not None:  # the device count itself: check_devices, which knows the runner
@@ -168,7 +163,7 @@ def check_config(cfg: ExtractConfig):
     from llm_activations.model.checkpoint import check_complete
 
     check_complete(folder, model_cfg, max(layers) + 1)
-    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers)), "hooks": hooks}), model_cfg, hf
+    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": layers, "hooks": hooks}), model_cfg, hf
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:

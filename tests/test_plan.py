@@ -84,7 +84,7 @@ def test_text_table_and_errors(capsys):
     assert main(["plan", "--model", "Qwen2.5-72B", "--chip", "v5e", "--layers", "40"]) == 0
     assert "does not fit" in capsys.readouterr().out
     assert main(["plan", "--layers", "28"]) == 2
-    assert "out of range" in capsys.readouterr().err
+    assert "--layers 28: out of range; this model has layers 0..27" in capsys.readouterr().err
     assert main(["plan", "--model", "no-such-model"]) == 2
 
 

@@ -28,7 +28,7 @@ from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 from llm_activations.model import cost
-from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf
+from llm_activations.model.config import ModelConfig, check_layers, load_model_config, model_config_from_hf
 
 GIB = 1 << 30
 
@@ -141,11 +141,7 @@ def make_plan(
 ) -> Plan:
     """The plan for extracting `hooks` at `layers` of `config` on mesh (data, model) of `chip` (formulas: module doc)."""
     hooks = hk.check_hooks(hooks)
-    if not layers:
-        raise UsageError("--layers needs at least one layer")
-    bad = [layer for layer in layers if not 0 <= layer < config.num_layers]
-    if bad:
-        raise UsageError(f"--layers {bad} out of range: {model_name} has layers 0..{config.num_layers - 1}")
+    check_layers(config, layers)  # the plan keeps the order given
     data, model = mesh
     if data < 1 or model < 1:
         raise UsageError(f"--mesh {data} {model}: both axes must be >= 1")

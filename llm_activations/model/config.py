@@ -67,6 +67,20 @@ class ModelConfig:
         return self.vocab_size * self.hidden_size + layers * self.layer_param_count()
 
 
+def check_layers(config: ModelConfig, layers) -> tuple[int, ...]:
+    """The requested 0-based decoder blocks, sorted; the one check of --layers for extract, plan and
+    the Extractor, each refusal one UsageError line: no layer, a layer out of range, a layer twice."""
+    layers = [int(layer) for layer in layers]
+    if not layers:
+        raise UsageError("--layers needs at least one layer")
+    for layer in layers:
+        if not 0 <= layer < config.num_layers:
+            raise UsageError(f"--layers {layer}: out of range; this model has layers 0..{config.num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
+    return tuple(sorted(layers))
+
+
 def _require(hf: dict, key: str, kind=int):
     if key not in hf or hf[key] is None:
         raise UsageError(f"config.json has no {key!r}; is this a complete Hugging Face model config?")

@@ -19,7 +19,7 @@ from llm_activations.model import checkpoint, compile_cache, source
 from llm_activations.model import transformer as model
 from llm_activations.model import sharding
 from llm_activations.model.attention import Backend, backend_for
-from llm_activations.model.config import ModelConfig, load_model_config
+from llm_activations.model.config import ModelConfig, check_layers, load_model_config
 from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
@@ -97,12 +97,7 @@ class Extractor:
         self.cache_folder = compile_cache.configure(compilation_cache)
         folder = source.resolve(model)
         self.config, self.hf_config = load_model_config(folder)
-        self.layers = tuple(sorted(set(int(l) for l in layers)))
-        if not self.layers:
-            raise UsageError("no layers requested")
-        bad = [l for l in self.layers if not 0 <= l < self.config.num_layers]
-        if bad:
-            raise UsageError(f"layer {bad[0]} is out of range: {self.config.architecture} has layers 0..{self.config.num_layers - 1}")
+        self.layers = check_layers(self.config, layers)
         self.hooks = hk.check_hooks(hooks, option="hooks")
         self.keys = tuple((h, l) for h in self.hooks for l in self.layers)
         self.batch_size, self.seq_len = batch_size, seq_len
