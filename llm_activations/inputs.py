@@ -174,8 +174,8 @@ def _hidden(url: str) -> bool:
 def _identity(path: str) -> str:
     """One key per file, whatever the spelling."""
     if fileio.is_url(path):
-        scheme, rest = path.split("://", 1)
-        return f"{scheme.lower()}://{posixpath.normpath(rest)}"
+        scheme, rest = fileio.split_url(path)
+        return f"{scheme}://{posixpath.normpath(rest)}"
     return os.path.realpath(path)
 
 

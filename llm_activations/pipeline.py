@@ -30,7 +30,8 @@ from llm_activations.format import fileio, manifests
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format.manifests import MANIFEST_DIR
-from llm_activations.format.metadata import METADATA_FILE, join, read_metadata, write_metadata
+from llm_activations.format.fileio import join
+from llm_activations.format.metadata import METADATA_FILE, read_metadata, write_metadata
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
 from llm_activations.options import (ExtractConfig, add_arguments, check_config, check_devices,  # noqa: F401
                                      config_from_args, parse_beam_options)
@@ -469,5 +470,5 @@ def print_summary(cfg: ExtractConfig, meta: dict) -> None:
         f"{'layer(s)' if meta['format_version'] == 1 else '(hook, layer) pair(s)'}, "
         f"{r['tokens_per_second']:.0f} tokens/s, {files} files ({size / 2**20:.1f} MiB), "
         f"padding {c['padding_tokens'] / max(1, c['tokens'] + c['padding_tokens']):.1%}, compilations {r['compilations']}\n"
-        f"      -> {os.path.abspath(cfg.output) if '://' not in cfg.output else cfg.output}/{METADATA_FILE}"
+        f"      -> {cfg.output if fileio.is_url(cfg.output) else os.path.abspath(cfg.output)}/{METADATA_FILE}"
     )
