@@ -1,6 +1,6 @@
 """`python -m llm_activations <command>`: one subcommand per module, imported only when used.
 
-Exit statuses (SPEC): 0 success; 2 usage or configuration error, printed as one line with no
+Exit statuses (docs/FORMAT.md, "Exit statuses"): 0 success; 2 usage or configuration error, printed as one line with no
 traceback; 1 anything else; 130 interrupted (Ctrl-C), also one line.
 Options are never abbreviated (allow_abbrev=False everywhere): `--ov` must not mean `--overwrite`.
 """
@@ -33,7 +33,7 @@ def _quiet_beam_import_warning(record: logging.LogRecord) -> bool:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one line (SPEC: exit 2, no usage dump, no traceback)."""
+    """argparse that reports a bad option as one line (docs/FORMAT.md: exit 2, no usage dump, no traceback)."""
 
     def error(self, message: str):
         raise UsageError(message)

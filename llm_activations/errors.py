@@ -1,4 +1,4 @@
-"""Error types that map to the command line's exit statuses (SPEC: exit 2 = usage/config)."""
+"""Error types that map to the command line's exit statuses (docs/FORMAT.md: exit 2 = usage/config)."""
 
 
 class UsageError(Exception):

@@ -1,6 +1,6 @@
 """Input documents: patterns -> sorted files -> work units -> (doc_index, text) or a rejection.
 
-doc_index follows SPEC: a record's line (JSONL) or row (parquet) number, counting on from the
+doc_index follows docs/FORMAT.md ("Records"): a record's line (JSONL) or row (parquet) number, counting on from the
 records of earlier files in sorted path order; a .txt file is one record; for hf:// it is the
 record's index in the split. Work is planned on the launcher as *work units*: contiguous
 [start, stop) ranges of doc_index that may span files, so a unit's documents can be read, packed
@@ -174,8 +174,8 @@ def _hidden(url: str) -> bool:
 def _identity(path: str) -> str:
     """One key per file, whatever the spelling."""
     if fileio.is_url(path):
-        scheme, rest = path.split("://", 1)
-        return f"{scheme.lower()}://{posixpath.normpath(rest)}"
+        scheme, rest = fileio.split_url(path)
+        return f"{scheme}://{posixpath.normpath(rest)}"
     return os.path.realpath(path)
 
 

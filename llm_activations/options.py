@@ -5,15 +5,13 @@ UsageError: exit 2, one line)."""
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
 from llm_activations.errors import UsageError
+from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 
-DTYPES = ("bfloat16", "float16", "float32")
-COMPUTE_DTYPES = ("bfloat16", "float32")
 MODES = ("pack", "pad")
 COMPRESSIONS = ("none", "gzip")
 DOCS_PER_UNIT = 4096
@@ -69,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
     a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
     a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
-    a("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype of activations (default: bfloat16)")
-    a("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="dtype the model computes in (default: bfloat16)")
+    a("--dtype", default="bfloat16", choices=list(dtypes.STORAGE), help="storage dtype of activations (default: bfloat16)")
+    a("--compute-dtype", default="bfloat16", choices=list(dtypes.COMPUTE), help="dtype the model computes in (default: bfloat16)")
     a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
@@ -132,38 +130,14 @@ def parse_mesh(text: str | None) -> tuple | None:
 # ----------------------------------------------------------------------------- checks
 
 
-def resolve_model(model: str) -> str:
-    """A local checkpoint folder for `model` (a folder, or a hub id fetched with huggingface_hub)."""
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
-        raise UsageError(f"--model {model!r}: no such checkpoint folder (expected config.json, *.safetensors and tokenizer files)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-    except Exception as e:  # offline, unknown repo, gated model...
-        raise UsageError(f"--model {model!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}); "
-                         "download it first and pass the folder") from None
-
-
-def check_model_folder(folder: str) -> None:
-    files = set(os.listdir(folder))
-    if "config.json" not in files:
-        raise UsageError(f"--model {folder}: no config.json in the folder")
-    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
-        raise UsageError(f"--model {folder}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)")
-    if not files & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}:
-        raise UsageError(f"--model {folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-
-
 def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     """All cheap checks; returns (resolved cfg, model config, raw HF config dict).
 
     check_weights=False skips the checkpoint's weights (for a run whose extractor is injected and
     never loads them, such as bench/bench_simulated.py's stand-in device)."""
     from llm_activations.format import fileio
-    from llm_activations.model.config import load_model_config
+    from llm_activations.model import source
+    from llm_activations.model.config import check_layers, load_model_config
 
     # gs:// without Beam's GCP extra or credentials: one line now, not a traceback mid-run.
     fileio.check_urls([p for p in (*cfg.inputs, cfg.output) if not p.startswith("hf://")])
@@ -176,15 +150,10 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
     if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
         raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
-    folder = resolve_model(cfg.model)
-    check_model_folder(folder)
+    folder = source.resolve(cfg.model)
+    source.check_folder(folder)
     model_cfg, hf = load_model_config(folder)
-    layers = cfg.layers or (model_cfg.num_layers // 2,)
-    for layer in layers:
-        if not 0 <= layer < model_cfg.num_layers:
-            raise UsageError(f"--layers {layer}: out of range; this model has layers 0..{model_cfg.num_layers - 1}")
-    if len(set(layers)) != len(layers):
-        raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
+    layers = check_layers(model_cfg, cfg.layers or (model_cfg.num_layers // 2,))
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
     if cfg.mesh is not None:  # the device count itself: check_devices, which knows the runner
@@ -198,7 +167,7 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         from llm_activations.model.checkpoint import check_complete
 
         check_complete(folder, model_cfg, max(layers) + 1)
-    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": tuple(sorted(layers)), "hooks": hooks}), model_cfg, hf
+    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": layers, "hooks": hooks}), model_cfg, hf
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:

@@ -1,7 +1,8 @@
 """Tokens -> segments -> rows -> fixed-shape batches. Pure NumPy, no Beam, no JAX.
 
-SPEC: a document longer than seq_len is split into consecutive segments of at most seq_len tokens;
-every segment is an independent context (positions restart at 0, attention never crosses segments).
+docs/FORMAT.md ("Tokens, segments and rows"): a document longer than seq_len is split into
+consecutive segments of at most seq_len tokens; every segment is an independent context
+(positions restart at 0, attention never crosses segments).
 `pack` mode places segments into rows by best-fit decreasing over a whole work unit, which leaves
 very little padding without cutting any segment at a row boundary; `pad` mode gives each segment a
 row of its own. Rows are grouped into batches of exactly batch_size rows; the last batch of a unit

@@ -30,7 +30,8 @@ from llm_activations.format import fileio, manifests
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format.manifests import MANIFEST_DIR
-from llm_activations.format.metadata import FORMAT, METADATA_FILE, join, read_metadata, write_metadata
+from llm_activations.format.fileio import join
+from llm_activations.format.metadata import METADATA_FILE, read_metadata, write_metadata
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
 from llm_activations.options import (ExtractConfig, add_arguments, check_config, check_devices,  # noqa: F401
                                      config_from_args, parse_beam_options)
@@ -365,12 +366,12 @@ def _tokenizer_info(folder: str) -> dict:
 
 
 def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, options, num_units: int) -> dict:
+    """The arguments of format.metadata.build_metadata known before the run (all but shards, counts
+    and stats; "run" gets its end figures in finalize_metadata)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     return {
-        "format": FORMAT,
-        "format_version": hk.format_version(cfg.hooks),
         "model": {"name_or_path": cfg.model, "architecture": model_cfg.architecture, "model_type": model_cfg.model_type,
                   "hidden_size": model_cfg.hidden_size, "num_layers": model_cfg.num_layers, "config": hf},
         "tokenizer": _tokenizer_info(cfg.model),
@@ -385,7 +386,8 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
                        "num_shards": num_units, "num_shards_requested": cfg.num_shards, "num_units": num_units},
         "dtype": cfg.dtype,
         "hidden_size": model_cfg.hidden_size,
-        **hook_widths(cfg.hooks, model_cfg),
+        # every hook's width (z is heads x head_dim); build_metadata writes them for version 2 only
+        "hook_widths": {h: hk.width(h, model_cfg.hidden_size, model_cfg.num_heads, model_cfg.head_dim) for h in cfg.hooks},
         "compression": cfg.compression,
         "run": {"runner": str(runner), "direct_num_workers": options.view_as(DirectOptions).direct_num_workers,
                 "start_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -393,24 +395,15 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
     }
 
 
-def hook_widths(hooks, model_cfg) -> dict:
-    """{"hook_widths": {hook: values per token}} for a version-2 dataset; nothing for version 1."""
-    if hk.format_version(hooks) == 1:
-        return {}
-    return {"hook_widths": {h: hk.width(h, model_cfg.hidden_size, model_cfg.num_heads, model_cfg.head_dim) for h in hooks}}
-
-
 def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resumed: list) -> dict:
-    """Assemble metadata.json from the unit manifests and run statistics and write it - the last step."""
+    """metadata.json from metadata_base, the unit manifests and the run statistics, through
+    build_metadata, written - the last step."""
     from llm_activations.format import manifests as mf
 
-    meta = json.loads(json.dumps(base))
-    layers, hooks = meta["extraction"]["layers"], md.hooks_of(meta)
-    summary = mf.summarize(list(manifests) + list(resumed), layers, meta["hidden_size"], hooks, meta.get("hook_widths"))
-    meta["files"] = md.files_index(summary["shards"], hooks, layers)
-    meta["shards"] = summary["shards"]
-    meta["counts"] = summary["counts"]
-    meta["stats"] = summary["stats"]
+    parts = json.loads(json.dumps(base))  # a copy: in-process reruns reuse the base
+    extraction, info = parts["extraction"], parts["run"]
+    layers, hooks = extraction["layers"], md.hooks_of(parts)
+    summary = mf.summarize(list(manifests) + list(resumed), layers, parts["hidden_size"], hooks, parts["hook_widths"])
     # Units kept by --resume were made by an earlier run's workers: their manifests say how, so a
     # dataset keeps its mesh and compilation count however many runs it took (in-process reruns
     # share one worker id and one compiled extractor, so they are not counted twice).
@@ -421,10 +414,10 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
             earlier[maker["worker"]] = max(earlier.get(maker["worker"], 0), int(maker.get("compilations", 0)))
     mesh = run["mesh"] or next((m["run"]["mesh"] for m in resumed if (m.get("run") or {}).get("mesh")), None)
     if mesh:  # the shape the workers actually used (the automatic choice, when not given)
-        meta["extraction"]["mesh"] = mesh
+        extraction["mesh"] = mesh
     end = time.time()
-    wall = end - meta["run"].pop("start_unix")
-    meta["run"].update({
+    wall = end - info.pop("start_unix")
+    info.update({
         "workers": len(run["workers"]) + len(earlier),
         "compilations": run["compilations"] + sum(earlier.values()),
         # seconds this run's workers spent compiling (or loading) their step, summed; True when the
@@ -439,6 +432,7 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
         "resumed_units": sorted(m["unit"] for m in resumed),
         "rejected_files": summary["rejected_files"],
     })
+    meta = md.build_metadata(**parts, shards=summary["shards"], counts=summary["counts"], stats=summary["stats"])
     remove_partial_shards(output)
     write_metadata(output, meta)
     return meta
@@ -476,5 +470,5 @@ def print_summary(cfg: ExtractConfig, meta: dict) -> None:
         f"{'layer(s)' if meta['format_version'] == 1 else '(hook, layer) pair(s)'}, "
         f"{r['tokens_per_second']:.0f} tokens/s, {files} files ({size / 2**20:.1f} MiB), "
         f"padding {c['padding_tokens'] / max(1, c['tokens'] + c['padding_tokens']):.1%}, compilations {r['compilations']}\n"
-        f"      -> {os.path.abspath(cfg.output) if '://' not in cfg.output else cfg.output}/{METADATA_FILE}"
+        f"      -> {cfg.output if fileio.is_url(cfg.output) else os.path.abspath(cfg.output)}/{METADATA_FILE}"
     )

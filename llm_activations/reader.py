@@ -654,9 +654,9 @@ def activation_dataset(
     _check_args(batch_size, shuffle_buffer)
     import tensorflow as tf
 
-    spec = layer_spec(path, layer, hook=hook, read_text=_gfile_read_text if "://" in path else None)
+    spec = layer_spec(path, layer, hook=hook, read_text=_gfile_read_text if fileio.is_url(path) else None)
     scale = _scale(spec, normalize)
-    read_records = _gfile_records if "://" in path else functools.partial(_read_shard, check_crc=True)
+    read_records = _gfile_records if fileio.is_url(path) else functools.partial(_read_shard, check_crc=True)
     passes = itertools.count()  # each iteration of the dataset (each .repeat() pass) draws the next order
 
     def generate():

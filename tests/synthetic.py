@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format.dtypes import numpy_dtype
@@ -107,7 +108,7 @@ def make_dataset(
         for hook, layer in keys:
             rel = records.shard_relpath(layer, s, num_shards, compression, hook=hook)
             files[hk.key(hook, layer)].append(rel)
-            writers[(hook, layer)] = records.ShardWriter(md.join(root, rel), compression)
+            writers[(hook, layer)] = records.ShardWriter(fileio.join(root, rel), compression)
         for row in rows[bounds[s] : bounds[s + 1]]:
             ints = {
                 "doc_index": np.concatenate([np.full(n, d) for d, _, n in row]),

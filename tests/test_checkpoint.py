@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from llm_activations.model import checkpoint
+from llm_activations.model import checkpoint, source
 from llm_activations.model.config import load_model_config
 from llm_activations.errors import UsageError
 from llm_activations.model.sharding import make_mesh
@@ -135,7 +135,7 @@ def test_folder_without_safetensors(tmp_path):
 
 def test_unknown_hub_id_offline_is_a_usage_error():
     with pytest.raises(UsageError, match="no-such-org/no-such-model"):
-        checkpoint.resolve_checkpoint("no-such-org/no-such-model")
+        source.resolve("no-such-org/no-such-model")
 
 
 def test_truncated_file(single, tmp_path):

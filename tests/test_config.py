@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf, model_config_to_hf
+from llm_activations.model.config import ModelConfig, check_layers, load_model_config, model_config_from_hf, model_config_to_hf
 from llm_activations.errors import UsageError
 from tiny_models import VARIANTS, build_model
 
@@ -88,3 +88,15 @@ def test_load_model_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UsageError, match="cannot read"):
         load_model_config(str(tmp_path))
+
+
+def test_check_layers_is_the_one_layer_rule():
+    c = model_config_from_hf(QWEN25_7B)  # 28 layers
+    assert check_layers(c, [27, 0, 14]) == (0, 14, 27)
+    for layers, message in (([28], "--layers 28: out of range; this model has layers 0..27"),
+                            ([3, -1], "--layers -1: out of range; this model has layers 0..27"),
+                            ([5, 2, 5], "--layers 5 2 5: a layer is listed twice"),
+                            ([], "--layers needs at least one layer")):
+        with pytest.raises(UsageError) as e:
+            check_layers(c, layers)
+        assert str(e.value) == message

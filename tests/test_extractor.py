@@ -103,8 +103,9 @@ def test_bad_inputs(f32):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(layers=[4]), r"layer 4 is out of range: Qwen3ForCausalLM has layers 0\.\.3"),
-    (dict(layers=[]), r"no layers requested"),
+    (dict(layers=[4]), r"^--layers 4: out of range; this model has layers 0\.\.3$"),
+    (dict(layers=[]), r"^--layers needs at least one layer$"),
+    (dict(layers=[1, 1]), r"^--layers 1 1: a layer is listed twice$"),
     (dict(layers=[0], compute_dtype="float16"), r"compute dtype 'float16' is not one of bfloat16, float32"),
     (dict(layers=[0], storage_dtype="int8"), r"storage dtype 'int8'"),
     (dict(layers=[0], mesh_shape=(3, 1)), r"batch size 4 is not divisible by data=3"),

@@ -37,13 +37,13 @@ NUM_SHARDS = "3"
 
 def copy_tree(src: str, dst: str) -> None:
     for rel in fileio.files_under(src):
-        with fileio.open_read(md.join(src, rel)) as fin, fileio.create(md.join(dst, rel)) as fout:
+        with fileio.open_read(fileio.join(src, rel)) as fin, fileio.create(fileio.join(dst, rel)) as fout:
             fout.write(fin.read())
 
 
 def shard_bytes(root: str, meta: dict) -> dict:
     """{relative path: sha256 of the bytes actually stored}, recomputed from the files."""
-    return {s["path"]: fileio.sha256_file(md.join(root, s["path"]))[0] for s in meta["shards"]}
+    return {s["path"]: fileio.sha256_file(fileio.join(root, s["path"]))[0] for s in meta["shards"]}
 
 
 def run_extract(model: str, inputs: list[str], output: str, *extra: str) -> dict:
@@ -101,9 +101,9 @@ def test_resume_on_gs_finishes_an_interrupted_run(runs):
     units = sorted(fileio.match([f"{out}/_units/unit-*.json"]))
     assert len(units) == int(NUM_SHARDS)
     fileio.delete([f"{out}/metadata.json", *units[1:]])
-    gone = md.join(out, runs["gs"]["files"][LAYERS[0]][1])
+    gone = fileio.join(out, runs["gs"]["files"][LAYERS[0]][1])
     fileio.delete([gone])
-    stale = md.join(out, runs["gs"]["files"][LAYERS[1]][2])
+    stale = fileio.join(out, runs["gs"]["files"][LAYERS[1]][2])
     with fileio.create(stale) as f:
         f.write(b"half a shard")
     assert main(extract_args(runs["model"], [f"{runs['gs_in']}/*.parquet", f"{runs['gs_in']}/*.jsonl"], out,
@@ -147,10 +147,10 @@ def test_validate_and_inspect_on_gs_and_a_corrupted_object_is_caught(runs, capsy
     out = f"{runs['bucket']}/corrupted"
     copy_tree(runs["gs_out"], out)
     victim = runs["gs"]["files"][LAYERS[0]][0]
-    with fileio.open_read(md.join(out, victim)) as f:
+    with fileio.open_read(fileio.join(out, victim)) as f:
         data = bytearray(f.read())
     data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of an activation payload
-    with fileio.create(md.join(out, victim)) as f:
+    with fileio.create(fileio.join(out, victim)) as f:
         f.write(bytes(data))
     assert main(["validate", out]) == 1
     bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
@@ -182,7 +182,7 @@ def test_merge_of_two_gs_host_datasets(runs, capsys):
     in_place = md.read_metadata(inside)
     assert {s["path"].split("/")[0] for s in in_place["shards"]} == {"h0", "h1"}
     assert sorted(shard_bytes(inside, in_place).values()) == host_sha
-    truncated = md.join(hosts[1], md.read_metadata(hosts[1])["shards"][0]["path"])
+    truncated = fileio.join(hosts[1], md.read_metadata(hosts[1])["shards"][0]["path"])
     with fileio.open_read(truncated) as f:
         data = f.read()
     with fileio.create(truncated) as f:

@@ -1,5 +1,5 @@
 """Parity with transformers: every requested layer of each segment equals the reference model
-run on that segment alone (SPEC: every segment is an independent context).
+run on that segment alone (docs/FORMAT.md: every segment is an independent context).
 
 Every attention implementation passes the same tests: "xla" everywhere, "splash" (the TPU kernel)
 in Pallas interpret mode off a TPU, and the GPU kernels where a GPU is the default device.

@@ -35,7 +35,7 @@ def read_with_tfdata(out: str, meta: dict, layer: int) -> list[dict]:
 
 
 def segments_of(rows: list[dict]):
-    """Maximal runs of one doc_index with consecutive token_index (SPEC's definition of a segment)."""
+    """Maximal runs of one doc_index with consecutive token_index (docs/FORMAT.md's definition of a segment)."""
     for row in rows:
         d, t = row["doc_index"], row["token_index"]
         cut = np.flatnonzero((np.diff(d) != 0) | (np.diff(t) != 1)) + 1
@@ -76,7 +76,7 @@ def test_extract_matches_transformers_per_segment(corpus, tmp_path, mode, dtype,
         for seg in segments_of(rows):
             doc, start = int(seg["doc_index"][0]), int(seg["token_index"][0])
             np.testing.assert_array_equal(seg["token_ids"], token_lists[doc][start:start + len(seg["token_ids"])])
-            # SPEC: positions restart at 0 at every segment start; a segment is at most seq_len long.
+            # docs/FORMAT.md: positions restart at 0 at every segment start; a segment is at most seq_len long.
             np.testing.assert_array_equal(seg["position"], np.arange(len(seg["position"])))
             assert start % 64 == 0 and len(seg["token_ids"]) <= 64
             ref = reference_layers(torch_model, seg["token_ids"], [layer])[layer]

@@ -30,7 +30,7 @@ def test_qwen25_7b_parameters_and_storage():
 
 
 def make_7b(layers, mesh=(4, 1), chip="v5e", seq_len=1024, **kw):
-    name, config = plan.resolve_model("Qwen2.5-7B")
+    name, config = plan.preset_or_config("Qwen2.5-7B")
     return plan.make_plan(config, model_name=name, chip=plan.CHIP_PRESETS[chip], layers=layers, seq_len=seq_len, mesh=mesh, **kw)
 
 
@@ -60,10 +60,10 @@ def test_qwen25_7b_memory_batch_and_throughput():
 def test_other_presets_match_published_sizes():
     sizes = {"Qwen2.5-0.5B": 494_032_768, "Qwen3-8B": 8_190_735_360}
     for name, n in sizes.items():
-        assert plan.total_params(plan.resolve_model(name)[1]) == n
-    assert 1.4e9 < plan.total_params(plan.resolve_model("Qwen2.5-1.5B")[1]) < 1.6e9
-    assert 3.0e9 < plan.total_params(plan.resolve_model("Qwen2.5-3B")[1]) < 3.2e9
-    assert 14.6e9 < plan.total_params(plan.resolve_model("Qwen2.5-14B")[1]) < 14.9e9
+        assert plan.total_params(plan.preset_or_config(name)[1]) == n
+    assert 1.4e9 < plan.total_params(plan.preset_or_config("Qwen2.5-1.5B")[1]) < 1.6e9
+    assert 3.0e9 < plan.total_params(plan.preset_or_config("Qwen2.5-3B")[1]) < 3.2e9
+    assert 14.6e9 < plan.total_params(plan.preset_or_config("Qwen2.5-14B")[1]) < 14.9e9
 
 
 def test_config_json_path_gives_the_preset_numbers(tmp_path, capsys):
@@ -84,13 +84,13 @@ def test_text_table_and_errors(capsys):
     assert main(["plan", "--model", "Qwen2.5-72B", "--chip", "v5e", "--layers", "40"]) == 0
     assert "does not fit" in capsys.readouterr().out
     assert main(["plan", "--layers", "28"]) == 2
-    assert "out of range" in capsys.readouterr().err
+    assert "--layers 28: out of range; this model has layers 0..27" in capsys.readouterr().err
     assert main(["plan", "--model", "no-such-model"]) == 2
 
 
 def test_hooks_storage_and_memory_per_hook(capsys):
     """Qwen3-0.6B: hidden 1024 but 16 heads x 128 = 2048 per token for z."""
-    name, config = plan.resolve_model("Qwen3-0.6B")
+    name, config = plan.preset_or_config("Qwen3-0.6B")
     kw = dict(model_name=name, chip=plan.CHIP_PRESETS["v5e"], layers=(3, 9), seq_len=512, mesh=(4, 1))
     alone = plan.make_plan(config, **kw)
     every = plan.make_plan(config, hooks=("z", "mlp_in", "mlp_out", "resid_post"), **kw)

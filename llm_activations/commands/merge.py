@@ -113,11 +113,11 @@ def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwr
         for shard in meta["shards"]:
             new_path = posixpath.join(base, posixpath.normpath(shard["path"]))
             if prefix is None:
-                _copy_verified(md.shard_path(root, shard["path"]), md.join(output, new_path), shard)
+                _copy_verified(md.shard_path(root, shard["path"]), fileio.join(output, new_path), shard)
                 copied += 1
             shards.append({**shard, "path": new_path})
         if prefix is None:
-            _copy_tree(md.join(root, "rejected"), md.join(output, dest, "rejected"))
+            _copy_tree(fileio.join(root, "rejected"), fileio.join(output, dest, "rejected"))
 
     merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied)
     md.write_metadata(output, merged)  # last: OUT is a finished dataset only now
@@ -191,9 +191,9 @@ def _same_host(inputs: list[str], hosts: list) -> list[str]:
 
 def _inside(root: str, output: str) -> str | None:
     """root's path relative to output when root lies inside output, else None (never escapes)."""
-    if ("://" in root) != ("://" in output):
+    if fileio.is_url(root) != fileio.is_url(output):
         return None
-    if "://" in root:
+    if fileio.is_url(root):
         r, o = root.rstrip("/"), output.rstrip("/")
     else:
         r, o = os.path.realpath(root), os.path.realpath(output)
@@ -223,7 +223,7 @@ def _copy_destinations(metas: list[dict], prefixes: list[str | None], inside: li
 
 
 def _check_output(output: str, inside: list[str | None], overwrite: bool) -> None:
-    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+    if not fileio.is_url(output) and os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"--output {output} exists and is not a folder")
     holds_inputs = {p.split("/")[0] for p in inside if p is not None}
     other = [n for n in (posixpath.basename(e) for e in fileio.entries(output)) if n not in holds_inputs]
@@ -268,7 +268,7 @@ def _check_in_place(src: str, shard: dict) -> None:
 def _copy_tree(src: str, dst: str) -> None:
     """Copy a host's rejected/ records along with its shards (absent folder: nothing to do)."""
     for rel in fileio.files_under(src):
-        with fileio.open_read(md.join(src, rel)) as fin, fileio.create(md.join(dst, rel)) as fout:
+        with fileio.open_read(fileio.join(src, rel)) as fin, fileio.create(fileio.join(dst, rel)) as fout:
             while chunk := fin.read(1 << 22):
                 fout.write(chunk)
 
@@ -338,7 +338,7 @@ _HOST_RUN_KEYS = ("runner", "workers", "compilations", "wall_seconds", "tokens_p
 
 def _rebase(path: str, root: str, base: str) -> str:
     """A host's path (relative to its folder, or a URL inside it) as a path relative to OUT."""
-    if "://" in path:
+    if fileio.is_url(path):
         prefix = root.rstrip("/") + "/"
         if not path.startswith(prefix):
             return path

@@ -28,7 +28,7 @@ from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 from llm_activations.model import cost
-from llm_activations.model.config import ModelConfig, load_model_config, model_config_from_hf
+from llm_activations.model.config import ModelConfig, check_layers, load_model_config, model_config_from_hf
 
 GIB = 1 << 30
 
@@ -141,11 +141,7 @@ def make_plan(
 ) -> Plan:
     """The plan for extracting `hooks` at `layers` of `config` on mesh (data, model) of `chip` (formulas: module doc)."""
     hooks = hk.check_hooks(hooks)
-    if not layers:
-        raise UsageError("--layers needs at least one layer")
-    bad = [layer for layer in layers if not 0 <= layer < config.num_layers]
-    if bad:
-        raise UsageError(f"--layers {bad} out of range: {model_name} has layers 0..{config.num_layers - 1}")
+    check_layers(config, layers)  # the plan keeps the order given
     data, model = mesh
     if data < 1 or model < 1:
         raise UsageError(f"--mesh {data} {model}: both axes must be >= 1")
@@ -180,7 +176,10 @@ def make_plan(
     )
 
 
-def resolve_model(name_or_path: str) -> tuple[str, ModelConfig]:
+def preset_or_config(name_or_path: str) -> tuple[str, ModelConfig]:
+    """(display name, ModelConfig) for plan's --model: a preset name (also as Qwen/NAME or in lower case),
+    a config.json path, or a model folder. Unlike extract's --model (model/source.py), nothing is
+    downloaded: a plan needs the numbers alone."""
     if name_or_path in MODEL_PRESETS:
         return name_or_path, model_config_from_hf(MODEL_PRESETS[name_or_path])
     lower = {k.lower(): k for k in MODEL_PRESETS}
@@ -263,7 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name, config = resolve_model(args.model)
+    name, config = preset_or_config(args.model)
     chip = CHIP_PRESETS[args.chip]
     if args.chips_per_host:
         chip = Chip(chip.name, chip.hbm_bytes, chip.peak_bf16_flops, args.chips_per_host)

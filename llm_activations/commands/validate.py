@@ -1,7 +1,7 @@
 """`python -m llm_activations validate OUT`: check every shard of a dataset against metadata.json.
 
 Per file, in one streaming pass: it exists; its size and sha256 match its `shards` entry; every
-TFRecord's length and data CRC32C are right; every record decodes as an Example with the SPEC's
+TFRecord's length and data CRC32C are right; every record decodes as an Example with docs/FORMAT.md's
 features, equally long int64 lists and exactly tokens x width x dtype-size activation bytes
 (width: hidden_size, or the hook's hook_widths entry); the records and tokens counted match the
 entry. Per hook and layer: the files listed under `files` and the `shards` entries agree, and the

@@ -35,11 +35,23 @@ BEAM_VERSION_HINT = "apache-beam[gcp]==2.77.0"
 
 
 def is_url(path: str) -> bool:
+    """A Beam filesystem URL (gs://b/x, s3://..., hf://...) rather than a local path: the one test."""
     return "://" in path
 
 
+def split_url(url: str) -> tuple[str, str]:
+    """("gs", "bucket/x") for gs://bucket/x: the scheme in lower case and the rest."""
+    scheme_name, rest = url.split("://", 1)
+    return scheme_name.lower(), rest
+
+
 def scheme(path: str) -> str:
-    return path.split("://", 1)[0].lower() if is_url(path) else ""
+    return split_url(path)[0] if is_url(path) else ""
+
+
+def join(root: str, *parts: str) -> str:
+    """Join for local paths and URLs alike (gs://bucket/x + a/b)."""
+    return posixpath.join(root.rstrip("/") or "/", *parts)
 
 
 def _fs():

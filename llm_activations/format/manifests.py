@@ -16,7 +16,7 @@ import json
 from llm_activations.format import fileio
 from llm_activations.errors import UsageError
 from llm_activations.format import hooks as hk
-from llm_activations.format.metadata import join
+from llm_activations.format.fileio import join
 from llm_activations.format.stats import Moments, merge_all
 
 MANIFEST_DIR = "_units"

@@ -11,6 +11,7 @@ import json
 import posixpath
 
 from llm_activations.format import fileio
+from llm_activations.format.fileio import join  # noqa: F401 (also md.join, for callers of the dataset API)
 from llm_activations.format import hooks as hk
 from llm_activations.errors import DatasetError
 
@@ -18,11 +19,6 @@ FORMAT = "llm-activations"
 FORMAT_VERSION = 1  # a dataset of resid_post alone; other hooks make it version 2 (hooks.format_version)
 FORMAT_VERSIONS = (1, 2)  # what this package reads
 METADATA_FILE = "metadata.json"
-
-
-def join(root: str, *parts: str) -> str:
-    """Join for local paths and URLs alike (gs://bucket/x + a/b)."""
-    return posixpath.join(root.rstrip("/") or "/", *parts)
 
 
 def read_metadata(root: str, read_text=None) -> dict:
@@ -62,7 +58,7 @@ def read_metadata(root: str, read_text=None) -> dict:
 def shard_path(root: str, relpath: str) -> str:
     """Absolute path of a shard listed in metadata; refuses paths that leave the dataset folder."""
     norm = posixpath.normpath(relpath)
-    if "://" in relpath or norm.startswith("/") or norm == ".." or norm.startswith("../"):
+    if fileio.is_url(relpath) or norm.startswith("/") or norm == ".." or norm.startswith("../"):
         raise DatasetError(f"metadata lists {relpath!r}, which escapes the dataset folder {root}; refusing it")
     return join(root, norm)
 

@@ -55,7 +55,7 @@ class Moments:
         return self.norm_sum / self.count if self.count else 0.0
 
     def to_json(self) -> dict:
-        """metadata.json form: the SPEC's mean norm and SAE scaling factor, plus what merge needs."""
+        """metadata.json form: docs/FORMAT.md's mean norm and SAE scaling factor, plus what merge needs."""
         h = self.mean.shape[0]
         return {
             "count": self.count,

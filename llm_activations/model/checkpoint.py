@@ -9,7 +9,6 @@ so the host never holds a second copy of the model.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import re
@@ -21,13 +20,13 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from llm_activations.model import source
 from llm_activations.model.config import ModelConfig
 from llm_activations.errors import UsageError
 from llm_activations.model.sharding import named_sharding
 from llm_activations.model.transformer import layer_specs, param_shardings, param_specs
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+INDEX_FILE = source.INDEX_FILE  # bench/bench_model.py writes sharded checkpoints with it
 
 
 class KeyRule(NamedTuple):
@@ -77,22 +76,10 @@ IGNORED_KEYS = re.compile(r"(lm_head\.weight|model\.norm\.weight|model\.rotary_e
                           r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)\Z")
 
 
-def resolve_checkpoint(path_or_id: str) -> str:
-    """Local folder holding config.json and *.safetensors; a hub id is downloaded (cached)."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id):
-        raise UsageError(f"--model {path_or_id} is a file; give the checkpoint folder or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
-    except Exception as e:  # offline, unknown repo, gated...
-        raise UsageError(f"--model {path_or_id}: not a local folder and not loadable from the hub ({type(e).__name__})") from None
-
-
-def hf_key(rule: KeyRule, layer: int | None) -> str:
-    """The HF key a rule matches for one layer (None for the embedding)."""
+def hf_key(rule: KeyRule | str, layer: int | None) -> str:
+    """The HF key a rule (or our param name) stands for at one layer (None for the embedding)."""
+    if isinstance(rule, str):
+        rule = next(r for r in KEY_TABLE if r.param == rule)
     return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
 
 
@@ -121,24 +108,8 @@ def check_complete(folder: str, config: ModelConfig, num_blocks: int) -> None:
                              f"expected {list(rule.hf_shape(config))} from config.json")
 
 
-def safetensors_files(folder: str) -> list[str]:
-    """The checkpoint's weight files: those named by the index, or the single model.safetensors."""
-    index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise UsageError(f"{INDEX_FILE} in {folder} names {name}, which is missing")
-        return [os.path.join(folder, n) for n in files]
-    single = os.path.join(folder, SINGLE_FILE)
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if len(found) == 1:
-        return found
-    raise UsageError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported")
+# The weight files of a checkpoint folder: model/source.py holds the rule (index or model.safetensors).
+safetensors_files = source.weight_files
 
 
 # safetensors dtype names -> numpy dtypes (ml_dtypes supplies bfloat16).
@@ -258,16 +229,11 @@ def _write_block(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Ar
     return jax.lax.dynamic_update_index_in_dim(stack, value, layer, 0)
 
 
-def _hf_key(param: str, layer: int | None) -> str:
-    rule = next(r for r in KEY_TABLE if r.param == param)
-    return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
-
-
 def _check_complete(params: dict, filled: set, specs: dict, config: ModelConfig, num_layers: int) -> None:
     if params["embed"] is None:
-        raise UsageError(f"checkpoint is missing {_hf_key('embed', None)}")
+        raise UsageError(f"checkpoint is missing {hf_key('embed', None)}")
     for i in range(num_layers):
         missing = [name for name in specs["layers"] if (name, i) not in filled]
         if missing:
-            raise UsageError(f"checkpoint is missing {_hf_key(missing[0], i)}"
+            raise UsageError(f"checkpoint is missing {hf_key(missing[0], i)}"
                              + (f" (and {len(missing) - 1} more weights of layer {i})" if len(missing) > 1 else ""))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import jax
 
+from llm_activations.format import fileio
+
 ENV = "LLM_ACTIVATIONS_COMPILATION_CACHE"  # default folder for --compilation-cache, or "none"
 OFF = "none"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -35,7 +37,7 @@ def configure(folder: str | None) -> str | None:
     most of them). A URL (gs://...) is passed through as is.
     """
     folder = default_folder() if folder is None else folder
-    folder = None if folder.lower() == OFF else (folder if "://" in folder else os.path.abspath(os.path.expanduser(folder)))
+    folder = None if folder.lower() == OFF else (folder if fileio.is_url(folder) else os.path.abspath(os.path.expanduser(folder)))
     if jax.config.jax_compilation_cache_dir != folder:
         from jax.experimental.compilation_cache import compilation_cache
 

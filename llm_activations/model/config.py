@@ -7,10 +7,10 @@ uses ModelConfig fields. `model_config_to_hf` is its inverse (used to write test
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 from llm_activations.errors import UsageError
+from llm_activations.model import source
 
 # architecture -> model_type. Qwen2 and Qwen3 are the target; Llama is the same decoder without
 # q/k/v bias or q/k norms, so it comes for free.
@@ -65,6 +65,20 @@ class ModelConfig:
         """Parameters the extractor holds: embedding + the first num_layers blocks (no lm_head)."""
         layers = self.num_layers if num_layers is None else num_layers
         return self.vocab_size * self.hidden_size + layers * self.layer_param_count()
+
+
+def check_layers(config: ModelConfig, layers) -> tuple[int, ...]:
+    """The requested 0-based decoder blocks, sorted; the one check of --layers for extract, plan and
+    the Extractor, each refusal one UsageError line: no layer, a layer out of range, a layer twice."""
+    layers = [int(layer) for layer in layers]
+    if not layers:
+        raise UsageError("--layers needs at least one layer")
+    for layer in layers:
+        if not 0 <= layer < config.num_layers:
+            raise UsageError(f"--layers {layer}: out of range; this model has layers 0..{config.num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise UsageError(f"--layers {' '.join(map(str, layers))}: a layer is listed twice")
+    return tuple(sorted(layers))
 
 
 def _require(hf: dict, key: str, kind=int):
@@ -176,26 +190,10 @@ def model_config_to_hf(config: ModelConfig) -> dict:
     return hf
 
 
-def resolve_config_json(path_or_id: str) -> str:
-    """Local path of config.json for a model folder or a hub id (downloads only that file)."""
-    if os.path.isdir(path_or_id):
-        path = os.path.join(path_or_id, "config.json")
-        if not os.path.isfile(path):
-            raise UsageError(f"model folder {path_or_id} has no config.json")
-        return path
-    if os.path.exists(path_or_id):
-        raise UsageError(f"--model {path_or_id} is a file; give the checkpoint folder or a hub id")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(path_or_id, "config.json")
-    except Exception as e:  # offline, unknown repo, gated...: all mean "cannot use this --model"
-        raise UsageError(f"--model {path_or_id}: not a local folder and not loadable from the hub ({type(e).__name__})") from None
-
-
 def load_model_config(path_or_id: str) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, raw config.json dict) for a folder or hub id; cheap, reads no weights."""
-    path = resolve_config_json(path_or_id)
+    """(ModelConfig, raw config.json dict) for a folder or hub id (model/source.py); cheap: a hub id
+    fetches config.json alone, and no weights are read."""
+    path = source.config_path(source.resolve(path_or_id, files=(source.CONFIG_FILE,)))
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)

@@ -12,21 +12,18 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm_activations.model import checkpoint, compile_cache
+from llm_activations.model import checkpoint, compile_cache, source
 from llm_activations.model import transformer as model
 from llm_activations.model import sharding
 from llm_activations.model.attention import Backend, backend_for
-from llm_activations.model.config import ModelConfig, load_model_config
+from llm_activations.model.config import ModelConfig, check_layers, load_model_config
 from llm_activations.errors import UsageError
+from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 from llm_activations.format.stats import Moments
-
-COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
 
 @dataclass(frozen=True)
@@ -91,29 +88,25 @@ class Extractor:
                  compute_dtype: str = "bfloat16", storage_dtype: str = "bfloat16",
                  mesh_shape: tuple[int, int] | None = None, hooks: Sequence[str] = hk.DEFAULT_HOOKS,
                  attention: str = "auto", compilation_cache: str | None = None):
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-        if storage_dtype not in STORAGE_DTYPES:
-            raise UsageError(f"storage dtype {storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        if compute_dtype not in dtypes.COMPUTE:
+            raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(dtypes.COMPUTE)}")
+        if storage_dtype not in dtypes.STORAGE:
+            raise UsageError(f"storage dtype {storage_dtype!r} is not one of {', '.join(dtypes.STORAGE)}")
         if batch_size < 1 or seq_len < 1:
             raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
         self.cache_folder = compile_cache.configure(compilation_cache)
-        self.config, self.hf_config = load_model_config(model)
-        self.layers = tuple(sorted(set(int(l) for l in layers)))
-        if not self.layers:
-            raise UsageError("no layers requested")
-        bad = [l for l in self.layers if not 0 <= l < self.config.num_layers]
-        if bad:
-            raise UsageError(f"layer {bad[0]} is out of range: {self.config.architecture} has layers 0..{self.config.num_layers - 1}")
+        folder = source.resolve(model)
+        self.config, self.hf_config = load_model_config(folder)
+        self.layers = check_layers(self.config, layers)
         self.hooks = hk.check_hooks(hooks, option="hooks")
         self.keys = tuple((h, l) for h in self.hooks for l in self.layers)
         self.batch_size, self.seq_len = batch_size, seq_len
-        self.compute_dtype = np.dtype(COMPUTE_DTYPES[compute_dtype])
-        self.storage_dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
+        # NumPy dtypes (bfloat16 from ml_dtypes), which JAX takes as they are
+        self.compute_dtype, self.storage_dtype = dtypes.COMPUTE[compute_dtype], dtypes.STORAGE[storage_dtype]
         num_blocks = self.layers[-1] + 1
         self.mesh = sharding.make_mesh(mesh_shape, self.config, batch_size, self.compute_dtype, num_blocks)
         self.backend = backend_for(self.mesh.devices.flat, self.compute_dtype, attention)
-        self.params = checkpoint.load_params(checkpoint.resolve_checkpoint(model), self.config, num_blocks,
+        self.params = checkpoint.load_params(folder, self.config, num_blocks,
                                              self.mesh, self.compute_dtype)
         self._compile()
 
