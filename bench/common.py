@@ -106,12 +106,10 @@ def write_corpus(path: str, lengths: np.ndarray, model: str | None = None, seed:
     Each document is a random window of the demo corpus' token stream, decoded back to text, so
     the tokenizer sees natural text (re-encoding shifts a length by a token or two at most).
     """
-    from transformers import AutoTokenizer
+    from llm_activations import demo, units
 
-    from llm_activations import demo
-
-    tok = AutoTokenizer.from_pretrained(model or demo_model())
-    stream = np.concatenate([np.asarray(t, np.int64) for t in tok(demo.corpus_texts())["input_ids"]])
+    tok = units.load_tokenizer(model or demo_model())
+    stream = np.concatenate([np.asarray(t, np.int64) for t in units.encode(tok, demo.corpus_texts())])
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for n in lengths:
@@ -123,12 +121,12 @@ def write_corpus(path: str, lengths: np.ndarray, model: str | None = None, seed:
 
 def token_lengths(corpus: str, model: str | None = None) -> np.ndarray:
     """Tokens per document of a JSONL corpus, with the model's tokenizer."""
-    from transformers import AutoTokenizer
+    from llm_activations import units
 
-    tok = AutoTokenizer.from_pretrained(model or demo_model())
+    tok = units.load_tokenizer(model or demo_model())
     with open(corpus) as f:
         texts = [json.loads(line)["text"] for line in f]
-    return np.array([len(t) for t in tok(texts)["input_ids"]], np.int64)
+    return np.array([len(t) for t in units.encode(tok, texts)], np.int64)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -176,26 +174,18 @@ def run_extract(model: str, inputs: list[str], output: str, extractor_factory=No
 def unit_batches(model: str, corpus: str, *, seq_len: int, batch_size: int, mode: str = "pack",
                  docs_per_unit: int | None = None, max_docs: int | None = None) -> list:
     """The exact packing.Batch list `extract` feeds its model for this corpus, built with the
-    pipeline's own read/tokenize/segment/pack/batch functions (no Beam)."""
-    from llm_activations import inputs as I
-    from llm_activations import packing
+    pipeline's own read/tokenize/segment/pack/batch functions (units.py, no Beam)."""
     from llm_activations import options
     from llm_activations import pipeline
-    from llm_activations import transforms as T
+    from llm_activations import units as U
 
     cfg = options.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
                                 batch_size=batch_size, mode=mode, max_docs=max_docs,
                                 docs_per_unit=docs_per_unit or options.DOCS_PER_UNIT)
     _, _, units = pipeline.plan(cfg)
-    tok = T.load_tokenizer(model)
-    batches = []
-    for unit in units:
-        docs = [d for d in I.read_unit(unit, "text") if isinstance(d, I.Document)]
-        ids = tok([d.text for d in docs])["input_ids"] if docs else []
-        data = T.UnitData(unit, tokens=[(d.doc_index, np.asarray(t, np.int32)) for d, t in zip(docs, ids) if t])
-        data = T.pack_unit(T.segment_unit(data, seq_len), seq_len, mode)
-        batches.extend(packing.make_batches(data.segments, data.rows, batch_size, seq_len, unit.index))
-    return batches
+    spec = U.PrepareSpec(cfg.text_field, model, seq_len, mode)
+    tok = U.load_tokenizer(model)
+    return [batch for unit in units for batch in U.unit_batches(U.prepare_unit(unit, spec, tok), batch_size, seq_len)]
 
 
 def bare_step(extractor, batches: list, repeat: int = 1) -> tuple[float, int]:
