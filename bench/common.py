@@ -135,9 +135,9 @@ def token_lengths(corpus: str, model: str | None = None) -> np.ndarray:
 def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                            intermediate: int = 384, seed: int = 0) -> str:
     """A random Qwen2 checkpoint in HF format with the demo tokenizer (so `extract` can run on it)."""
-    from safetensors.numpy import save_file
-
     from llm_activations import demo
+    from llm_activations.model.config import model_config_from_hf
+    from llm_activations.model.hf_weights import random_tensors, save_hf_checkpoint
 
     src = Path(demo_model())
     os.makedirs(folder, exist_ok=True)
@@ -147,9 +147,8 @@ def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, h
     config = dict(demo.DEMO_CONFIG, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=demo.VOCAB_SIZE,
                   bos_token_id=None, eos_token_id=0, pad_token_id=0)
-    (Path(folder) / "config.json").write_text(json.dumps(config, indent=1))
-    save_file(demo.random_qwen2_weights(config, demo.VOCAB_SIZE, seed), str(Path(folder) / "model.safetensors"),
-              metadata={"format": "pt"})
+    c = model_config_from_hf(config)
+    save_hf_checkpoint(folder, c, random_tensors(c, seed=seed), hf_config=config)
     return folder
 
 
