@@ -19,7 +19,6 @@ one carry to the same scan body).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,9 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm_activations.format import hooks as hk  # noqa: E402
-from llm_activations.model.checkpoint import INDEX_FILE, KEY_TABLE  # noqa: E402
 from llm_activations.model.config import ModelConfig, model_config_to_hf  # noqa: E402
-from llm_activations.model.transformer import layer_specs  # noqa: E402
+from llm_activations.model.hf_weights import random_tensors, save_hf_checkpoint  # noqa: E402
 
 
 def bench_config(args) -> ModelConfig:
@@ -45,50 +43,11 @@ def bench_config(args) -> ModelConfig:
         max_position_embeddings=32768, tie_word_embeddings=False, qkv_bias=True, o_bias=False, qk_norm=False)
 
 
-def hf_tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an HF checkpoint of this config (lm_head and final norm included), in file order."""
-    shapes = {}
-    for rule in KEY_TABLE:
-        if rule.param == "embed":
-            shapes[rule.pattern.replace("\\", "")] = rule.hf_shape(c)
-    specs = layer_specs(c)
-    for layer in range(c.num_layers):
-        for rule in KEY_TABLE:
-            if rule.param in specs:
-                shapes[rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")] = rule.hf_shape(c)
-    shapes["model.norm.weight"] = (c.hidden_size,)
-    shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    return shapes
-
-
 def write_checkpoint(folder: str, c: ModelConfig, shard_mb: int, seed: int = 0) -> int:
-    """Random bfloat16 sharded checkpoint; returns its bytes on disk."""
-    import jax.numpy as jnp
-    from safetensors.flax import save_file
-
-    rng = np.random.default_rng(seed)
-    shards, current, size = [], {}, 0
-    for key, shape in hf_tensor_shapes(c).items():
-        x = rng.standard_normal(shape, dtype=np.float32)
-        x = 1.0 + 0.1 * x if len(shape) == 1 and "norm" in key else x / np.sqrt(shape[-1])
-        current[key] = x.astype(ml_dtypes.bfloat16)
-        size += current[key].nbytes
-        if size >= shard_mb << 20:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)
-    weight_map = {}
-    for i, tensors in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        # safetensors' numpy writer has no bfloat16; its flax writer does.
-        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, os.path.join(folder, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-    with open(os.path.join(folder, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(model_config_to_hf(c), f)
-    return sum(os.path.getsize(os.path.join(folder, n)) for n in set(weight_map.values()))
+    """Random bfloat16 sharded checkpoint (model.hf_weights: drawn and written one tensor at a time);
+    returns its bytes on disk."""
+    return save_hf_checkpoint(folder, c, random_tensors(c, seed=seed), model_config_to_hf(c), dtype=ml_dtypes.bfloat16,
+                              shard_bytes=shard_mb << 20)
 
 
 RSS_SCRIPT = r"""

@@ -106,12 +106,10 @@ def write_corpus(path: str, lengths: np.ndarray, model: str | None = None, seed:
     Each document is a random window of the demo corpus' token stream, decoded back to text, so
     the tokenizer sees natural text (re-encoding shifts a length by a token or two at most).
     """
-    from transformers import AutoTokenizer
+    from llm_activations import demo, units
 
-    from llm_activations import demo
-
-    tok = AutoTokenizer.from_pretrained(model or demo_model())
-    stream = np.concatenate([np.asarray(t, np.int64) for t in tok(demo.corpus_texts())["input_ids"]])
+    tok = units.load_tokenizer(model or demo_model())
+    stream = np.concatenate([np.asarray(t, np.int64) for t in units.encode(tok, demo.corpus_texts())])
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for n in lengths:
@@ -123,12 +121,12 @@ def write_corpus(path: str, lengths: np.ndarray, model: str | None = None, seed:
 
 def token_lengths(corpus: str, model: str | None = None) -> np.ndarray:
     """Tokens per document of a JSONL corpus, with the model's tokenizer."""
-    from transformers import AutoTokenizer
+    from llm_activations import units
 
-    tok = AutoTokenizer.from_pretrained(model or demo_model())
+    tok = units.load_tokenizer(model or demo_model())
     with open(corpus) as f:
         texts = [json.loads(line)["text"] for line in f]
-    return np.array([len(t) for t in tok(texts)["input_ids"]], np.int64)
+    return np.array([len(t) for t in units.encode(tok, texts)], np.int64)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -137,9 +135,9 @@ def token_lengths(corpus: str, model: str | None = None) -> np.ndarray:
 def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                            intermediate: int = 384, seed: int = 0) -> str:
     """A random Qwen2 checkpoint in HF format with the demo tokenizer (so `extract` can run on it)."""
-    from safetensors.numpy import save_file
-
     from llm_activations import demo
+    from llm_activations.model.config import model_config_from_hf
+    from llm_activations.model.hf_weights import random_tensors, save_hf_checkpoint
 
     src = Path(demo_model())
     os.makedirs(folder, exist_ok=True)
@@ -149,9 +147,8 @@ def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, h
     config = dict(demo.DEMO_CONFIG, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=demo.VOCAB_SIZE,
                   bos_token_id=None, eos_token_id=0, pad_token_id=0)
-    (Path(folder) / "config.json").write_text(json.dumps(config, indent=1))
-    save_file(demo.random_qwen2_weights(config, demo.VOCAB_SIZE, seed), str(Path(folder) / "model.safetensors"),
-              metadata={"format": "pt"})
+    c = model_config_from_hf(config)
+    save_hf_checkpoint(folder, c, random_tensors(c, seed=seed), hf_config=config)
     return folder
 
 
@@ -176,26 +173,18 @@ def run_extract(model: str, inputs: list[str], output: str, extractor_factory=No
 def unit_batches(model: str, corpus: str, *, seq_len: int, batch_size: int, mode: str = "pack",
                  docs_per_unit: int | None = None, max_docs: int | None = None) -> list:
     """The exact packing.Batch list `extract` feeds its model for this corpus, built with the
-    pipeline's own read/tokenize/segment/pack/batch functions (no Beam)."""
-    from llm_activations import inputs as I
-    from llm_activations import packing
+    pipeline's own read/tokenize/segment/pack/batch functions (units.py, no Beam)."""
     from llm_activations import options
     from llm_activations import pipeline
-    from llm_activations import transforms as T
+    from llm_activations import units as U
 
     cfg = options.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
                                 batch_size=batch_size, mode=mode, max_docs=max_docs,
                                 docs_per_unit=docs_per_unit or options.DOCS_PER_UNIT)
     _, _, units = pipeline.plan(cfg)
-    tok = T.load_tokenizer(model)
-    batches = []
-    for unit in units:
-        docs = [d for d in I.read_unit(unit, "text") if isinstance(d, I.Document)]
-        ids = tok([d.text for d in docs])["input_ids"] if docs else []
-        data = T.UnitData(unit, tokens=[(d.doc_index, np.asarray(t, np.int32)) for d, t in zip(docs, ids) if t])
-        data = T.pack_unit(T.segment_unit(data, seq_len), seq_len, mode)
-        batches.extend(packing.make_batches(data.segments, data.rows, batch_size, seq_len, unit.index))
-    return batches
+    spec = U.PrepareSpec(cfg.text_field, model, seq_len, mode)
+    tok = U.load_tokenizer(model)
+    return [batch for unit in units for batch in U.unit_batches(U.prepare_unit(unit, spec, tok), batch_size, seq_len)]
 
 
 def bare_step(extractor, batches: list, repeat: int = 1) -> tuple[float, int]:

@@ -69,27 +69,30 @@ def say(text: str) -> None:
 
 
 def random_params(c, dtype, seed: int = 0):
-    """The params pytree in bf16 on the default device: each leaf drawn on the host with NumPy
-    (one block's worth for the stacked block weights, broadcast over the blocks on the device)."""
+    """The params pytree in bf16 on the default device: each weight drawn on the host by
+    model.hf_weights.draw (the shared initialiser's shapes and scales, with float32 normals: half
+    the time of the demo's float64 ones), one block's worth for the stacked block weights,
+    broadcast over the blocks on the device."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
 
-    from llm_activations.model.transformer import ParamSpec, param_specs
+    from llm_activations.model.checkpoint import KEY_TABLE
+    from llm_activations.model.hf_weights import draw
+    from llm_activations.model.transformer import param_specs
 
+    rules = {r.param: r for r in KEY_TABLE}
     rng = np.random.default_rng(seed)
 
-    def draw(s: ParamSpec):
-        stacked = s.axes[0] == "layers"
-        shape = s.shape[1:] if stacked else s.shape
-        x = rng.standard_normal(shape, dtype=np.float32)
-        x = (1.0 + 0.1 * x if len(shape) == 1 else x / np.sqrt(shape[0])).astype(ml_dtypes.bfloat16)
-        x = jax.device_put(x)
-        if stacked:
-            x = jax.jit(lambda a, n=s.shape[0]: jnp.broadcast_to(a[None], (n,) + a.shape).astype(dtype))(x)
+    def put(name: str, num_blocks: int | None):
+        x = rules[name].to_ours(draw(rng, name, rules[name].hf_shape(c), np.float32), c)
+        x = jax.device_put(x.astype(ml_dtypes.bfloat16))
+        if num_blocks is not None:
+            x = jax.jit(lambda a, n=num_blocks: jnp.broadcast_to(a[None], (n,) + a.shape).astype(dtype))(x)
         return jax.block_until_ready(x)
 
-    return jax.tree.map(draw, param_specs(c, c.num_layers), is_leaf=lambda x: isinstance(x, ParamSpec))
+    specs = param_specs(c, c.num_layers)
+    return {"embed": put("embed", None), "layers": {name: put(name, s.shape[0]) for name, s in specs["layers"].items()}}
 
 
 def inputs(c, batch: int, seq_len: int, seed: int = 0):

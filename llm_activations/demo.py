@@ -14,8 +14,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 
+# Names the generated checkpoint's bytes (its cache folder is demo-qwen2-v<N>): bump it whenever the
+# generator changes them (model.hf_weights.random_tensors, the tokenizer training), or first runs
+# would silently reuse an older cached model.
 DEMO_VERSION = 1
 CORPUS = Path(__file__).parent / "data" / "demo_corpus.jsonl"
 DEMO_OUTPUT = "activations_demo"
@@ -66,50 +68,20 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: str | os.PathLike
     fast.save_pretrained(str(folder))
 
 
-def random_qwen2_weights(config: dict, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic random weights under the Hugging Face Qwen2 key names."""
-    rng = np.random.default_rng(seed)
-    h, f = config["hidden_size"], config["intermediate_size"]
-    nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
-    hd = h // nh
-
-    def w(*shape, scale=0.02):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    weights = {"model.embed_tokens.weight": w(vocab_size, h, scale=1.0), "model.norm.weight": np.ones(h, np.float32),
-               "lm_head.weight": w(vocab_size, h)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": 1 + w(h, scale=0.1),
-            p + "post_attention_layernorm.weight": 1 + w(h, scale=0.1),
-            p + "self_attn.q_proj.weight": w(nh * hd, h, scale=h**-0.5),
-            p + "self_attn.q_proj.bias": w(nh * hd),
-            p + "self_attn.k_proj.weight": w(nkv * hd, h, scale=h**-0.5),
-            p + "self_attn.k_proj.bias": w(nkv * hd),
-            p + "self_attn.v_proj.weight": w(nkv * hd, h, scale=h**-0.5),
-            p + "self_attn.v_proj.bias": w(nkv * hd),
-            p + "self_attn.o_proj.weight": w(h, nh * hd, scale=(nh * hd) ** -0.5),
-            p + "mlp.gate_proj.weight": w(f, h, scale=h**-0.5),
-            p + "mlp.up_proj.weight": w(f, h, scale=h**-0.5),
-            p + "mlp.down_proj.weight": w(h, f, scale=f**-0.5),
-        })
-    return weights
-
-
 def ensure_demo_model() -> str:
     """Path of the demo checkpoint, generating it on first use (a few seconds)."""
     folder = cache_dir() / f"demo-qwen2-v{DEMO_VERSION}"
     if (folder / "model.safetensors").exists():
         return str(folder)
-    from safetensors.numpy import save_file
+    from llm_activations.model.config import model_config_from_hf
+    from llm_activations.model.hf_weights import random_tensors, save_hf_checkpoint
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     train_tokenizer(corpus_texts(), VOCAB_SIZE, tmp)
     config = dict(DEMO_CONFIG, vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=0, pad_token_id=0)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    save_file(random_qwen2_weights(config, VOCAB_SIZE), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    c = model_config_from_hf(config)
+    save_hf_checkpoint(tmp, c, random_tensors(c, seed=0), hf_config=config)
     try:
         os.replace(tmp, folder)  # atomic: concurrent first runs never see half a checkpoint
     except OSError:

@@ -8,6 +8,9 @@ corpus size. Each unit is written to its own shard file per hook and layer by th
 processed it, in row order, so files depend only on input and configuration, and a retried bundle
 rewrites the same bytes under the same names.
 
+This module is the Beam layer only: the host work on a unit (read, tokenize, segment, pack, cut
+into batches), the element types and the loaders live in units.py, which imports no Beam.
+
 When a unit's files are complete the writer records a *unit manifest* (manifests.py): the unit's
 shards, counts, rejected records and per-(hook, layer) Moments. metadata.json is built from the
 manifests alone, and `--resume` skips the units that already have one.
@@ -29,7 +32,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import apache_beam as beam
 import numpy as np
@@ -37,86 +40,18 @@ from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.transforms.window import GlobalWindow
 
-from llm_activations import inputs
+from llm_activations import inputs, packing
 from llm_activations.format import hooks as hk
 from llm_activations.format import manifests
-from llm_activations import packing
 from llm_activations.format import records
+from llm_activations import units
+from llm_activations.units import Extracted, ModelSpec, PrepareSpec, UnitData, UnitEnd
 
 NAMESPACE = "llm_activations"
 RUN = "run"
 
 
-# ----------------------------------------------------------------------------- elements
-
-
-@dataclass
-class UnitData:
-    """A work unit on its way through read -> tokenize -> segment -> pack."""
-
-    unit: inputs.WorkUnit
-    docs: list = field(default_factory=list)  # [Document]
-    tokens: list = field(default_factory=list)  # [(doc_index, int32 array)]
-    segments: list = field(default_factory=list)  # [packing.Segment]
-    rows: list = field(default_factory=list)  # [[segment position, ...]]
-    counts: collections.Counter = field(default_factory=collections.Counter)
-    rejected: list = field(default_factory=list)  # JSON lines for rejected/
-    metrics: collections.Counter = field(default_factory=collections.Counter)  # Beam counters to add
-
-
-@dataclass(frozen=True)
-class UnitEnd:
-    """Follows the last batch of a unit: its files can be closed and its manifest written.
-
-    Batch fills in counts and rejected records; Extract adds the unit's per-(hook, layer) Moments.
-    """
-
-    unit: inputs.WorkUnit
-    counts: dict
-    rejected: list
-    moments: dict = field(default_factory=dict)
-    run: dict = field(default_factory=dict)  # the worker that made it (manifest "run"; see finalize_metadata)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a worker needs to build its Extractor (plain data, cheap to pickle)."""
-
-    model: str
-    layers: tuple
-    batch_size: int
-    seq_len: int
-    compute_dtype: str
-    storage_dtype: str
-    mesh_shape: tuple | None
-    hooks: tuple = hk.DEFAULT_HOOKS
-    compilation_cache: str | None = None  # folder, "none", or None for the default
-    factory: object = None  # callable(ModelSpec) -> Extractor-like; None = load the checkpoint
-
-
-def _counter(name: str):
-    return beam.metrics.Metrics.counter(NAMESPACE, name)
-
-
-# ----------------------------------------------------------------------------- read, tokenize, segment, pack
-
-
-def read_documents(unit: inputs.WorkUnit, text_field: str, num_hosts: int = 1, host_index: int = 0) -> UnitData:
-    """WorkUnit -> UnitData with its documents; unusable records are kept with their reason."""
-    data = UnitData(unit)
-    for item in inputs.read_unit(unit, text_field, num_hosts, host_index):
-        if isinstance(item, inputs.Rejected):
-            data.counts["rejected"] += 1
-            data.rejected.append(item.to_json())
-            data.metrics["rejected"] += 1
-        else:
-            data.docs.append(item)
-            data.metrics["documents_read"] += 1
-    return data
-
-
 _TOKENIZERS = shared.Shared()
-TOKENIZER_BATCH = 256  # documents per tokenizer call: big enough for the Rust tokenizer's threads
 
 
 class _Holder:
@@ -126,64 +61,11 @@ class _Holder:
         self.value = value
 
 
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model)
+def _counter(name: str):
+    return beam.metrics.Metrics.counter(NAMESPACE, name)
 
 
-def tokenize_documents(data: UnitData, tokenizer) -> UnitData:
-    """Tokenizes a unit's documents in batched calls: exactly tokenizer(text)["input_ids"].
-
-    A batched call runs the Rust tokenizer's encode_batch, which spreads the documents over the
-    host's cores (unless TOKENIZERS_PARALLELISM=false) and releases the GIL meanwhile.
-    """
-    docs = data.docs
-    for i in range(0, len(docs), TOKENIZER_BATCH):
-        chunk = docs[i : i + TOKENIZER_BATCH]
-        ids = tokenizer([d.text for d in chunk])["input_ids"]
-        for doc, tok in zip(chunk, ids):
-            if not tok:  # text that encodes to no token cannot be extracted
-                data.counts["rejected"] += 1
-                data.rejected.append(inputs.Rejected(
-                    doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]).to_json())
-                continue
-            data.tokens.append((doc.doc_index, np.asarray(tok, dtype=np.int32)))
-            data.counts["documents"] += 1
-            data.metrics["tokens_read"] += len(tok)
-    data.docs = []  # the texts are no longer needed: keep a unit's memory to its tokens
-    return data
-
-
-def segment_unit(data: UnitData, seq_len: int) -> UnitData:
-    """Split every document into consecutive segments of at most seq_len tokens."""
-    segments = [s for doc_index, tok in data.tokens for s in packing.split_document(doc_index, tok, seq_len)]
-    data.counts["segments"] += len(segments)
-    return replace(data, tokens=[], segments=segments)
-
-
-def pack_unit(data: UnitData, seq_len: int, mode: str) -> UnitData:
-    """Place the unit's segments into rows (best-fit decreasing in pack mode, one per row in pad)."""
-    rows = packing.pack_rows([len(s.tokens) for s in data.segments], seq_len, mode)
-    return replace(data, rows=rows)
-
-
-@dataclass(frozen=True)
-class PrepareSpec:
-    """How PrepareUnits reads, tokenizes and packs a unit (plain data, cheap to pickle)."""
-
-    text_field: str
-    model: str
-    seq_len: int
-    mode: str
-    num_hosts: int = 1
-    host_index: int = 0
-
-
-def prepare_unit(unit: inputs.WorkUnit, spec: PrepareSpec, tokenizer) -> UnitData:
-    """read -> tokenize -> segment -> pack: a unit ready to be cut into batches."""
-    data = read_documents(unit, spec.text_field, spec.num_hosts, spec.host_index)
-    return pack_unit(segment_unit(tokenize_documents(data, tokenizer), spec.seq_len), spec.seq_len, spec.mode)
+# ----------------------------------------------------------------------------- prepare (units.prepare_unit, a unit ahead)
 
 
 class PrepareUnits(beam.DoFn):
@@ -203,14 +85,14 @@ class PrepareUnits(beam.DoFn):
 
     def setup(self):
         # One tokenizer per worker process, shared by its threads.
-        self._tokenizer = _TOKENIZERS.acquire(lambda: _Holder(load_tokenizer(self._spec.model)), tag=self._spec.model).value
+        self._tokenizer = _TOKENIZERS.acquire(lambda: _Holder(units.load_tokenizer(self._spec.model)), tag=self._spec.model).value
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
 
     def start_bundle(self):
         self._ahead: Future | None = None
 
     def process(self, unit: inputs.WorkUnit):
-        following = self._pool.submit(prepare_unit, unit, self._spec, self._tokenizer)
+        following = self._pool.submit(units.prepare_unit, unit, self._spec, self._tokenizer)
         if self._ahead is not None:
             yield self._emit(self._ahead)
         self._ahead = following
@@ -242,40 +124,16 @@ class Batch(beam.DoFn):
         self._padding = _counter("padding_tokens")
 
     def process(self, data: UnitData):
-        counts = data.counts
-        for batch in packing.make_batches(data.segments, data.rows, self._batch_size, self._seq_len, data.unit.index):
-            counts["batches"] += 1
-            counts["sequences"] += int((batch.lengths > 0).sum())
-            counts["tokens"] += batch.real_tokens
-            counts["padding_tokens"] += batch.tokens.size - batch.real_tokens
+        for batch in units.unit_batches(data, self._batch_size, self._seq_len):
             self._padding.inc(batch.tokens.size - batch.real_tokens)
             yield batch
-        yield UnitEnd(data.unit, dict(counts), data.rejected)
+        yield UnitEnd(data.unit, dict(data.counts), data.rejected)
 
 
 # ----------------------------------------------------------------------------- extract
 
 
 _MODELS = shared.Shared()
-
-
-def load_extractor(spec: ModelSpec):
-    if spec.factory is not None:
-        return spec.factory(spec)
-    from llm_activations.model.extractor import Extractor
-
-    return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape,
-                     hooks=spec.hooks, compilation_cache=spec.compilation_cache)
-
-
-@dataclass(frozen=True)
-class Extracted:
-    """A finished batch: its inputs and, per (hook, layer), the activations [B, T, width] in the
-    storage dtype."""
-
-    batch: packing.Batch
-    activations: dict
 
 
 IN_FLIGHT = 2  # batches left computing on the device while the host collects an earlier one
@@ -299,7 +157,7 @@ class ExtractActivations(beam.DoFn):
 
     def setup(self):
         try:
-            self._extractor = _MODELS.acquire(lambda: load_extractor(self._spec), tag=repr(self._spec))
+            self._extractor = _MODELS.acquire(lambda: units.load_extractor(self._spec), tag=repr(self._spec))
         except Exception as e:
             from llm_activations.model.devices import explain_busy_accelerator
             from llm_activations.errors import AcceleratorBusy
@@ -308,7 +166,7 @@ class ExtractActivations(beam.DoFn):
             if why:
                 raise AcceleratorBusy(f"{AcceleratorBusy.MARK} {why}") from e
             raise
-        self._progress = _progress_bar()
+        self._progress = units.progress_bar()
 
     def start_bundle(self):
         self._queue = collections.deque()  # (batch, pending) and UnitEnd, in arrival order
@@ -375,15 +233,6 @@ def _worker() -> str:
 
 def _mesh(extractor) -> dict:
     return {str(k): int(v) for k, v in extractor.mesh.shape.items()}
-
-
-def _progress_bar():
-    """A tokens/s progress line on stderr for local runs (one per worker process)."""
-    if os.environ.get("LLM_ACTIVATIONS_NO_PROGRESS"):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit=" tok", unit_scale=True, desc="extract", mininterval=1.0, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- write

@@ -68,9 +68,9 @@ class FailOnce:
         assert self.where in ("collect", "write"), self.where
 
     def __call__(self, spec):
-        from llm_activations import transforms
+        from llm_activations import units
 
-        return _FailingExtractor(transforms.load_extractor(replace(spec, factory=None)), self)
+        return _FailingExtractor(units.load_extractor(replace(spec, factory=None)), self)
 
     def fail(self, what: str) -> None:
         """Raise, unless another attempt (any process) already did."""

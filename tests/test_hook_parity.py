@@ -97,7 +97,8 @@ def test_hooks_ride_one_layer_scan_that_stops_at_the_deepest_layer():
 
     from llm_activations.model.attention import backend_for
     from llm_activations.model.config import load_model_config
-    from llm_activations.model.transformer import forward, init_params
+    from llm_activations.model.hf_weights import init_params
+    from llm_activations.model.transformer import forward
 
     config, _ = load_model_config(cached_checkpoint("qwen3")[0])
     params = init_params(config, 4, seed=0)

@@ -5,6 +5,8 @@
 * The NumPy reader and the validate, inspect and merge commands run where JAX and Beam cannot be
   imported at all (a training host, a laptop).
 * model/ never imports Beam: the extractor is usable without a pipeline.
+* units.py (the host work on a unit: read, tokenize, pack, batch) imports no Beam or JAX:
+  benchmarks and tests build the pipeline's exact batches without either.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def import_without(blocked: list[str], targets: list[str]) -> subprocess.Complet
     modules("format"),
     ["llm_activations.reader", "llm_activations.commands.validate", "llm_activations.commands.inspect",
      "llm_activations.commands.merge", "llm_activations.commands.plan", "llm_activations.cli"],
-], ids=["format", "reader-and-tools"])
+    ["llm_activations.units", "llm_activations.inputs", "llm_activations.packing"],
+], ids=["format", "reader-and-tools", "host-units"])
 def test_runs_without_jax_beam_or_tensorflow(targets):
     assert targets
     r = import_without(["jax", "jaxlib", "flax", "apache_beam", "tensorflow", "torch"], targets)

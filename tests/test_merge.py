@@ -21,6 +21,7 @@ from llm_activations import cli
 from llm_activations.format import records
 from llm_activations.format import metadata as md
 from llm_activations.commands.merge import merge_datasets
+from llm_activations.commands.validate import check_file
 from llm_activations.format.stats import Moments
 
 HIDDEN = 16
@@ -219,10 +220,10 @@ def test_merge_in_place_equals_one_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["host-0", "host-1", "metadata.json"]
     assert {p: open(p, "rb").read() for p in before} == before  # host files untouched
     _check_records(tmp_path, docs)
-    for shard in meta["shards"]:  # every shard entry still describes its file exactly
-        assert records.describe_shard(md.shard_path(str(tmp_path), shard["path"])) == {
-            k: shard[k] for k in ("records", "tokens", "bytes", "sha256")
-        }
+    for shard in meta["shards"]:  # every shard entry still describes its file exactly (size, sha256, counts)
+        report = check_file(str(tmp_path), shard, np.float32, HIDDEN)
+        assert report.ok, report.problems
+        assert (report.records, report.tokens, report.bytes) == (shard["records"], shard["tokens"], shard["bytes"])
 
 
 def test_merge_copies_outside_folders_and_verifies_sha256(tmp_path):

@@ -86,7 +86,8 @@ def test_forward_runs_only_the_blocks_it_needs():
 
     from llm_activations.model.attention import backend_for
     from llm_activations.model.config import load_model_config
-    from llm_activations.model.transformer import forward, init_params
+    from llm_activations.model.hf_weights import init_params
+    from llm_activations.model.transformer import forward
 
     config, _ = load_model_config(cached_checkpoint("qwen2")[0])
     params = init_params(config, 2, seed=0)  # blocks 0 and 1 only

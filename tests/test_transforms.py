@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 
@@ -15,36 +14,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from llm_activations import inputs
 from llm_activations import packing
 from llm_activations import transforms as T
+from llm_activations import units as U
 from pipeline_fixtures import tiny_model_with_tokenizer, write_jsonl
-
-
-def _unit(tmp_path, lines):
-    path = write_jsonl(str(tmp_path / "in.jsonl"), lines)
-    sources = inputs.plan_sources([path], "text")
-    return inputs.plan_units(sources, start=0, stop=sources[0].num_records, num_units=1)[0]
-
-
-def test_read_documents_splits_good_and_rejected(tmp_path):
-    unit = _unit(tmp_path, [{"text": "alpha"}, "{not json", {"text": None}, [1, 2], {"text": "beta"}, {"body": "x"}])
-    d = T.read_documents(unit, "text")
-    assert [(doc.doc_index, doc.text) for doc in d.docs] == [(0, "alpha"), (4, "beta")]
-    assert [(json.loads(r)["doc_index"], json.loads(r)["reason"].split(" (")[0]) for r in d.rejected] == [
-        (1, "malformed JSON"), (2, "field 'text' is null"), (3, "record is a JSON list, not an object"),
-        (5, "record has no field 'text'")]
-    assert d.counts == {"rejected": 4} and d.metrics == {"rejected": 4, "documents_read": 2}
-
-
-def test_tokenize_gives_exactly_the_tokenizers_ids(tmp_path):
-    folder, _ = tiny_model_with_tokenizer()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    texts = [f"Document number {i}: " + "words " * i for i in range(1, 300)]  # > one tokenizer batch
-    data = T.UnitData(inputs.WorkUnit(0, 0, len(texts), ()), docs=[inputs.Document(i, t) for i, t in enumerate(texts)])
-    got = T.tokenize_documents(data, T.load_tokenizer(folder))
-    expected = [tok(t)["input_ids"] for t in texts]
-    assert [(i, t.tolist()) for i, t in got.tokens] == list(enumerate(expected))
-    assert got.metrics["tokens_read"] == sum(map(len, expected)) and got.counts["documents"] == len(texts)
 
 
 def test_prepare_units_emits_every_unit_once_in_order_one_unit_ahead(tmp_path):
@@ -53,9 +24,9 @@ def test_prepare_units_emits_every_unit_once_in_order_one_unit_ahead(tmp_path):
     path = write_jsonl(str(tmp_path / "in.jsonl"), lines)
     sources = inputs.plan_sources([path], "text")
     units = inputs.plan_units(sources, start=0, stop=len(lines), num_units=4)
-    spec = T.PrepareSpec("text", folder, 16, "pack")
-    tok = T.load_tokenizer(folder)
-    expected = [T.prepare_unit(u, spec, tok) for u in units]
+    spec = U.PrepareSpec("text", folder, 16, "pack")
+    tok = U.load_tokenizer(folder)
+    expected = [U.prepare_unit(u, spec, tok) for u in units]
     with TestPipeline() as p:
         out = p | beam.Create(units) | beam.ParDo(T.PrepareUnits(spec))
         got = out | beam.Map(lambda d: (d.unit.index, dict(d.counts), len(d.rows), [s.tokens.tolist() for s in d.segments]))
@@ -69,7 +40,7 @@ def test_prepare_units_looks_one_unit_ahead(tmp_path):
     folder, _ = tiny_model_with_tokenizer()
     path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": f"doc {i}"} for i in range(9)])
     units = inputs.plan_units(inputs.plan_sources([path], "text"), start=0, stop=9, num_units=3)
-    fn = T.PrepareUnits(T.PrepareSpec("text", folder, 16, "pack"))
+    fn = T.PrepareUnits(U.PrepareSpec("text", folder, 16, "pack"))
     fn.setup()
     fn.start_bundle()
     emitted = [[d.unit.index for d in fn.process(u)] for u in units]
@@ -80,15 +51,15 @@ def test_prepare_units_looks_one_unit_ahead(tmp_path):
 
 def test_segment_pack_batch_fill_fixed_shapes():
     lengths = [150, 10, 64, 3, 40, 1]
-    data = T.UnitData(inputs.WorkUnit(7, 0, len(lengths), ()),
+    data = U.UnitData(inputs.WorkUnit(7, 0, len(lengths), ()),
                       tokens=[(d, np.arange(1, n + 1, dtype=np.int32)) for d, n in enumerate(lengths)])
     with TestPipeline() as p:
-        out = (p | beam.Create([data]) | beam.Map(T.segment_unit, 64) | beam.Map(T.pack_unit, 64, "pack")
+        out = (p | beam.Create([data]) | beam.Map(U.segment_unit, 64) | beam.Map(U.pack_unit, 64, "pack")
                | beam.ParDo(T.Batch(2, 64)))
-        shapes = out | "Shapes" >> beam.Map(lambda b: "end" if isinstance(b, T.UnitEnd) else b.tokens.shape)
+        shapes = out | "Shapes" >> beam.Map(lambda b: "end" if isinstance(b, U.UnitEnd) else b.tokens.shape)
         # 150 -> 64+64+22: segments 64,64,64,40,22,10,3,1 fill 5 rows, 3 batches of 2 rows
         assert_that(shapes, equal_to([(2, 64), (2, 64), (2, 64), "end"]), label="shapes")
-        counts = out | "Counts" >> beam.FlatMap(lambda b: [b.counts] if isinstance(b, T.UnitEnd) else [])
+        counts = out | "Counts" >> beam.FlatMap(lambda b: [b.counts] if isinstance(b, U.UnitEnd) else [])
         total = sum(lengths)
         assert_that(counts, equal_to([{"segments": 8, "batches": 3, "sequences": 5, "tokens": total,
                                        "padding_tokens": 3 * 2 * 64 - total}]), label="counts")
@@ -132,9 +103,9 @@ def test_write_shards_writes_each_layer_in_row_order(tmp_path):
     batches = [_batch([4, 0, 2]), _batch([3, 1, 0])]  # empty rows write no record
     acts = [{("resid_post", l): np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2) + 100 * b + l for l in layers}
             for b in range(2)]
-    end = T.UnitEnd(inputs.WorkUnit(0, 0, 6, ()), {"tokens": 10}, [])
+    end = U.UnitEnd(inputs.WorkUnit(0, 0, 6, ()), {"tokens": 10}, [])
     with TestPipeline() as p:
-        _ = (p | beam.Create([T.Extracted(b, a) for b, a in zip(batches, acts)] + [end])
+        _ = (p | beam.Create([U.Extracted(b, a) for b, a in zip(batches, acts)] + [end])
              | beam.ParDo(T.WriteShards(str(tmp_path), layers, 1, "none", "fp")))
     for l in layers:
         got = [records.decode_example(d) for d in records.read_shard(str(tmp_path / records.shard_relpath(l, 0, 1)))]
@@ -154,12 +125,12 @@ def test_write_shards_gives_each_hook_and_layer_its_own_writer_and_file(tmp_path
     # each output's activations differ (and z is wider), so a mixed-up file would show
     acts = {(h, l): np.full((2, 4, 6 if h == "z" else 2), 10 * i + 1, np.float32)
             for i, (h, l) in enumerate((h, l) for h in hooks for l in layers)}
-    end = T.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {"tokens": 5}, [])
+    end = U.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {"tokens": 5}, [])
     fn = T.WriteShards(str(tmp_path), layers, 1, "none", "fp", hooks)
     fn.start_bundle()
     threads = {t.name for t in threading.enumerate()}
     assert {"write-z-1", "write-z-2", "write-resid_post-1", "write-resid_post-2"} <= threads
-    list(fn.process(T.Extracted(batch, acts)))
+    list(fn.process(U.Extracted(batch, acts)))
     (manifest,) = list(fn.process(end))
     fn.finish_bundle()
     assert [(s["path"], s["hook"], s["layer"], s["records"], s["tokens"]) for s in manifest["shards"]] == [
@@ -178,9 +149,9 @@ def test_write_shards_closes_files_at_unit_end(tmp_path):
 
     acts = {("resid_post", 0): np.ones((2, 4, 4), np.float32)}
     units = [inputs.WorkUnit(i, i * 5, i * 5 + 5, ()) for i in range(2)]
-    ends = [T.UnitEnd(units[0], {"tokens": 4}, []), T.UnitEnd(units[1], {"rejected": 1}, ['{"doc_index": 7}'])]
+    ends = [U.UnitEnd(units[0], {"tokens": 4}, []), U.UnitEnd(units[1], {"rejected": 1}, ['{"doc_index": 7}'])]
     with TestPipeline() as p:
-        infos = (p | beam.Create([T.Extracted(_batch([2, 0]), acts), T.Extracted(_batch([0, 2]), acts), *ends])
+        infos = (p | beam.Create([U.Extracted(_batch([2, 0]), acts), U.Extracted(_batch([0, 2]), acts), *ends])
                  | beam.ParDo(T.WriteShards(str(tmp_path), (0,), 2, "none", "fp"))
                  | beam.Map(lambda m: (m["unit"], [(s["path"], s["records"], s["tokens"]) for s in m["shards"]],
                                        m["counts"]["tokens"], m["rejected_file"])))
@@ -224,7 +195,7 @@ class _RecordingFactory:
 
 def test_extract_keeps_two_batches_in_flight_and_units_in_order():
     factory = _RecordingFactory()
-    spec = T.ModelSpec("unused", (3,), 2, 4, "float32", "float32", None, factory=factory)
+    spec = U.ModelSpec("unused", (3,), 2, 4, "float32", "float32", None, factory=factory)
     fn = T.ExtractActivations(spec)
     fn.setup()
     fn.start_bundle()
@@ -234,14 +205,14 @@ def test_extract_keeps_two_batches_in_flight_and_units_in_order():
         b = _batch([4, 1])
         b.tokens[0, 0] = i  # the batch's number, read back by the stand-in
         out += list(fn.process(b))
-    out += list(fn.process(T.UnitEnd(unit, {"tokens": 25}, [])))
+    out += list(fn.process(U.UnitEnd(unit, {"tokens": 25}, [])))
     out += [v.value for v in fn.finish_bundle() if not isinstance(v, beam.pvalue.TaggedOutput)]
     fn.teardown()
     log = factory.log
     for i in range(1, 4):  # batch i is collected only when i+1 and i+2 have been dispatched
         assert log.index(("dispatch", i + 2)) < log.index(("collect", i))
-    assert [e.batch.tokens[0, 0] for e in out if isinstance(e, T.Extracted)] == [1, 2, 3, 4, 5]
-    assert isinstance(out[-1], T.UnitEnd) and out[-1].moments[("resid_post", 3)].count == 25
+    assert [e.batch.tokens[0, 0] for e in out if isinstance(e, U.Extracted)] == [1, 2, 3, 4, 5]
+    assert isinstance(out[-1], U.UnitEnd) and out[-1].moments[("resid_post", 3)].count == 25
     assert out[-1].moments[("resid_post", 3)].mean[0] == pytest.approx(3.0)  # (1+2+3+4+5) * 5 tokens / 25
 
 
@@ -250,10 +221,10 @@ def test_a_failed_layer_writer_fails_the_bundle_and_leaves_no_shard(tmp_path):
     blocker.write_text("")  # the output 'folder' is a file: creating layer_00/ inside it fails
     fn = T.WriteShards(str(blocker), (0,), 1, "none", "fp")
     fn.start_bundle()
-    list(fn.process(T.Extracted(_batch([2, 1]), {("resid_post", 0): np.ones((2, 4, 3), np.float32)})))
+    list(fn.process(U.Extracted(_batch([2, 1]), {("resid_post", 0): np.ones((2, 4, 3), np.float32)})))
     # the writer thread's error reaches the bundle's thread: raised by put() (RuntimeError) or,
     # if it came later, through the unit's close (the original error)
     with pytest.raises((NotADirectoryError, RuntimeError), match="Not a directory|writing resid_post layer 0 failed"):
-        list(fn.process(T.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {}, [])))
+        list(fn.process(U.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {}, [])))
     fn.teardown()
     assert blocker.read_text() == "" and not os.path.exists(tmp_path / "_units")

@@ -432,13 +432,3 @@ class _BackgroundSha256:
     def _run(self) -> None:
         while (data := self._queue.get()) is not None:
             self._sha.update(data)
-
-
-def describe_shard(path: str) -> dict:
-    """Recount a shard from its bytes: records, tokens, bytes and sha256 (CRC-checked)."""
-    sha, size = fileio.sha256_file(path)
-    records = tokens = 0
-    for data in read_shard(path):
-        records += 1
-        tokens += len(decode_example(data)["token_ids"])
-    return {"records": records, "tokens": tokens, "bytes": size, "sha256": sha}

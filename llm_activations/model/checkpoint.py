@@ -237,3 +237,20 @@ def _check_complete(params: dict, filled: set, specs: dict, config: ModelConfig,
         if missing:
             raise UsageError(f"checkpoint is missing {hf_key(missing[0], i)}"
                              + (f" (and {len(missing) - 1} more weights of layer {i})" if len(missing) > 1 else ""))
+
+
+def to_hf(param: str, value: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Our array for one weight (one block's, for a block weight) -> its HF tensor: the exact
+    inverse of that KEY_TABLE row's to_ours, so keys and layouts are written where they are read.
+
+    Every to_ours is a rearrangement (transposes and reshapes, which NumPy makes as views), so
+    to_ours applied to an empty HF-shaped tensor is a view of it in our layout: writing `value`
+    through that view fills the HF tensor, and no transform is written twice.
+    """
+    rule = next(r for r in KEY_TABLE if r.param == param)
+    out = np.empty(rule.hf_shape(config), value.dtype)
+    view = rule.to_ours(out, config)
+    if not (view is out or view.base is out) or view.shape != value.shape:
+        raise ValueError(f"{param}: KEY_TABLE's to_ours is not a view of shape {value.shape}; it has no inverse here")
+    view[...] = value
+    return out

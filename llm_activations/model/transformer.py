@@ -70,19 +70,6 @@ def param_shardings(c: ModelConfig, num_layers: int, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def init_params(c: ModelConfig, num_layers: int, seed: int = 0, dtype=jnp.float32) -> dict:
-    """Random params (tests, benchmarks); norms near 1, others ~1/sqrt(fan_in). Drawn with NumPy on
-    the host: jax.random compiles one program per shape, which is slower than the draw itself."""
-    rng = np.random.default_rng(seed)
-
-    def draw(s: ParamSpec):
-        shape = s.shape[1:] if s.axes[0] == "layers" else s.shape  # one block's shape
-        x = rng.standard_normal(s.shape, dtype=np.float32)
-        return jnp.asarray(1.0 + 0.1 * x if len(shape) == 1 else x / np.sqrt(shape[0]), dtype=dtype)
-
-    return jax.tree.map(draw, param_specs(c, num_layers), is_leaf=lambda x: isinstance(x, ParamSpec))
-
-
 def _dot(eq: str, a: jax.Array, b: jax.Array, float32_dots: bool) -> jax.Array:
     """jnp.einsum in the inputs' dtype; with float32_dots (Backend.float32_dots, CPU) a bfloat16 dot
     accumulates into a float32 result and rounds once."""
