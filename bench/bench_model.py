@@ -46,7 +46,8 @@ def bench_config(args) -> ModelConfig:
 
 
 def hf_tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an HF checkpoint of this config (lm_head and final norm included), in file order."""
+    """Every key of an HF checkpoint of this config (final norm included; lm_head unless the embedding
+    is tied to it, as in Qwen2.5-0.5B and -1.5B), in file order."""
     shapes = {}
     for rule in KEY_TABLE:
         if rule.param == "embed":
@@ -57,7 +58,8 @@ def hf_tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             if rule.param in specs:
                 shapes[rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")] = rule.hf_shape(c)
     shapes["model.norm.weight"] = (c.hidden_size,)
-    shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     return shapes
 
 
