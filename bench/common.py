@@ -132,6 +132,17 @@ def token_lengths(corpus: str, model: str | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def copy_demo_tokenizer(folder: str) -> str:
+    """Put the demo tokenizer (ids 0..demo.VOCAB_SIZE-1) into a checkpoint folder, so `extract`
+    can tokenize text for a benchmark's random checkpoint; the model's vocab must be at least as large."""
+    src = Path(demo_model())
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name.endswith(".txt") or name == "special_tokens_map.json":
+            shutil.copy(src / name, Path(folder) / name)
+    return folder
+
+
 def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                            intermediate: int = 384, seed: int = 0) -> str:
     """A random Qwen2 checkpoint in HF format with the demo tokenizer (so `extract` can run on it)."""
@@ -139,11 +150,7 @@ def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, h
     from llm_activations.model.config import model_config_from_hf
     from llm_activations.model.hf_weights import random_tensors, save_hf_checkpoint
 
-    src = Path(demo_model())
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(src):
-        if name.startswith("tokenizer") or name.endswith(".txt") or name == "special_tokens_map.json":
-            shutil.copy(src / name, Path(folder) / name)
+    copy_demo_tokenizer(folder)
     config = dict(demo.DEMO_CONFIG, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=demo.VOCAB_SIZE,
                   bos_token_id=None, eos_token_id=0, pad_token_id=0)

@@ -7,7 +7,14 @@ For Qwen2.5-0.5B (16 x 2048), -1.5B (8 x 2048) and -7B (4 x 2048) shapes, in one
     Compile seconds are measured cold and again from the persistent compilation cache (a fresh
     jit of the same step, as a second worker or run would see it);
   * transformers' Qwen2Model in eager PyTorch (bf16, sdpa attention), final norm replaced by
-    identity and no lm_head: the loop a user writes, on the same shapes and tokens.
+    identity and no lm_head: the loop a user writes, on the same shapes and tokens;
+  * `extract` end to end at the 0.5B shape (--extract-model), right after that shape's rows: a
+    random bf16 checkpoint written to a temporary folder (demo tokenizer), a synthetic JSONL corpus
+    of ~60 batches (lognormal documents, median ~600 tokens), pipeline.run_extract in this process
+    (DirectRunner) with the last layer, bf16, --num-shards 4, output on local disk. Its data
+    throughput is the marginal one of bench_pipeline (a full run minus a small one, the model
+    already loaded and compiled), set against the bare step row of the same attention kernel
+    (issue 16's goal: >= 0.9x); compile seconds come from metadata.json's run section.
 Random weights, nothing downloaded: each block weight is drawn once on the host with NumPy and
 broadcast over the blocks on the device (every block computes the same work as with real weights;
 no jitted initialiser). Rows are printed as soon as they are measured.
@@ -21,7 +28,9 @@ token are llm_activations.model.cost.flops_per_token (the one FLOPs model, share
     python3 bench/gpu_bench.py --tiny               # CPU smoke run of the same code paths
     python3 bench/gpu_bench.py --models Qwen2.5-7B --batch-sizes 4 --attention cudnn xla --query-blocks 512 1024
 
-Imports no Beam (the GPU image has none): only llm_activations.model, jax, numpy, torch, transformers.
+Imports no Beam except for the extract row, which runs only where apache_beam and google_crc32c
+import (the GPU image has neither: bench/gpu_wheels.sh downloads their wheels to carry, and prints
+the device command that installs them and runs this script). --no-extract skips the row.
 """
 
 from __future__ import annotations
@@ -174,6 +183,100 @@ def bench_transformers(name, c, batch, seq_len, steps, peak, device: str) -> dic
     return row(name, batch, seq_len, c, f"transformers {transformers.__version__} eager (sdpa)", seconds, peak)
 
 
+def extract_unavailable() -> str | None:
+    """Why the extract row cannot run here, or None: it needs Beam and google-crc32c, which the
+    GPU image lacks (bench/gpu_wheels.sh fetches them as wheels to carry)."""
+    try:
+        import apache_beam  # noqa: F401
+        import google_crc32c  # noqa: F401
+    except ImportError as e:
+        return f"{e} (carry the wheels: bench/gpu_wheels.sh)"
+    return None
+
+
+def synthetic_corpus(path: str, model: str, tokens: int, seed: int = 0) -> int:
+    """A JSONL corpus of about `tokens` tokens in documents of lognormal length (median ~600 tokens,
+    a web corpus' shape; long ones are split into segments); returns the number of documents."""
+    lengths = common.lognormal_lengths(max(64, 3 * tokens // 600), median=600, seed=seed)
+    n = int(np.searchsorted(np.cumsum(lengths), tokens)) + 1
+    common.write_corpus(path, lengths[:n], model=model, seed=seed)
+    return n
+
+
+def bench_extract(name, c, batch, seq_len, batches, cache, peak, rows) -> dict:
+    """`extract` end to end (pipeline.run_extract in this process, DirectRunner) on a random
+    checkpoint of this shape, the last layer in bf16, 4 shards, output on local disk.
+
+    Three runs on one corpus: a small one (its first tenth of the documents) that loads the
+    checkpoint and compiles the step, the whole corpus, then the small one again. The extractor
+    stays loaded between in-process runs, so the last two differ only in data: their marginal
+    throughput (tokens_full - tokens_small) / (wall_full - wall_small) is the data throughput with
+    the fixed costs (model load, compile, Beam start, metadata) taken out, measured as
+    bench_pipeline does. It is set against the bare step of the same shape and attention kernel
+    measured above in this run.
+    """
+    import dataclasses
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    import bench_model  # the one random bf16 HF-checkpoint writer (KEY_TABLE's keys and shapes)
+    from llm_activations import demo
+    from llm_activations.model.attention import backend_for
+
+    tmp = tempfile.mkdtemp(prefix="gpu_bench_extract_")
+    try:
+        t0 = time.perf_counter()
+        # The demo tokenizer's ids must be valid rows of the embedding (the tiny shape's 512 are
+        # too few); the vocab size changes only the embedding gather, not the step's work.
+        cm = dataclasses.replace(c, vocab_size=max(c.vocab_size, demo.VOCAB_SIZE))
+        model = common.copy_demo_tokenizer(os.path.join(tmp, "model"))
+        size = bench_model.write_checkpoint(model, cm, shard_mb=2048)
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        docs = synthetic_corpus(corpus, model, batches * batch * seq_len)
+        say(f"  {name} extract: checkpoint {size / 2**30:.2f} GiB and corpus of {docs:,} documents written in "
+            f"{time.perf_counter() - t0:.1f} s")
+        opts = dict(layers=(c.num_layers - 1,), seq_len=seq_len, batch_size=batch, compute_dtype="bfloat16",
+                    dtype="bfloat16", num_shards=4, compilation_cache=cache or "none")
+        small = max(4, docs // 10)
+
+        def run(tag: str, max_docs=None) -> tuple[dict, float]:
+            cpu = os.times()
+            meta, wall = common.run_extract(model, [corpus], os.path.join(tmp, tag), max_docs=max_docs, **opts)
+            cpu = sum(os.times()[:2]) - sum(cpu[:2])
+            say(f"  {name} extract {tag}: {meta['counts']['tokens']:,} tokens in {meta['counts']['batches']} batches, "
+                f"{wall:.1f} s wall ({cpu:.1f} s CPU), of which waiting on device results {meta['run']['extract_seconds']:.1f} s"
+                # later runs reuse the loaded extractor, whose one compile metadata reports again
+                + (f"; compile {meta['run']['compile_seconds']:.1f} s ({'cache hit' if meta['run']['compile_cache_hit'] else 'cold'})"
+                   if tag == "small-cold" else ""))
+            return meta, wall
+
+        cold, cold_wall = run("small-cold", small)
+        full, wall = run("full")
+        warm, warm_wall = run("small-warm", small)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tokens, small_tokens = full["counts"]["tokens"], warm["counts"]["tokens"]
+    if wall - warm_wall <= 0.05 * wall:  # noise, not data: the runs differ too little to separate
+        raise RuntimeError(f"the full run ({wall:.2f} s) took hardly longer than the small one ({warm_wall:.2f} s): "
+                           "raise --extract-batches")
+    marginal = (tokens - small_tokens) / (wall - warm_wall)
+    attention = backend_for(jax.devices()[:1], jnp.bfloat16, "auto").attention  # what extract's Extractor picks
+    bare = next((r for r in rows if r["model"] == name and r["impl"].split()[0] == attention), None)
+    compile_s, hit = cold["run"]["compile_seconds"], cold["run"]["compile_cache_hit"]
+    r = row(name, batch, seq_len, c, f"extract end to end ({attention}, marginal)", batch * seq_len / marginal, peak, **{
+        "compile s cold": float("nan") if hit else compile_s, "compile s cached": compile_s if hit else float("nan"),
+        "extract tokens": tokens, "extract wall s": wall, "fixed s": wall - tokens / marginal,
+        "load + compile s": cold_wall - warm_wall,
+        "whole call tokens/s": tokens / wall,
+        "vs bare": marginal / bare["tokens/s"] if bare else float("nan"),
+        "vs bare with host copy": marginal / bare["tokens/s with host copy"] if bare else float("nan")})
+    if bare is None:
+        say(f"  {name} extract: no bare-step row with the {attention} kernel to compare with")
+    return r
+
+
 def candidates(platform: str) -> list[str]:
     """Attention kernels to measure on this platform: every GPU candidate that can be imported."""
     if platform != "gpu":
@@ -200,10 +303,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
     p.add_argument("--compilation-cache", help="persistent cache folder (default: a fresh temporary one, so the cold compile is cold)")
     p.add_argument("--peak-tflops", type=float, help="the chip's dense bfloat16 peak, if not recognised")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, batch 2 x seq 256, 2 steps")
+    p.add_argument("--extract", action=argparse.BooleanOptionalAction, default=True,
+                   help="the extract end-to-end row (default: on where apache_beam and google_crc32c import)")
+    p.add_argument("--extract-model", help="shape of the extract row (default: Qwen2.5-0.5B, or the first of --models)")
+    p.add_argument("--extract-batches", type=int, default=60, help="batches of the extract row's corpus (about)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, batch 2 x seq 256, 2 steps, extract over ~200 batches")
     args = p.parse_args(argv)
     if args.tiny:
         args.models, args.batch_sizes, args.seq_len, args.steps = ["tiny"], [2], 256, 2
+        args.extract_batches = 200  # ~100k tokens: enough for the full run to stand out from the fixed costs on CPU
+    if args.extract_model is None:
+        args.extract_model = "Qwen2.5-0.5B" if "Qwen2.5-0.5B" in args.models else args.models[0]
+    skip_extract = "--no-extract" if not args.extract else extract_unavailable()
+    if skip_extract is None and args.extract_model not in args.models:
+        skip_extract = f"--extract-model {args.extract_model} is not among --models (its bare step is the reference)"
 
     import jax
     import jax.numpy as jnp
@@ -221,6 +334,8 @@ def main(argv=None) -> int:
     say(f"gpu_bench: device {device.platform} {getattr(device, 'device_kind', '')} x {jax.device_count()} (timing uses one); "
         f"bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}; jax {jax.__version__}; "
         f"attention {attention}; compilation cache {cache}")
+    if skip_extract:
+        say(f"(extract row skipped: {skip_extract})")
     rows = []
     batches = args.batch_sizes + [args.batch_sizes[-1]] * (len(args.models) - len(args.batch_sizes))
     for name, batch in zip(args.models, batches):
@@ -244,6 +359,12 @@ def main(argv=None) -> int:
                 say("  " + format_row(rows[-1]))
             except Exception as e:
                 say(f"  {name} transformers: FAILED {type(e).__name__}: {str(e)[:300]}")
+        if name == args.extract_model and skip_extract is None:
+            try:
+                rows.append(bench_extract(name, c, batch, args.seq_len, args.extract_batches, cache, peak, rows))
+                say("  " + format_row(rows[-1]))
+            except Exception as e:
+                say(f"  {name} extract: FAILED {type(e).__name__}: {str(e)[:300]}")
         say(f"  ({time.perf_counter() - started:.0f} s so far)")
     print()
     common.table(rows)
@@ -256,9 +377,10 @@ def format_row(r: dict) -> str:
 
 
 def goals(rows: list[dict]) -> None:
-    """The issue's goals: >= 1.2x transformers' tokens/s at every shape, MFU >= 55% at 7B, compile <= 20 s cold / 5 s cached."""
+    """The issues' goals: >= 1.2x transformers' tokens/s at every shape, MFU >= 55% at 7B, compile <= 20 s cold /
+    5 s cached (issue 10); extract's data throughput >= 0.9x the bare step at the 0.5B shape (issue 16)."""
     for name in dict.fromkeys(r["model"] for r in rows):
-        ours = [r for r in rows if r["model"] == name and not r["impl"].startswith("transformers")]
+        ours = [r for r in rows if r["model"] == name and not r["impl"].startswith(("transformers", "extract"))]
         peer = next((r for r in rows if r["model"] == name and r["impl"].startswith("transformers")), None)
         if not ours:
             continue
@@ -271,6 +393,12 @@ def goals(rows: list[dict]) -> None:
             line += f"; MFU {best['MFU']}"
         line += f"; compile {best['compile s cold']:.1f} s cold, {best['compile s cached']:.1f} s cached"
         say(line)
+        for r in rows:
+            if r["model"] == name and r["impl"].startswith("extract"):
+                say(f"{name}: extract data throughput {r['tokens/s']:,.0f} tok/s = {r['vs bare']:.2f}x the bare step "
+                    f"(goal >= 0.9x: {'met' if r['vs bare'] >= 0.9 else 'NOT met'}), {r['vs bare with host copy']:.2f}x "
+                    f"the bare step with its host copy; whole call {r['whole call tokens/s']:,.0f} tok/s with the "
+                    f"model loaded, load + compile {r['load + compile s']:.1f} s more")
 
 
 if __name__ == "__main__":
