@@ -29,7 +29,7 @@ def slots(lengths: np.ndarray, seq_len: int, batch_size: int, mode: str, docs_pe
     real = computed = 0
     for lo in range(0, len(lengths), docs_per_unit):
         unit = lengths[lo:lo + docs_per_unit]
-        # SPEC: a document longer than seq_len is split into consecutive segments of <= seq_len.
+        # docs/FORMAT.md: a document longer than seq_len is split into consecutive segments of <= seq_len.
         segs = [min(seq_len, int(n) - s) for n in unit for s in range(0, int(n), seq_len)]
         real += sum(segs)
         if mode == "naive":  # every segment padded to seq_len; no batch fill

@@ -8,7 +8,7 @@ Same model, shapes and tokens, measured in one run (one process, DirectRunner):
     --small-docs documents; (tokens_full - tokens_small) / (wall_full - wall_small) is the
     pipeline's marginal throughput, i.e. with the one-time costs (Beam start, model load and
     compile, metadata) taken out; the whole-command figure is printed too.
-Also prints the XLA compilations of the step over the whole run (SPEC: one per worker) on a corpus
+Also prints the XLA compilations of the step over the whole run (docs/FORMAT.md: one per worker) on a corpus
 with a spread of document lengths and a final partial batch.
 
     .venv/bin/python bench/bench_pipeline.py                        # demo model + demo corpus

@@ -1,7 +1,7 @@
 """The shard format: TFRecord framing and tf.train.Example bytes, written and read without TensorFlow.
 
 Pipeline workers must never import TensorFlow (it can grab a TPU), so the writer builds the
-Example protobuf wire format by hand. The format is tiny and fixed (SPEC "Records"):
+Example protobuf wire format by hand. The format is tiny and fixed (docs/FORMAT.md, "Records"):
 
     Example  { 1: Features }
     Features { 1: map<string, Feature> }           map entry = { 1: key, 2: value }
@@ -146,14 +146,14 @@ def _feature_entry(key: str, feature: bytes) -> bytes:
 def encode_example(activations: np.ndarray, **int_features: np.ndarray) -> bytes:
     """tf.train.Example bytes for one row: activations [n, H] (little-endian) + int64 lists.
 
-    int_features are the SPEC's token_ids, doc_index, token_index and position, each [n].
+    int_features are docs/FORMAT.md's token_ids, doc_index, token_index and position, each [n].
     """
     head, body, tail = example_parts(activations, int_features_tail(**int_features))
     return head + body.tobytes() + tail
 
 
 def int_features_tail(**int_features: np.ndarray) -> bytes:
-    """The Example's bytes after the activations: its four int64 list features, in SPEC order."""
+    """The Example's bytes after the activations: its four int64 list features, in docs/FORMAT.md's order."""
     return b"".join(_int_entry(key, _varint_encode(int_features[key])) for key in INT_FEATURES)
 
 
