@@ -25,15 +25,8 @@ import numpy as np
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
+    common.add_model_shape_args(p)
     p.add_argument("--layer", type=int, help="the layer k (default: the middle one)")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=4, help="steps per timing")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
@@ -49,12 +42,8 @@ def main(argv=None) -> int:
         f"resid_post @ {n - 1} (every block)": ((n - 1,), hk.DEFAULT_HOOKS),
     }
     common.header("bench_hooks: step time of resid_post alone vs all seven hooks at one layer")
-    print(f"model: random Qwen2, {n} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
-          f"mlp {args.intermediate}; batch {args.batch_size} x seq {args.seq_len}; compute {args.compute_dtype}, "
-          f"storage bfloat16")
     with tempfile.TemporaryDirectory(prefix="bench_hooks_") as folder:
-        common.write_qwen2_checkpoint(folder, hidden=args.hidden, layers=n, heads=args.heads, kv_heads=args.kv_heads,
-                                      intermediate=args.intermediate)
+        common.write_shape_checkpoint(folder, args)  # storage is bfloat16
         extractors = {name: Extractor(folder, layers=layers, hooks=hooks, batch_size=args.batch_size,
                                       seq_len=args.seq_len, compute_dtype=args.compute_dtype, storage_dtype="bfloat16")
                       for name, (layers, hooks) in configs.items()}

@@ -21,14 +21,7 @@ import numpy as np
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    common.add_model_shape_args(p)
     p.add_argument("--ks", type=int, nargs="+", help="layers to time (default: 0, N/4, N/2, 3N/4, N-1)")
     p.add_argument("--steps", type=int, default=4, help="steps per timing")
     p.add_argument("--rounds", type=int, default=3)
@@ -39,11 +32,8 @@ def main(argv=None) -> int:
     n = args.num_layers
     ks = sorted(set(args.ks or [0, n // 4, n // 2, 3 * n // 4, n - 1]))
     common.header("bench_stop_layer: step time for layer k of N")
-    print(f"model: random Qwen2, {n} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
-          f"mlp {args.intermediate}; batch {args.batch_size} x seq {args.seq_len}; compute {args.compute_dtype}")
     with tempfile.TemporaryDirectory(prefix="bench_stop_layer_") as folder:
-        common.write_qwen2_checkpoint(folder, hidden=args.hidden, layers=n, heads=args.heads, kv_heads=args.kv_heads,
-                                      intermediate=args.intermediate)
+        common.write_shape_checkpoint(folder, args)
         extractors = {k: Extractor(folder, layers=[k], batch_size=args.batch_size, seq_len=args.seq_len,
                                    compute_dtype=args.compute_dtype, storage_dtype="bfloat16") for k in ks}
         rng = np.random.default_rng(0)

@@ -143,6 +143,26 @@ def copy_demo_tokenizer(folder: str) -> str:
     return folder
 
 
+def add_model_shape_args(p) -> None:
+    """The random Qwen2's shape and the step's batch: the options every model benchmark shares."""
+    p.add_argument("--num-layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+
+def write_shape_checkpoint(folder: str, args) -> str:
+    """write_qwen2_checkpoint for add_model_shape_args' options; prints the shape first."""
+    print(f"model: random Qwen2, {args.num_layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
+          f"mlp {args.intermediate}; batch {args.batch_size} x seq {args.seq_len}; compute {args.compute_dtype}")
+    return write_qwen2_checkpoint(folder, hidden=args.hidden, layers=args.num_layers, heads=args.heads,
+                                  kv_heads=args.kv_heads, intermediate=args.intermediate)
+
+
 def write_qwen2_checkpoint(folder: str, *, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                            intermediate: int = 384, seed: int = 0) -> str:
     """A random Qwen2 checkpoint in HF format with the demo tokenizer (so `extract` can run on it)."""
