@@ -5,6 +5,7 @@ UsageError: exit 2, one line)."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
@@ -167,7 +168,10 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         from llm_activations.model.checkpoint import check_complete
 
         check_complete(folder, model_cfg, max(layers) + 1)
-    return ExtractConfig(**{**asdict(cfg), "model": folder, "layers": layers, "hooks": hooks}), model_cfg, hf
+    # A hub id stays a hub id: the workers of a distributed runner (Dataflow, Flink, Spark) have no
+    # access to the launcher's download folder, so each resolves the id into its own hub cache.
+    model = cfg.model if source.is_hub_id(cfg.model) and not os.path.isdir(cfg.model) else folder
+    return ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks}), model_cfg, hf
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:

@@ -62,3 +62,25 @@ def test_check_folder_names_the_missing_part(tmp_path):
     with pytest.raises(UsageError, match=r"has no tokenizer files \(tokenizer\.json / tokenizer_config\.json / vocab\.json\)"):
         source.check_folder(_folder(tmp_path / "c", "config.json", "model.safetensors"))
     source.check_folder(_folder(tmp_path / "d", "config.json", "model.safetensors", "vocab.json"))
+
+
+def test_extract_keeps_a_hub_id_for_its_workers(monkeypatch, tmp_path):
+    """Workers of a distributed runner cannot see the launcher's download folder: the launcher
+    checks the downloaded checkpoint, but hands the hub id on, for each worker to resolve."""
+    import huggingface_hub
+
+    from llm_activations import demo
+    from llm_activations.options import ExtractConfig, check_config
+
+    folder = demo.ensure_demo_model()
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns=None: asked.append(repo_id) or folder)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    cfg, model_cfg, _ = check_config(ExtractConfig(model="demo-org/tiny-qwen2", inputs=(str(corpus),),
+                                                   output=str(tmp_path / "out")))
+    assert cfg.model == "demo-org/tiny-qwen2" and "demo-org/tiny-qwen2" in asked
+    assert model_cfg.num_layers == 4
+    local, _, _ = check_config(ExtractConfig(model=folder, inputs=(str(corpus),), output=str(tmp_path / "out")))
+    assert local.model == folder  # a local folder is passed on as it is
