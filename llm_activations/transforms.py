@@ -269,14 +269,20 @@ class WriteShards(beam.DoFn):
                          for hook in self._hooks for layer in self._layers}
 
     def process(self, element):
-        if isinstance(element, UnitEnd):
-            yield self._finish_unit(element)
-            return
-        batch = element.batch
-        tails = records.int_features_tails(batch.lengths, token_ids=batch.tokens, doc_index=batch.doc_index,
-                                           token_index=batch.token_index, position=batch.positions)
-        for key, writer in self._writers.items():
-            writer.put(batch.unit, batch.lengths, tails, element.activations[key])
+        try:
+            if isinstance(element, UnitEnd):
+                yield self._finish_unit(element)
+                return
+            batch = element.batch
+            tails = records.int_features_tails(batch.lengths, token_ids=batch.tokens, doc_index=batch.doc_index,
+                                               token_index=batch.token_index, position=batch.positions)
+            for key, writer in self._writers.items():
+                writer.put(batch.unit, batch.lengths, tails, element.activations[key])
+        except BaseException:
+            # A failed bundle is retried on another DoFn instance, and runners need not tear this
+            # one down: stop its writers now, so their unfinished files are aborted at once.
+            self._stop_writers()
+            raise
 
     def _finish_unit(self, end: UnitEnd) -> dict:
         u = end.unit.index

@@ -226,5 +226,18 @@ def test_a_failed_layer_writer_fails_the_bundle_and_leaves_no_shard(tmp_path):
     # if it came later, through the unit's close (the original error)
     with pytest.raises((NotADirectoryError, RuntimeError), match="Not a directory|writing resid_post layer 0 failed"):
         list(fn.process(U.UnitEnd(inputs.WorkUnit(0, 0, 2, ()), {}, [])))
+    # the failing bundle stopped its writers itself: a retry runs on another instance, and a
+    # runner need not call teardown on this one
+    assert not [t for t in threading.enumerate() if t.name.startswith("write-resid_post-0")]
     fn.teardown()
     assert blocker.read_text() == "" and not os.path.exists(tmp_path / "_units")
+
+
+def test_a_failing_bundle_aborts_its_open_shards_at_once(tmp_path):
+    fn = T.WriteShards(str(tmp_path), (0,), 1, "none", "fp")
+    fn.start_bundle()
+    list(fn.process(U.Extracted(_batch([2, 1]), {("resid_post", 0): np.ones((2, 4, 3), np.float32)})))
+    with pytest.raises(KeyError):  # a batch without this output's activations: the bundle fails
+        list(fn.process(U.Extracted(_batch([2, 1]), {})))
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == []  # the unit's unfinished file was aborted, not left for the run's cleanup
