@@ -195,19 +195,26 @@ def check_devices(cfg: ExtractConfig, options) -> None:
 def parse_beam_options(args: tuple):
     """Beam PipelineOptions from the options extract does not know; a typo is a usage error
     (Beam itself would only log that it discarded the option and run without it)."""
+    import contextlib
+    import io
     import logging
 
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    said = io.StringIO()  # Beam's argparse prints its whole usage before it exits: keep its last line
     try:
-        options = PipelineOptions(list(args))
-        beam_log = logging.getLogger("apache_beam.options.pipeline_options")
-        level, beam_log.level = beam_log.level, logging.ERROR  # we report unknown options ourselves
-        try:
-            unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
-        finally:
-            beam_log.level = level
-    except (SystemExit, ValueError) as e:
+        with contextlib.redirect_stderr(said):
+            options = PipelineOptions(list(args))
+            beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+            level, beam_log.level = beam_log.level, logging.ERROR  # we report unknown options ourselves
+            try:
+                unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+            finally:
+                beam_log.level = level
+    except SystemExit:
+        reason = (said.getvalue().strip().splitlines() or ["?"])[-1].split("error: ", 1)[-1]
+        raise UsageError(f"bad Beam pipeline option: {reason}") from None
+    except ValueError as e:
         raise UsageError(f"bad Beam pipeline option in {' '.join(args)} ({e})") from None
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join('--' + u for u in sorted(unknown))}: neither an extract "
