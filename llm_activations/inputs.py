@@ -29,6 +29,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2"}
 # Leading bytes of compressed data: a file whose name says "uncompressed" but whose bytes start so
 # is refused up front, instead of every line being rejected as malformed JSON.
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2"}
+SUFFIXES = {name: suffix for suffix, name in COMPRESSIONS.items()}
 BOM = b"\xef\xbb\xbf"
 FIELD_PROBE = 100  # records of each JSON lines file checked for --text-field on the launcher
 EXCERPT = 200
@@ -246,14 +247,12 @@ def open_decompressed(path: str, compression: str):
 
 
 def content_digest(path: str) -> str:
-    """The content fingerprint `--resume` compares: "sha256:<hex>" of the file's bytes; for a parquet
-    file on an object store, the store's own checksum (reading terabytes on the launcher to hash
-    them would cost more than the run). Modification times are not part of it: a file touched but
-    unchanged keeps its units, one rewritten with the same length does not."""
+    """The content fingerprint `--resume` compares: "sha256:<hex>" of the file's bytes; for a file on
+    an object store, the store's own checksum (reading terabytes on the launcher to hash them would
+    cost more than the run). Modification times are not part of it: a file touched but unchanged
+    keeps its units, one rewritten with the same length does not."""
     if fileio.is_url(path):
-        from apache_beam.io.filesystems import FileSystems
-
-        return f"store:{FileSystems.checksum(path)}"
+        return f"store:{fileio.checksum(path)}"
     return "sha256:" + fileio.sha256_file(path)[0]
 
 
@@ -349,7 +348,7 @@ def scan_file(path: str, text_field: str) -> tuple[int, str]:
     if not compression:
         for magic, name in MAGIC.items():
             if head.startswith(magic):
-                raise UsageError(f"{path}: holds {name}-compressed bytes; name it {path}{'.gz' if name == 'gzip' else '.zst' if name == 'zstd' else '.bz2'}")
+                raise UsageError(f"{path}: holds {name}-compressed bytes; name it {path}{SUFFIXES[name]}")
     if kind == "txt":
         return 1, "sha256:" + hashing.sha.hexdigest()
     head = head.removeprefix(BOM)

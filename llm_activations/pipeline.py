@@ -154,9 +154,9 @@ def prepare_output(cfg: ExtractConfig, stale: list, num_units: int) -> None:
         fileio.delete([p for p in existing if os.path.basename(p).startswith(METADATA_FILE)])
         for m in stale:  # the manifest first: from then on the unit is simply not finished
             fileio.delete([join(root, manifests.manifest_relpath(m["unit"], num_units))])
-            fileio.delete([p for p in (join(root, s["path"]) for s in m["shards"]) if fileio.exists(p)])
-            if m.get("rejected_file") and fileio.exists(join(root, m["rejected_file"])):
-                fileio.delete([join(root, m["rejected_file"])])
+            # delete skips what is already gone: no existence check per file
+            fileio.delete([join(root, s["path"]) for s in m["shards"]]
+                          + ([join(root, m["rejected_file"])] if m.get("rejected_file") else []))
         return
     # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
     # no longer claims to be a finished dataset.

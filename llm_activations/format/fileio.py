@@ -135,6 +135,11 @@ def size(path: str) -> int | None:
     return found[0] if found else None
 
 
+def checksum(path: str) -> str:
+    """The object store's own checksum of a file at a URL (no download)."""
+    return _beam(path).checksum(path)
+
+
 def match(patterns: list[str]) -> list[str]:
     """Paths matching glob patterns; a pattern that matches nothing contributes nothing."""
     for p in patterns:

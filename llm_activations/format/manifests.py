@@ -66,7 +66,8 @@ def read_manifests(output: str, fp: str) -> dict:
     configuration (resuming would mix two extractions in one folder)."""
     found = {}
     for path in fileio.match([join(output, MANIFEST_DIR, "unit-*.json")]):
-        manifest = json.loads(fileio.read_text(path))
+        with fileio.open_read(path) as f:  # match just listed it: no existence check needed
+            manifest = json.loads(f.read())
         if manifest.get("fingerprint") != fp:
             raise UsageError(f"--resume: {output} holds units extracted with other options, input or model "
                              f"({path.rsplit('/', 1)[-1]}); rerun with the original options, or use --overwrite")
@@ -82,9 +83,10 @@ def stale_reason(output: str, manifest: dict, inputs: str) -> str | None:
         return "its input changed since it was extracted"
     for shard in manifest["shards"]:
         path = join(output, shard["path"])
-        if not fileio.exists(path):
+        nbytes = fileio.size(path)  # one request: existence and size; a wrong size is never hashed
+        if nbytes is None:
             return f"{shard['path']} is missing"
-        if fileio.sha256_file(path) != (shard["sha256"], shard["bytes"]):
+        if nbytes != shard["bytes"] or fileio.sha256_file(path)[0] != shard["sha256"]:
             return f"{shard['path']} differs from its manifest"
     if manifest.get("rejected_file") and not fileio.exists(join(output, manifest["rejected_file"])):
         return f"{manifest['rejected_file']} is missing"
