@@ -41,6 +41,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.transforms.window import GlobalWindow
 
 from llm_activations import inputs, packing
+from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import manifests
 from llm_activations.format import records
@@ -374,7 +375,7 @@ class OutputWriter:
     def _file(self, unit: int) -> records.ShardWriter:
         if unit not in self._files:
             rel = records.shard_relpath(self._layer, unit, self._num_units, self._compression, hook=self._hook)
-            path = f"{self._output.rstrip('/')}/{rel}"
+            path = fileio.join(self._output, rel)
             self._files[unit] = (rel, records.ShardWriter(path, self._compression, hash_in_background=True))
         return self._files[unit][1]
 

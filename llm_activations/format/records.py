@@ -36,14 +36,9 @@ COMPRESSION_SUFFIX = {"none": ".tfrecord", "gzip": ".tfrecord.gz"}
 # ----------------------------------------------------------------------------- paths
 
 
-def layer_dirname(layer: int, hook: str = hk.DEFAULT) -> str:
-    """Folder of one layer's shards, relative to the dataset root: layer_03 (resid_post), z/layer_03."""
-    return hk.dirname(hook, layer)
-
-
 def shard_relpath(layer: int, shard: int, num_shards: int, compression: str = "none", hook: str = hk.DEFAULT) -> str:
     """Relative path of one shard: layer_03/part-00000-of-00004.tfrecord (mlp_out/layer_03/... for other hooks)."""
-    return f"{layer_dirname(layer, hook)}/part-{shard:05d}-of-{num_shards:05d}{COMPRESSION_SUFFIX[compression]}"
+    return f"{hk.dirname(hook, layer)}/part-{shard:05d}-of-{num_shards:05d}{COMPRESSION_SUFFIX[compression]}"
 
 
 def compression_of(path: str) -> str:
