@@ -51,11 +51,7 @@ def write_checkpoint(folder: str, hidden: int, layers: int) -> str:
 
     from llm_activations import demo
 
-    src = common.demo_model()
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(src):
-        if name.startswith("tokenizer") or name.endswith(".txt") or name == "special_tokens_map.json":
-            shutil.copy(os.path.join(src, name), folder)
+    common.copy_demo_tokenizer(folder)
     config = dict(demo.DEMO_CONFIG, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
                   num_key_value_heads=2, vocab_size=demo.VOCAB_SIZE, max_position_embeddings=32768)
     with open(os.path.join(folder, "config.json"), "w") as f:

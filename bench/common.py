@@ -294,9 +294,9 @@ class SimulatedExtractor:
     def __init__(self, spec, step_seconds: float, hidden_size: int, stats: SimulatedStats):
         from types import SimpleNamespace
 
-        import ml_dtypes
+        from llm_activations.format import dtypes
 
-        dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[spec.storage_dtype]
+        dtype = dtypes.STORAGE[spec.storage_dtype]
         self.step_seconds, self.stats = step_seconds, stats
         self.outputs = [(hook, layer) for hook in spec.hooks for layer in spec.layers]  # StepOutput's keys
         self.mesh = SimpleNamespace(shape={"data": 1, "model": 1})

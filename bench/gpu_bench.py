@@ -86,15 +86,14 @@ def random_params(c, dtype, seed: int = 0):
     import jax.numpy as jnp
     import ml_dtypes
 
-    from llm_activations.model.checkpoint import KEY_TABLE
+    from llm_activations.model.checkpoint import RULE_OF
     from llm_activations.model.hf_weights import draw
     from llm_activations.model.transformer import param_specs
 
-    rules = {r.param: r for r in KEY_TABLE}
     rng = np.random.default_rng(seed)
 
     def put(name: str, num_blocks: int | None):
-        x = rules[name].to_ours(draw(rng, name, rules[name].hf_shape(c), np.float32), c)
+        x = RULE_OF[name].to_ours(draw(rng, name, RULE_OF[name].hf_shape(c), np.float32), c)
         x = jax.device_put(x.astype(ml_dtypes.bfloat16))
         if num_blocks is not None:
             x = jax.jit(lambda a, n=num_blocks: jnp.broadcast_to(a[None], (n,) + a.shape).astype(dtype))(x)

@@ -176,7 +176,8 @@ def train(
     source, target = ("mlp_in", "mlp_out") if transcoder else (hook, hook)
     if layer is None:
         layer = min(l for h, l in md.entries(meta) if h == target)
-    spec_in, spec_out = rd.layer_spec(path, layer, hook=source), rd.layer_spec(path, layer, hook=target)
+    spec_out = rd.layer_spec(path, layer, hook=target)
+    spec_in = spec_out if source == target else rd.layer_spec(path, layer, hook=source)
     stats = meta.get("stats", {}).get(hk.key(target, layer), {})
     b_dec = np.asarray(stats.get("mean", np.zeros(spec_out.hidden_size)), np.float32) * float(spec_out.scaling_factor or 1.0)
     params = init_params(jax.random.PRNGKey(seed), spec_in.hidden_size, latents, b_dec, spec_out.hidden_size)

@@ -31,6 +31,7 @@ import jax
 
 from llm_activations import reader
 from llm_activations.errors import UsageError
+from llm_activations.format import hooks as hk
 
 
 def prefetch_to_device(batches: Iterable, sharding=None, size: int = 2) -> Iterator:
@@ -85,8 +86,8 @@ def device_batches(
     Sharding the batch must split evenly over it (checked here, in one line).
     Multi-process meshes: every process would read the whole dataset; not supported yet.
     """
-    spec = reader.layer_spec(path, layer, hook=reader_kwargs.get("hook", "resid_post"))
+    spec = reader.layer_spec(path, layer, hook=reader_kwargs.pop("hook", hk.DEFAULT))
     _check_sharding(sharding, batch_size, spec.hidden_size, reader_kwargs.get("drop_remainder", True))
     if jax.process_count() > 1:
         raise UsageError("device_batches reads on one process only; with several, give each its own files")
-    return prefetch_to_device(reader.iter_numpy_batches(path, layer, batch_size, **reader_kwargs), sharding, prefetch)
+    return prefetch_to_device(reader.numpy_batches(spec, batch_size, **reader_kwargs), sharding, prefetch)

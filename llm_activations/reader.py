@@ -608,7 +608,17 @@ def iter_numpy_batches(
     memory is reused once nothing refers to it (module doc): drop batches you are done with.
     """
     _check_args(batch_size, shuffle_buffer)
-    spec = layer_spec(path, layer, hook=hook)
+    return numpy_batches(layer_spec(path, layer, hook=hook), batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
+                         drop_remainder=drop_remainder, normalize=normalize, with_metadata=with_metadata,
+                         cycle_length=cycle_length, check_crc=check_crc)
+
+
+def numpy_batches(spec: LayerSpec, batch_size: int, *, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                  seed: int | None = None, drop_remainder: bool = True, normalize: bool = False,
+                  with_metadata: bool = False, cycle_length: int = DEFAULT_CYCLE_LENGTH, check_crc: bool = True) -> Iterator:
+    """iter_numpy_batches for a LayerSpec already read (callers that needed the spec first, such
+    as jax_reader, do not read metadata.json twice)."""
+    _check_args(batch_size, shuffle_buffer)
     batches = _pass(
         spec, batch_size, shuffle_buffer=shuffle_buffer, rng=_pass_rng(seed, 0), drop_remainder=drop_remainder,
         scale=_scale(spec, normalize), with_metadata=with_metadata, cycle_length=cycle_length,

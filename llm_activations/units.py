@@ -96,9 +96,7 @@ def read_documents(unit: inputs.WorkUnit, text_field: str, num_hosts: int = 1, h
     data = UnitData(unit)
     for item in inputs.read_unit(unit, text_field, num_hosts, host_index):
         if isinstance(item, inputs.Rejected):
-            data.counts["rejected"] += 1
-            data.rejected.append(item.to_json())
-            data.metrics["rejected"] += 1
+            _reject(data, item)
         else:
             data.docs.append(item)
             data.metrics["documents_read"] += 1
@@ -124,15 +122,20 @@ def encode(tokenizer, texts: list[str]) -> Iterator[list[int]]:
         yield from tokenizer(texts[i : i + TOKENIZER_BATCH])["input_ids"]
 
 
+def _reject(data: UnitData, item) -> None:
+    """Count and keep one unusable record: metadata counts and the Beam counter say the same."""
+    data.counts["rejected"] += 1
+    data.metrics["rejected"] += 1
+    data.rejected.append(item.to_json())
+
+
 def tokenize_unit(data: UnitData, tokenizer) -> UnitData:
     """Tokenizes a unit's documents: exactly tokenizer(text)["input_ids"] each. A document whose
     text encodes to no token is rejected (nothing to extract)."""
     docs = data.docs
     for doc, tok in zip(docs, encode(tokenizer, [d.text for d in docs])):
         if not tok:
-            data.counts["rejected"] += 1
-            data.rejected.append(inputs.Rejected(
-                doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]).to_json())
+            _reject(data, inputs.Rejected(doc.doc_index, "", "text encodes to zero tokens", doc.text[: inputs.EXCERPT]))
             continue
         data.tokens.append((doc.doc_index, np.asarray(tok, dtype=np.int32)))
         data.counts["documents"] += 1

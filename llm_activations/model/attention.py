@@ -144,7 +144,7 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- implementations
 
 
-def prepare(backend: Backend, segment_ids: jax.Array, step: int | None = None) -> Any:
+def prepare(backend: Backend, segment_ids: jax.Array) -> Any:
     """What `attend` needs from segment_ids, computed once per step and shared by every layer."""
     t = segment_ids.shape[1]
     if backend.attention == "xla":

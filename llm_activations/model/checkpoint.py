@@ -26,7 +26,6 @@ from llm_activations.errors import UsageError
 from llm_activations.model.sharding import named_sharding
 from llm_activations.model.transformer import layer_specs, param_shardings, param_specs
 
-INDEX_FILE = source.INDEX_FILE  # bench/bench_model.py writes sharded checkpoints with it
 
 
 class KeyRule(NamedTuple):
@@ -70,6 +69,7 @@ KEY_TABLE: tuple[KeyRule, ...] = (
             lambda w, c: w.T),
 )
 _COMPILED = tuple((re.compile(r.pattern + r"\Z"), r) for r in KEY_TABLE)
+RULE_OF = {r.param: r for r in KEY_TABLE}  # our param name -> its row
 
 # Present in checkpoints, never needed for the residual stream.
 IGNORED_KEYS = re.compile(r"(lm_head\.weight|model\.norm\.weight|model\.rotary_emb\.inv_freq|"
@@ -79,7 +79,7 @@ IGNORED_KEYS = re.compile(r"(lm_head\.weight|model\.norm\.weight|model\.rotary_e
 def hf_key(rule: KeyRule | str, layer: int | None) -> str:
     """The HF key a rule (or our param name) stands for at one layer (None for the embedding)."""
     if isinstance(rule, str):
-        rule = next(r for r in KEY_TABLE if r.param == rule)
+        rule = RULE_OF[rule]
     return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
 
 
@@ -96,8 +96,7 @@ def check_complete(folder: str, config: ModelConfig, num_blocks: int) -> None:
                 shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except Exception as e:
             raise UsageError(f"--model {folder}: {os.path.basename(path)} is unreadable or truncated ({e})") from None
-    rules = {r.param: r for r in KEY_TABLE}
-    needed = [(rules["embed"], None)] + [(rules[name], i) for i in range(num_blocks) for name in layer_specs(config)]
+    needed = [(RULE_OF["embed"], None)] + [(RULE_OF[name], i) for i in range(num_blocks) for name in layer_specs(config)]
     for rule, layer in needed:
         key = hf_key(rule, layer)
         if key not in shapes:
@@ -247,7 +246,7 @@ def to_hf(param: str, value: np.ndarray, config: ModelConfig) -> np.ndarray:
     to_ours applied to an empty HF-shaped tensor is a view of it in our layout: writing `value`
     through that view fills the HF tensor, and no transform is written twice.
     """
-    rule = next(r for r in KEY_TABLE if r.param == param)
+    rule = RULE_OF[param]
     out = np.empty(rule.hf_shape(config), value.dtype)
     view = rule.to_ours(out, config)
     if not (view is out or view.base is out) or view.shape != value.shape:

@@ -96,7 +96,7 @@ class Extractor:
             raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
         self.cache_folder = compile_cache.configure(compilation_cache)
         folder = source.resolve(model)
-        self.config, self.hf_config = load_model_config(folder)
+        self.config, _ = load_model_config(folder)
         self.layers = check_layers(self.config, layers)
         self.hooks = hk.check_hooks(hooks, option="hooks")
         self.keys = tuple((h, l) for h in self.hooks for l in self.layers)

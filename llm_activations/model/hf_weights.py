@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from llm_activations.model.checkpoint import KEY_TABLE, hf_key, to_hf
+from llm_activations.model.checkpoint import RULE_OF, hf_key, to_hf
 from llm_activations.model.source import INDEX_FILE, SINGLE_FILE
 from llm_activations.model.config import ModelConfig
 from llm_activations.model.transformer import layer_specs
@@ -54,9 +54,8 @@ def random_tensors(c: ModelConfig, num_layers: int | None = None, seed: int = 0)
     embedding, the lm_head (unless tied) and the final norm (ones), then blocks 0 .. num_layers-1
     (default: all), in DRAW_ORDER. One tensor at a time: a large model never sits in host memory whole.
     """
-    rules = {r.param: r for r in KEY_TABLE}
     rng = np.random.default_rng(seed)
-    yield "embed", None, draw(rng, "embed", rules["embed"].hf_shape(c))
+    yield "embed", None, draw(rng, "embed", RULE_OF["embed"].hf_shape(c))
     if not c.tie_word_embeddings:
         yield "lm_head", None, draw(rng, "lm_head", (c.vocab_size, c.hidden_size))
     yield "norm", None, np.ones(c.hidden_size, np.float32)
@@ -64,7 +63,7 @@ def random_tensors(c: ModelConfig, num_layers: int | None = None, seed: int = 0)
     for layer in range(c.num_layers if num_layers is None else num_layers):
         for name in DRAW_ORDER:
             if name in specs:
-                yield name, layer, rules[name].to_ours(draw(rng, name, rules[name].hf_shape(c)), c)
+                yield name, layer, RULE_OF[name].to_ours(draw(rng, name, RULE_OF[name].hf_shape(c)), c)
 
 
 def random_params(c: ModelConfig, num_layers: int, seed: int = 0) -> dict:
@@ -90,12 +89,11 @@ def init_params(c: ModelConfig, num_layers: int, seed: int = 0, dtype=np.float32
 
 def hf_tensors(c: ModelConfig, tensors: Iterable[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, HF tensor) for each (param, block, value in our layout), through KEY_TABLE's inverse."""
-    rules = {r.param: r for r in KEY_TABLE}
     for name, layer, value in tensors:
         if name in HEAD_KEYS:
             yield HEAD_KEYS[name], np.ascontiguousarray(value)
         else:
-            yield hf_key(rules[name], layer), to_hf(name, value, c)
+            yield hf_key(RULE_OF[name], layer), to_hf(name, value, c)
 
 
 def params_tensors(params: dict) -> Iterator[Tensor]:

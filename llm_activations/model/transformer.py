@@ -96,16 +96,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, aux,
-              backend: Backend, mesh: Mesh | None = None) -> jax.Array:
-    """Grouped-query self-attention of normed x [B, T, D] -> [B, T, D] over packed segments.
-
-    aux: attention.prepare(backend, segment_ids), computed once per step and shared by every layer.
-    """
-    heads = attention_heads(p, c, x, positions, segment_ids, aux, backend, mesh)
-    return o_proj(p, c, heads, backend.float32_dots)
-
-
 def attention_heads(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, aux,
                     backend: Backend, mesh: Mesh | None = None) -> jax.Array:
     """Per-head attention outputs before o_proj (the "z" hook): normed x [B, T, D] -> [B, T, N, H].
