@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_activations.errors import UsageError
+from llm_activations.model.cost import ACCELERATOR_QUERY_BLOCK
 
 IMPLEMENTATIONS = ("xla", "splash", "cudnn", "tokamax")
 # What "auto" picks per platform; cuDNN's kernel takes only 16-bit inputs (float32 uses "xla").
@@ -35,7 +36,7 @@ AUTO = {"cpu": "xla", "tpu": "splash", "gpu": "cudnn"}
 # Queries per block of the "xla" path. On CPU small blocks keep each [.., block, window] float32
 # logits tile in cache (3-4x faster than one [B, N, T, T] tile at T=1024 on a 2-core CPU);
 # accelerators prefer fewer, larger matmuls.
-QUERY_BLOCK = {"cpu": 128, "tpu": 512, "gpu": 512}
+QUERY_BLOCK = {"cpu": 128, "tpu": ACCELERATOR_QUERY_BLOCK, "gpu": ACCELERATOR_QUERY_BLOCK}
 # Splash attention tiles: its kv compute block must be a multiple of the TPU's 128 lanes.
 SPLASH_BLOCK = 128
 
@@ -144,6 +145,14 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- implementations
 
 
+def dot(eq: str, a: jax.Array, b: jax.Array, float32_dots: bool) -> jax.Array:
+    """jnp.einsum in the inputs' dtype; with float32_dots (Backend.float32_dots, CPU) a bfloat16 dot
+    accumulates into a float32 result and rounds once."""
+    if float32_dots and a.dtype == jnp.bfloat16:
+        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    return jnp.einsum(eq, a, b)
+
+
 def prepare(backend: Backend, segment_ids: jax.Array) -> Any:
     """What `attend` needs from segment_ids, computed once per step and shared by every layer."""
     t = segment_ids.shape[1]
@@ -208,9 +217,7 @@ def _xla(q, k, v, mask, windows, *, step: int, float32_dots: bool) -> jax.Array:
         logits = jnp.where(m[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
         vs = jax.lax.dynamic_slice_in_dim(v, start, w, axis=2)
-        if float32_dots and q.dtype == jnp.bfloat16:
-            return jnp.einsum("bkgts,bksh->bkgth", probs, vs, preferred_element_type=jnp.float32).astype(q.dtype)
-        return jnp.einsum("bkgts,bksh->bkgth", probs, vs)
+        return dot("bkgts,bksh->bkgth", probs, vs, float32_dots)
 
     def body(carry, blk):
         i, window = blk

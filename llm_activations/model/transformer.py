@@ -70,14 +70,6 @@ def param_shardings(c: ModelConfig, num_layers: int, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def _dot(eq: str, a: jax.Array, b: jax.Array, float32_dots: bool) -> jax.Array:
-    """jnp.einsum in the inputs' dtype; with float32_dots (Backend.float32_dots, CPU) a bfloat16 dot
-    accumulates into a float32 result and rounds once."""
-    if float32_dots and a.dtype == jnp.bfloat16:
-        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-    return jnp.einsum(eq, a, b)
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, accumulated in float32, cast back before the weight (as HF does)."""
     xf = x.astype(jnp.float32)
@@ -105,9 +97,9 @@ def attention_heads(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array,
     """
     f32 = backend.float32_dots
     # [B, T, N, H] / [B, T, K, H]
-    q = _dot("btd,dnh->btnh", x, p["q"], f32)
-    k = _dot("btd,dkh->btkh", x, p["k"], f32)
-    v = _dot("btd,dkh->btkh", x, p["v"], f32)
+    q = attn.dot("btd,dnh->btnh", x, p["q"], f32)
+    k = attn.dot("btd,dkh->btkh", x, p["k"], f32)
+    v = attn.dot("btd,dkh->btkh", x, p["v"], f32)
     if c.qkv_bias:  # Qwen2: q/k/v projections have a bias (o_proj does not)
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:  # Qwen3: per-head RMSNorm on q and k, before RoPE
@@ -120,17 +112,17 @@ def attention_heads(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array,
 def o_proj(p: dict, c: ModelConfig, heads: jax.Array, float32_dots: bool) -> jax.Array:
     """The attention output projection: per-head outputs [B, T, N, H] -> [B, T, D]."""
     # [B, T, D]
-    out = _dot("btnh,nhd->btd", heads, p["o"], float32_dots)
+    out = attn.dot("btnh,nhd->btd", heads, p["o"], float32_dots)
     return out + p["o_bias"] if c.o_bias else out
 
 
 def mlp(p: dict, x: jax.Array, float32_dots: bool) -> jax.Array:
     """SwiGLU MLP of normed x [B, T, D] -> [B, T, D]."""
     # [B, T, F]
-    gate = _dot("btd,df->btf", x, p["gate"], float32_dots)
-    up = _dot("btd,df->btf", x, p["up"], float32_dots)
+    gate = attn.dot("btd,df->btf", x, p["gate"], float32_dots)
+    up = attn.dot("btd,df->btf", x, p["up"], float32_dots)
     # [B, T, D]
-    return _dot("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], float32_dots)
+    return attn.dot("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], float32_dots)
 
 
 def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, aux,
