@@ -73,7 +73,6 @@ import gzip
 import itertools
 import os
 import queue
-import struct
 import sys
 import threading
 from dataclasses import dataclass
@@ -305,7 +304,7 @@ def _framed_records(stream, check_crc: bool) -> Iterator[np.ndarray]:
         header = stream.read(12)
         if not header:
             return
-        length = _record_length(header, check_crc)
+        length = records.record_length(header, check_crc)
         buf = _record_buffer(length)
         if _read_into(stream, buf) < len(buf):
             raise ValueError("truncated record")
@@ -313,15 +312,6 @@ def _framed_records(stream, check_crc: bool) -> Iterator[np.ndarray]:
 
 
 # The TFRecord framing (records.frame_record): [length u64][masked crc32c of length u32][data][masked crc32c of data u32]
-
-
-def _record_length(header: bytes, check_crc: bool) -> int:
-    if len(header) < 12:
-        raise ValueError("truncated record header")
-    (length,) = struct.unpack("<Q", header[:8])
-    if check_crc and struct.unpack("<I", header[8:])[0] != records._masked_crc(header[:8]):
-        raise ValueError("length CRC mismatch")
-    return length
 
 
 def _record_buffer(length: int) -> np.ndarray:
@@ -332,8 +322,7 @@ def _record_buffer(length: int) -> np.ndarray:
 def _checked(buf: np.ndarray, check_crc: bool) -> np.ndarray:
     """The data of a record read into buf (data + CRC), after checking the CRC."""
     data = buf[:-4]
-    if check_crc and int(buf[-4:].view("<u4")[0]) != records._masked_crc(data):
-        raise ValueError("data CRC mismatch")
+    records.check_data_crc(data, buf[-4:], check_crc)
     return data
 
 
@@ -380,7 +369,7 @@ def _record_refs(path: str, check_crc: bool = True) -> Iterator[_RecordRef]:
         size, pos = os.fstat(f.fileno()).st_size, 0
         try:
             while pos < size:
-                length = _record_length(os.pread(f.fileno(), 12, pos), check_crc)
+                length = records.record_length(os.pread(f.fileno(), 12, pos), check_crc)
                 if pos + 16 + length > size:
                     raise ValueError("truncated record")
                 yield _RecordRef(path, pos + 12, length)

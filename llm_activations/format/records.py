@@ -296,23 +296,34 @@ def frame_parts(head: bytes, body: np.ndarray, tail: bytes) -> tuple[bytes, np.n
     return (header + struct.pack("<I", _masked_crc(header)) + head, body, tail + struct.pack("<I", _mask(crc)))
 
 
+def record_length(header: bytes, check_crc: bool = True) -> int:
+    """The data length a 12-byte TFRecord header announces; ValueError if truncated or corrupt."""
+    if len(header) < 12:
+        raise ValueError("truncated record header")
+    (length,) = struct.unpack("<Q", header[:8])
+    if check_crc and struct.unpack("<I", header[8:])[0] != _masked_crc(header[:8]):
+        raise ValueError("length CRC mismatch")
+    return length
+
+
+def check_data_crc(data, footer, check_crc: bool = True) -> None:
+    """ValueError unless footer (4 bytes) is the masked CRC32C of data (bytes or a uint8 array)."""
+    if check_crc and struct.unpack("<I", bytes(footer))[0] != _masked_crc(data):
+        raise ValueError("data CRC mismatch")
+
+
 def iter_records(stream: BinaryIO, check_crc: bool = True) -> Iterator[bytes]:
     """TFRecord payloads of an (already decompressed) stream; ValueError on corruption."""
     while True:
         header = stream.read(12)
         if not header:
             return
-        if len(header) < 12:
-            raise ValueError("truncated record header")
-        (length,) = struct.unpack("<Q", header[:8])
-        if check_crc and struct.unpack("<I", header[8:])[0] != _masked_crc(header[:8]):
-            raise ValueError("length CRC mismatch")
+        length = record_length(header, check_crc)
         data = stream.read(length)
         footer = stream.read(4)
         if len(data) < length or len(footer) < 4:
             raise ValueError("truncated record")
-        if check_crc and struct.unpack("<I", footer)[0] != _masked_crc(data):
-            raise ValueError("data CRC mismatch")
+        check_data_crc(data, footer, check_crc)
         yield data
 
 
