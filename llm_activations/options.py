@@ -151,6 +151,7 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
     if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
         raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
+    check_cache_folder(cfg.compilation_cache)
     folder = source.resolve(cfg.model)
     source.check_folder(folder)
     model_cfg, hf = load_model_config(folder)
@@ -172,6 +173,26 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     # access to the launcher's download folder, so each resolves the id into its own hub cache.
     model = cfg.model if source.is_hub_id(cfg.model) and not os.path.isdir(cfg.model) else folder
     return ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks}), model_cfg, hf
+
+
+def check_cache_folder(folder: str | None) -> None:
+    """A local --compilation-cache must be a folder this host can write: JAX itself only warns,
+    per program, and then compiles every run from scratch."""
+    from llm_activations.format import fileio
+
+    if not folder or folder.lower() == "none" or fileio.is_url(folder):
+        return
+    path = os.path.abspath(os.path.expanduser(folder))
+    try:
+        os.makedirs(path, exist_ok=True)
+        ok = os.access(path, os.W_OK)
+    except OSError as e:
+        ok, why = False, e.strerror or str(e)
+    else:
+        why = "not writable"
+    if not ok:
+        raise UsageError(f"--compilation-cache {folder}: cannot use it as a cache folder ({why}); "
+                         "give a writable folder, or none to compile without a cache")
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:

@@ -47,3 +47,15 @@ def test_second_run_is_served_by_the_cache(tmp_path):
     assert [r["compile_cache_hit"] for r in runs] == [False, True]
     assert all(r["compilations"] == 1 and r["compile_seconds"] > 0 for r in runs)
     print("compile seconds, cold then cached:", [r["compile_seconds"] for r in runs])
+
+
+def test_an_unusable_cache_folder_is_one_line_before_any_work(tmp_path, capsys):
+    from llm_activations.cli import main
+
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")
+    out = tmp_path / "out"
+    assert main(["extract", "--output", str(out), "--compilation-cache", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--compilation-cache {not_a_folder}: cannot use it as a cache folder" in err[0], err
+    assert not out.exists()  # refused before the output folder was touched
