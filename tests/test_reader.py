@@ -10,6 +10,7 @@ import pytest
 from synthetic import make_dataset, read_all_rows
 
 from llm_activations import reader
+from llm_activations.reader.shuffle import permuted_windows
 from llm_activations.errors import DatasetError
 
 KEYS = ("activations", "token_ids", "doc_index", "token_index", "position")
@@ -304,7 +305,7 @@ def test_windows_are_consecutive_and_uniformly_permuted():
     counts = {0: np.zeros((window, window)), 3: np.zeros((10, 10))}  # token x position, full and last window
     for seed in range(trials):
         chunks = ({"activations": np.arange(s, s + 7)[:, None]} for s in range(0, total, 7))
-        out = [w["activations"][:, 0].copy() for w in reader._permuted_windows(chunks, window, np.random.default_rng(seed))]
+        out = [w["activations"][:, 0].copy() for w in permuted_windows(chunks, window, np.random.default_rng(seed), reader.BufferPool(1 << 20))]
         assert [len(w) for w in out] == [20, 20, 20, 10]
         for i, w in enumerate(out):
             assert sorted(w) == list(range(i * window, i * window + len(w)))
