@@ -164,8 +164,10 @@ def rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, scale
         yield {k: v[:fill] for k, v in out.items()}
 
 
-def pass_rng(seed: int | None, epoch: int) -> np.random.Generator:
-    return np.random.default_rng(None if seed is None else [seed, epoch])
+def pass_rng(seed: int | None, epoch: int | tuple[int, ...]) -> np.random.Generator:
+    """The pass's generator: [seed, epoch] (a tuple epoch, e.g. (epoch, worker, workers), extends it)."""
+    key = epoch if isinstance(epoch, tuple) else (epoch,)
+    return np.random.default_rng(None if seed is None else [seed, *key])
 
 
 def _zip_shards(iters: list[Iterator], group: tuple[ShardInfo, ...]) -> Iterator[tuple]:
@@ -182,7 +184,7 @@ def _zip_shards(iters: list[Iterator], group: tuple[ShardInfo, ...]) -> Iterator
 
 
 def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opts: ReaderOptions, *,
-             epoch: int, read_records: Callable[[ShardInfo], Iterator], pool: BufferPool,
+             epoch: int | tuple[int, ...], read_records: Callable[[ShardInfo], Iterator], pool: BufferPool,
              stats: ReaderStats) -> Iterator[dict]:
     """One pass: dicts of float32 "activations" [B, W] (a pair's second hook as "target" [B, W2]) and,
     with opts.with_metadata, the int64 [B] lists.

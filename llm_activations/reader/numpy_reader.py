@@ -53,7 +53,7 @@ def _whole(batch: dict) -> dict:
     return batch
 
 
-def pass_over(specs: tuple[LayerSpec, ...], opts: ReaderOptions, *, epoch: int = 0, pool: BufferPool | None = None,
+def pass_over(specs: tuple[LayerSpec, ...], opts: ReaderOptions, *, epoch: int | tuple[int, ...] = 0, pool: BufferPool | None = None,
               stats: ReaderStats | None = None, read_records=None) -> tuple[Iterator[dict], ReaderStats]:
     """One pass of the engine over specs (one hook, or an aligned pair) with opts: (dict batches, stats)."""
     pool = pool or shared_pool()
