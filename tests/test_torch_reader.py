@@ -80,3 +80,28 @@ def test_dataloader_workers_split_files_and_deliver_each_token_once(dataset, num
     again = torch.cat([b["doc_index"] for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)])
     assert not torch.equal(again, torch.from_numpy(got["doc_index"]))  # a new order for a new epoch
 
+
+
+def test_saelens_trainer_trains_on_torch_batches(dataset):
+    """SAELens' own SAETrainer, a few steps on torch_batches: the data provider it takes is any tensor iterator."""
+    pytest.importorskip("sae_lens")
+    import itertools
+
+    from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    torch.manual_seed(0)
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=16, d_sae=64, l1_coefficient=1.0, dtype="float32", device="cpu"))
+    epochs = (torch_reader.torch_batches(dataset, 2, 64, seed=e, normalize=True) for e in itertools.count())
+    trainer = SAETrainer(SAETrainerConfig(total_training_samples=64 * 60, train_batch_size_samples=64, lr=1e-3, lr_end=1e-3,
+                                          device="cpu"), sae, itertools.chain.from_iterable(epochs))
+    held_out = next(torch_reader.torch_batches(dataset, 2, 1024, seed=99, normalize=True))
+
+    def mse():
+        with torch.no_grad():
+            return float(((sae(held_out) - held_out) ** 2).sum(-1).mean())
+
+    before = mse()
+    trainer.fit()
+    assert trainer.n_training_steps == 60
+    assert mse() < 0.8 * before

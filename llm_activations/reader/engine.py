@@ -100,11 +100,9 @@ def prefetched(it: Iterator, depth: int) -> Iterator:
             del item  # so that the consumer's reference is the last one
     finally:
         stop.set()
-        while True:
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                break
+        with q.mutex:  # drop what was queued (no queue-module calls: this also runs at interpreter exit)
+            q.queue.clear()
+            q.not_full.notify_all()
         # Wait (for the item in progress, at most) so that a pass started right after this one
         # finds this one's buffers idle instead of allocating a second set.
         thread.join(timeout=10)
