@@ -146,94 +146,117 @@ def _write(spec, folder: str, context: int, dtype: np.dtype, max_norm_ratio, see
     width = spec.hidden_size
     row_bytes = context * (width * dtype.itemsize + 4)
     rows_per_bucket = max(1, BUCKET_BYTES // row_bytes)
-    est_rows = max(1, spec.tokens // context)
-    num_buckets = max(1, math.ceil(est_rows / rows_per_bucket))
+    num_buckets = max(1, math.ceil(max(1, spec.tokens // context) / rows_per_bucket))
     rng = np.random.default_rng([seed, 1])
-    bucket_files = [open(os.path.join(folder, f"bucket-{b:05d}.tmp"), "wb") for b in range(num_buckets)]
-    counts = np.zeros(num_buckets, np.int64)
+    buckets = [_Bucket(os.path.join(folder, f"bucket-{b:05d}")) for b in range(num_buckets)]
     rows_per_read = max(1, (64 << 20) // row_bytes)  # ~64 MiB of rows per reader batch
+    # Every batch but the last holds whole rows (batch_size is a multiple of context); the last one's
+    # partial row is left out (counted in the summary).
     batches = iter_numpy_batches(spec.root, spec.layer, rows_per_read * context, hook=spec.hook, shuffle_buffer=0,
                                  with_metadata=True, drop_remainder=False, max_norm_ratio=max_norm_ratio, cycle_length=1)
     bar = tqdm(total=spec.tokens, unit="tok", unit_scale=True, desc="export pass 1/2 (deal rows)", disable=not progress)
-    carry = None
     try:
         for batch in batches:
             acts, ids = batch[records.ACTIVATIONS], batch["token_ids"]
             bar.update(len(acts))
-            if carry is not None:  # tokens of a row begun in the previous batch
-                acts, ids = np.concatenate([carry[0], acts]), np.concatenate([carry[1], ids])
             n = len(acts) // context
-            carry = (acts[n * context :].copy(), ids[n * context :].copy()) if len(acts) % context else None
             if n:
-                _deal(acts[: n * context].astype(dtype).reshape(n, -1), ids[: n * context].astype(np.int32).reshape(n, -1),
-                      rng.integers(num_buckets, size=n), bucket_files, counts)
-            del batch
+                acts = acts[: n * context].reshape(n, context * width)
+                if acts.dtype != dtype:
+                    acts = acts.astype(dtype)
+                ids = ids[: n * context].astype(np.int32).reshape(n, context)
+                assign = rng.integers(num_buckets, size=n)
+                for b in np.unique(assign):
+                    buckets[b].append(acts, ids, np.flatnonzero(assign == b))
+            del batch, acts, ids
     finally:
         bar.close()
-        for f in bucket_files:
-            f.close()
     stats = batches.stats
-    total_rows = int(counts.sum())
+    total_rows = sum(b.rows for b in buckets)
     if not total_rows:
         raise UsageError(f"{spec.root}: {spec.hook} at layer {spec.layer} has {stats.delivered_tokens} tokens to export, "
                          f"fewer than one row of --context-size {context}")
-    files = _write_buckets(folder, counts, context, width, dtype, tl_name(spec.hook, spec.layer), rng, progress)
-    _write_dataset_files(folder, files, context, width, dtype, tl_name(spec.hook, spec.layer))
+    column = tl_name(spec.hook, spec.layer)
+    files = _write_buckets(folder, buckets, context, width, dtype, column, rng, progress)
+    _write_dataset_files(folder, files, context, width, dtype, column)
     return {"rows": total_rows, "context_size": context, "d_in": width, "dtype": dtype.name,
             "stored_tokens": stats.stored_tokens, "dropped_tokens": stats.dropped_tokens,
             "exported_tokens": total_rows * context, "tokens_left_out": stats.delivered_tokens - total_rows * context,
             "files": len(files)}
 
 
-def _deal(acts: np.ndarray, ids: np.ndarray, bucket: np.ndarray, files: list, counts: np.ndarray) -> None:
-    """Append each row (activation bytes then its int32 token ids) to its bucket file."""
-    rows = np.concatenate([acts.view(np.uint8), ids.view(np.uint8)], axis=1)
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(len(files) + 1))
-    for b in range(len(files)):
-        sel = order[bounds[b] : bounds[b + 1]]
-        if len(sel):
-            files[b].write(rows[sel].tobytes())
-            counts[b] += len(sel)
+class _Bucket:
+    """One temporary bucket of pass 1: its rows' activations and token ids, appended to two files.
+
+    Files are opened per reader batch, not held open: a large export has thousands of buckets, more
+    than a process may hold open. Rows are written one by one from the reader's batch (a row is a
+    contiguous view, so there is no gather copy)."""
+
+    def __init__(self, prefix: str):
+        self.paths = (f"{prefix}.acts", f"{prefix}.ids")
+        self.rows = 0
+
+    def append(self, acts: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
+        for path, data in zip(self.paths, (acts, ids)):
+            with open(path, "ab") as f:
+                for r in rows:
+                    f.write(memoryview(data[r]))
+        self.rows += len(rows)
+
+    def read_into(self, acts: np.ndarray, ids: np.ndarray) -> None:
+        """Fill [rows, ...] arrays with the bucket's rows, then delete its files."""
+        for path, out in zip(self.paths, (acts, ids)):
+            with open(path, "rb", buffering=0) as f:
+                view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise OSError(f"{path}: bucket file shorter than the rows written to it")
+                    got += n
+            os.unlink(path)
 
 
-def _write_buckets(folder: str, counts, context: int, width: int, dtype: np.dtype, column: str, rng, progress: bool) -> list[str]:
-    """Pass 2: each bucket's rows in a uniformly random order, as one Arrow file of the dataset."""
+def _write_buckets(folder: str, buckets: list, context: int, width: int, dtype: np.dtype, column: str, rng,
+                   progress: bool) -> list[str]:
+    """Pass 2: each bucket's rows in a uniformly random order, as one Arrow file of the dataset.
+
+    Two buffers of the largest bucket's size serve every bucket (read, then gathered in permuted
+    order): fresh arrays per bucket were fresh zero-filled pages, which cost more than the copies."""
     import pyarrow as pa
-    from datasets.arrow_writer import ArrowWriter
     from tqdm import tqdm
 
     features = _features(context, width, dtype, column)
-    act_bytes = context * width * dtype.itemsize
+    schema = features.arrow_schema
+    most = max(b.rows for b in buckets)
+    raw_acts, acts = np.empty((most, context * width), dtype), np.empty((most, context * width), dtype)
+    raw_ids, ids = np.empty((most, context), np.int32), np.empty((most, context), np.int32)
+    full = [b for b in buckets if b.rows]
     names = []
-    nonempty = [b for b in range(len(counts)) if counts[b]]
-    bar = tqdm(total=int(counts.sum()), unit="row", desc="export pass 2/2 (shuffle, write)", disable=not progress)
-    for i, b in enumerate(nonempty):
-        path = os.path.join(folder, f"bucket-{b:05d}.tmp")
-        raw = np.fromfile(path, np.uint8).reshape(int(counts[b]), -1)
-        os.unlink(path)
-        raw = raw[rng.permutation(len(raw))]
-        acts = np.ascontiguousarray(raw[:, :act_bytes]).view(dtype).reshape(-1)
-        ids = np.ascontiguousarray(raw[:, act_bytes:]).view(np.int32).reshape(-1)
-        del raw
-        n = len(ids) // context
-        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * context + 1, dtype=np.int32) * width), pa.array(acts))
+    bar = tqdm(total=sum(b.rows for b in full), unit="row", desc="export pass 2/2 (shuffle, write)", disable=not progress)
+    for i, b in enumerate(full):
+        n = b.rows
+        b.read_into(raw_acts[:n], raw_ids[:n])
+        perm = rng.permutation(n)
+        np.take(raw_acts[:n], perm, axis=0, out=acts[:n], mode="clip")  # "raise" would buffer a whole extra copy
+        np.take(raw_ids[:n], perm, axis=0, out=ids[:n], mode="clip")
+        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * context + 1, dtype=np.int32) * width),
+                                         pa.array(acts[:n].reshape(-1)))
         outer = pa.ListArray.from_arrays(pa.array(np.arange(0, n + 1, dtype=np.int32) * context), inner)
-        column_array = pa.ExtensionArray.from_storage(features.arrow_schema.field(column).type, outer)
-        table = pa.Table.from_arrays([column_array, pa.FixedSizeListArray.from_arrays(pa.array(ids), context)],
-                                     schema=features.arrow_schema)
-        name = f"data-{i:05d}-of-{len(nonempty):05d}.arrow"
-        with ArrowWriter(features=features, path=os.path.join(folder, name)) as writer:
-            writer.write_table(table)
-            writer.finalize()
+        table = pa.Table.from_arrays([pa.ExtensionArray.from_storage(schema.field(column).type, outer),
+                                      pa.FixedSizeListArray.from_arrays(pa.array(ids[:n].reshape(-1)), context)],
+                                     schema=schema)
+        name = f"data-{i:05d}-of-{len(full):05d}.arrow"
+        # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features)
+        with pa.OSFile(os.path.join(folder, name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, (64 << 20) // (context * (width * dtype.itemsize + 4))))
         names.append(name)
         bar.update(n)
-        del acts, ids, table, column_array, inner, outer
+        del table, inner, outer
     bar.close()
-    for b in range(len(counts)):  # buckets that stayed empty
-        path = os.path.join(folder, f"bucket-{b:05d}.tmp")
-        if os.path.exists(path):
-            os.unlink(path)
+    for b in buckets:  # buckets that stayed empty
+        for path in b.paths:
+            if os.path.exists(path):
+                os.unlink(path)
     return names
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 
 from llm_activations.errors import UsageError
@@ -35,7 +36,7 @@ class ReaderOptions:
     max_norm_ratio: float | None = norms.DEFAULT_MAX_NORM_RATIO
 
     def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1:
             raise UsageError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.shuffle_buffer < 0:
             raise UsageError(f"shuffle_buffer must be >= 0 tokens (0 or 1: no shuffle), got {self.shuffle_buffer}")
