@@ -116,15 +116,27 @@ def _copy_into(dst: np.ndarray, src: np.ndarray, scale: float | None) -> None:
         np.multiply(src, np.float32(scale), out=dst, dtype=dst.dtype, casting="unsafe")
 
 
-def keep_mask(acts: np.ndarray, threshold: float) -> np.ndarray | None:
+NORM_BLOCK = 256  # tokens whose float32 copy is made at once to take their norms (3.5 MiB at width 3584)
+
+
+def keep_mask(acts: np.ndarray, threshold: float, scratch: list) -> np.ndarray | None:
     """bool [n]: tokens whose L2 norm (float32, from the stored values) is <= threshold; None: all kept.
 
-    A token with a nan or inf component is in no histogram bin (format/norms.py) and is dropped too."""
+    A token with a nan or inf component is in no histogram bin (format/norms.py) and is dropped too.
+    The float32 copy is made NORM_BLOCK tokens at a time into scratch[0], kept for the pass: one
+    float32 copy of every record was a fresh multi-MiB array each time, and its page faults cost
+    more than the reader's own work (135k faults per GiB, 2.5x the CPU time of an unfiltered pass)."""
     if math.isinf(threshold):
         return None
-    x = acts.astype(np.float32)
-    norm = np.sqrt(np.einsum("nh,nh->n", x, x))
-    return norm <= threshold
+    n, width = acts.shape
+    if not scratch or scratch[0].shape[1] != width:
+        scratch[:] = [np.empty((NORM_BLOCK, width), np.float32)]
+    sq = np.empty(n, np.float32)
+    for start in range(0, n, NORM_BLOCK):
+        block = scratch[0][: min(NORM_BLOCK, n - start)]
+        np.copyto(block, acts[start : start + len(block)], casting="unsafe")
+        np.einsum("nh,nh->n", block, block, out=sq[start : start + len(block)])
+    return np.sqrt(sq, out=sq) <= threshold
 
 
 def rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, scales: dict, pool: BufferPool,
@@ -207,6 +219,7 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
     thresholds = [d.threshold for d in deliveries]
     stats.thresholds = {s.hook: d.threshold for s, d in zip(specs, deliveries)}
     stats.filtered = any(not math.isinf(t) for t in thresholds)
+    scratches = [[] for _ in specs]  # keep_mask's float32 block, one per hook, for the whole pass
 
     def read_group(group):
         return _zip_shards([reader(s) for s in group], group)
@@ -226,8 +239,8 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
                              f"{len(chunk[TARGET])} at layer {specs[0].layer}; the hooks do not pair up")
         stats.stored_tokens += n
         keep = None
-        for key, t in zip(keys, thresholds):
-            m = keep_mask(chunk[key], t)
+        for key, t, scratch in zip(keys, thresholds, scratches):
+            m = keep_mask(chunk[key], t, scratch)
             if m is not None:
                 keep = m if keep is None else keep & m
         if keep is not None and not keep.all():
