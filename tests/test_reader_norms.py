@@ -173,11 +173,11 @@ def test_keep_mask_over_several_blocks_matches_float32_norms():
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((engine.NORM_BLOCK * 2 + 37, 24)).astype(ml_dtypes.bfloat16)
-    x[[5, 300, 600]] *= 100
+    x[[5, 300, 540]] *= 100
     x[7, 3] = np.nan
     norm = np.sqrt(np.einsum("nh,nh->n", x.astype(np.float32), x.astype(np.float32)))
     scratch = []
     keep = engine.keep_mask(x, 20.0, scratch)
     np.testing.assert_array_equal(keep, norm <= 20.0)
-    assert set(np.flatnonzero(~keep)) == {5, 7, 300, 600}
+    assert set(np.flatnonzero(~keep)) == {5, 7, 300, 540}
     assert engine.keep_mask(x, math.inf, scratch) is None
