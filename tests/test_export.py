@@ -109,6 +109,8 @@ def test_bad_input_is_one_line_and_exit_2(dataset, exported, tmp_path, capsys):
         ("--layer", "1", "--max-norm-ratio", "1"): "max_norm_ratio must be a number above 1",
         ("--layer", "1", "--context-size", "0"): "--context-size must be >= 1",
     }
+    r = _cli("saelens", dataset, "gs://bucket/cache", "--layer", "1")
+    assert r.returncode == 2 and "is a URL; export writes a local folder" in r.stderr
     for extra, message in cases.items():
         r = _cli("saelens", dataset, str(tmp_path / "new"), *extra)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)

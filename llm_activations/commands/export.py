@@ -12,8 +12,10 @@ after the TransformerLens hook (`cfg.hook_name`), an `Array2D(context_size, d_in
   and writes it as one Arrow file of the folder);
 * the reader's token filter applies (`--max-norm-ratio`, default the readers' 10; `none` keeps
   every token), so the cache holds what `iter_numpy_batches` would deliver;
-* the folder appears at DEST only when complete: it is written into a sibling `DEST.tmp-<pid>`
-  and renamed (with `--overwrite`, the old DEST is removed after the rename succeeded).
+* the folder appears at DEST only when complete: it is written into a hidden sibling
+  `.DEST.tmp-<pid>-<random>` and renamed (with `--overwrite`, the old DEST is removed after the
+  rename succeeded). An error or Ctrl-C removes the sibling; a killed process (SIGKILL) leaves it,
+  to be deleted by hand. DEST is a local folder (a URL exits 2).
 
 TransformerLens names (the column): resid_pre -> blocks.L.hook_resid_pre, attn_out -> hook_attn_out,
 z -> blocks.L.attn.hook_z (flattened head-major, as SAELens flattens hook_z), resid_mid ->
@@ -35,6 +37,7 @@ import uuid
 import numpy as np
 
 from llm_activations.errors import UsageError
+from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import norms
@@ -88,6 +91,8 @@ def _ratio(text: str) -> float | None:
 
 
 def check_dest(dest: str, overwrite: bool) -> None:
+    if fileio.is_url(dest):  # datasets' load_from_disk of a cache wants a local folder; so does the atomic rename
+        raise UsageError(f"DEST {dest} is a URL; export writes a local folder (copy it to the bucket afterwards)")
     if os.path.isfile(dest):
         raise UsageError(f"DEST {dest} is a file; give a folder")
     if os.path.isdir(dest) and os.listdir(dest) and not overwrite:
