@@ -377,3 +377,20 @@ def test_a_shard_that_differs_from_metadata_fails_naming_it(tmp_path, kind, shuf
         error = tf.errors.OpError
     with pytest.raises(error, match=rf"{rel}: the file (has|holds) \d+ {what}, metadata says \d+"):
         read(kind, str(tmp_path), 0, 8, shuffle_buffer=shuffle_buffer, seed=0, drop_remainder=False)
+
+
+def test_a_pass_uses_the_pool_it_is_given(dataset):
+    """The pool is passed in (default: the shared one); a caller's own pool keeps its memory apart."""
+    import gc
+
+    root, _ = dataset
+    gc.collect()
+    reader.release_buffers()
+    mine = reader.BufferPool(max_bytes=1 << 30)
+    ref = [np.array(b) for b in reader.iter_numpy_batches(root, 1, 16, shuffle_buffer=300, seed=2)]
+    shared_after_default = reader.shared_pool().nbytes
+    reader.release_buffers()
+    got = [np.array(b) for b in reader.iter_numpy_batches(root, 1, 16, shuffle_buffer=300, seed=2, pool=mine)]
+    assert shared_after_default > 0 and mine.nbytes > 0 and reader.shared_pool().nbytes == 0
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
