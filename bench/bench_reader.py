@@ -8,8 +8,12 @@
 
 For each size it writes a synthetic dataset (tests/synthetic.py, the real shard writer) into
 --tmp-dir, reads the files once so the page cache is warm, then times one pass per repeat of each
-reader (tf.data activation_dataset, NumPy iter_numpy_batches, JAX device iterator with --readers
-jax) unshuffled and shuffled with the DEFAULT shuffle buffer, and deletes the dataset.
+reader (tf.data activation_dataset, NumPy iter_numpy_batches, torch_reader.torch_batches, JAX
+device iterator with --readers jax) unshuffled and shuffled with the DEFAULT shuffle buffer, and
+deletes the dataset. The synthetic metadata gets a norm histogram (one reader pass; --no-norms
+skips it), so the readers apply their default massive-activation filter as on a new dataset;
+`numpy-all` is the NumPy reader with max_norm_ratio=None (no norm computed). `--readers export`
+times `export saelens` (float32, into --tmp-dir) in GiB/s of stored bytes read.
 
 Columns (the fastest of --repeats passes): wall GiB/s of stored bytes (tokens x hidden x dtype
 size; the float32 batches delivered are twice that for bf16), then user and system CPU seconds
@@ -90,6 +94,12 @@ def make_batches(kind: str, path: str, layer: int, batch_size: int, shuffle_buff
         return reader.activation_dataset(path, layer, batch_size, seed=0, **kw).as_numpy_iterator()
     if kind == "numpy":
         return reader.iter_numpy_batches(path, layer, batch_size, seed=0, **kw)
+    if kind == "numpy-all":
+        return reader.iter_numpy_batches(path, layer, batch_size, seed=0, max_norm_ratio=None, **kw)
+    if kind == "torch":
+        from llm_activations import torch_reader
+
+        return torch_reader.torch_batches(path, layer, batch_size, seed=0, **kw)
     from llm_activations import jax_reader
 
     return jax_reader.device_batches(path, layer, batch_size, seed=0, **kw)
@@ -106,8 +116,12 @@ def bench_dataset(path: str, layer: int, args) -> None:
           f"{os.cpu_count()} CPU cores", flush=True)
     print(f"{'reader':7} {'shuffle':>8} {'GiB':>5} {'GiB/s':>6} {'wall s':>7} {'user s/GiB':>11} {'sys s/GiB':>10} "
           f"{'CPU s/GiB':>10} {'sys %CPU':>9} {'faults/GiB':>11}", flush=True)
+    if "export" in args.readers:
+        bench_export(path, spec, args)
     for shuffle in args.shuffle:
         for kind in args.readers:
+            if kind == "export":
+                continue
             best = None
             for _ in range(args.repeats):
                 run = timed_pass(make_batches(kind, path, spec.layer, args.batch_size, shuffle), spec.hidden_size)
@@ -118,6 +132,41 @@ def bench_dataset(path: str, layer: int, args) -> None:
             print(f"{kind:7} {label:>8} {gib:>5.2f} {gib / best.wall:>6.2f} {best.wall:>7.2f} {best.user / gib:>11.2f} "
                   f"{best.sys / gib:>10.2f} {(best.user + best.sys) / gib:>10.2f} "
                   f"{best.sys / max(best.user + best.sys, 1e-9):>9.0%} {best.minflt / gib:>11,.0f}", flush=True)
+
+
+def add_norm_histogram(root: str, layer: int) -> None:
+    """stats[layer]["norms"] from one unfiltered pass, as extraction writes it (format/norms.py)."""
+    import json
+
+    import numpy as np
+
+    from llm_activations import reader
+    from llm_activations.format import norms
+
+    hist = norms.NormHistogram.empty()
+    for b in reader.iter_numpy_batches(root, layer, 4096, shuffle_buffer=0, drop_remainder=False, max_norm_ratio=None):
+        hist = hist.merge(norms.NormHistogram.of(np.sqrt(np.einsum("nh,nh->n", b, b))))
+    path = os.path.join(root, "metadata.json")
+    meta = json.load(open(path))
+    meta["stats"][str(layer)]["norms"] = hist.to_json()
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+def bench_export(path: str, spec, args) -> None:
+    from llm_activations.commands import export
+
+    dest = tempfile.mkdtemp(prefix="bench_export_", dir=args.tmp_dir)
+    try:
+        t0, u0, s0, f0 = _usage()
+        summary = export.export_saelens(spec, os.path.join(dest, "cache"), context_size=args.seq_len, progress=False)
+        t1, u1, s1, f1 = _usage()
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    gib = summary["stored_tokens"] * spec.bytes_per_token / GIB
+    print(f"export saelens float32: {gib:.2f} GiB stored in {t1 - t0:.2f}s = {gib / (t1 - t0):.2f} GiB/s "
+          f"({gib / (t1 - t0) * 1024:.0f} MiB/s); user {(u1 - u0) / gib:.2f} s/GiB, sys {(s1 - s0) / gib:.2f} s/GiB; "
+          f"{summary['rows']} rows in {summary['files']} files", flush=True)
 
 
 def main(argv=None) -> int:
@@ -134,7 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--shuffle", type=int, nargs="+", default=[0, None], metavar="TOKENS",
                    help="shuffle buffers to time (0: unshuffled; default: 0 and the readers' default)")
-    p.add_argument("--readers", nargs="+", default=["tf", "numpy"], choices=["tf", "numpy", "jax"])
+    p.add_argument("--readers", nargs="+", default=["tf", "numpy", "torch"],
+                   choices=["tf", "numpy", "numpy-all", "torch", "jax", "export"])
+    p.add_argument("--no-norms", action="store_true", help="no norm histogram in the synthetic metadata (no filter)")
     p.add_argument("--repeats", type=int, default=2, help="passes per configuration; the fastest is reported")
     args = p.parse_args(argv)
     print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
@@ -147,6 +198,8 @@ def main(argv=None) -> int:
         try:
             start = time.perf_counter()
             write_dataset(root, gib, args.hidden, args.dtype, args.seq_len, args.num_shards)
+            if not args.no_norms:
+                add_norm_histogram(root, 0)
             print(f"\nwrote a synthetic dataset in {time.perf_counter() - start:.1f}s: {root}", flush=True)
             bench_dataset(root, 0, args)
         finally:

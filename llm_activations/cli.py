@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": ("llm_activations.commands.inspect", "summarise a dataset (and optionally plot norm histograms)"),
     "plan": ("llm_activations.commands.plan", "estimate memory, batch size, storage and throughput for a model on a chip"),
     "merge": ("llm_activations.commands.merge", "merge per-host datasets into one dataset with exact statistics"),
+    "export": ("llm_activations.commands.export", "write one hook of one layer as a SAELens activation cache (datasets folder)"),
 }
 
 

@@ -18,7 +18,7 @@ Host buffers are safe to reuse: jax.device_put either copies the batch or (on CP
 asynchronous transfer is in flight) keeps a reference to the NumPy array, and the reader's
 BufferPool writes a buffer again only once nothing refers to it.
 
-This is the only module of the package's readers that imports JAX; reader.py never does.
+This is the only module of the package's readers that imports JAX; the reader package never does.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def device_batches(
 ) -> Iterator:
     """One pass over one hook's tokens at a layer as jax.Arrays on the device (float32 [batch_size, width]).
 
-    reader_kwargs are iter_numpy_batches' (shuffle_buffer, seed, normalize, with_metadata, ...);
+    reader_kwargs are iter_numpy_batches' (ReaderOptions fields, pool=, stats= for the counters);
     the batches and their order are exactly that reader's for the same arguments. With
     with_metadata the elements are dicts of jax.Arrays. sharding: see prefetch_to_device; with a
     Sharding the batch must split evenly over it (checked here, in one line).

@@ -2,8 +2,9 @@
 
 * format/ (records, metadata, manifests, stats, fileio) imports no JAX, Beam or TensorFlow: every
   consumer of a dataset can use it.
-* The NumPy reader and the validate, inspect and merge commands run where JAX and Beam cannot be
-  imported at all (a training host, a laptop).
+* The NumPy reader (every module of reader/, tf.data's front end importing TensorFlow only when
+  called) and the validate, inspect, merge and export commands run where JAX, Beam, TensorFlow and
+  torch cannot be imported at all (a training host, a laptop).
 * model/ never imports Beam: the extractor is usable without a pipeline.
 * units.py (the host work on a unit: read, tokenize, pack, batch) imports no Beam or JAX:
   benchmarks and tests build the pipeline's exact batches without either.
@@ -49,8 +50,9 @@ def import_without(blocked: list[str], targets: list[str]) -> subprocess.Complet
 
 @pytest.mark.parametrize("targets", [
     modules("format"),
-    ["llm_activations.reader", "llm_activations.commands.validate", "llm_activations.commands.inspect",
-     "llm_activations.commands.merge", "llm_activations.commands.plan", "llm_activations.cli"],
+    ["llm_activations.reader", *modules("reader"), "llm_activations.commands.validate", "llm_activations.commands.inspect",
+     "llm_activations.commands.merge", "llm_activations.commands.plan", "llm_activations.commands.export",
+     "llm_activations.cli"],
     ["llm_activations.units", "llm_activations.inputs", "llm_activations.packing"],
 ], ids=["format", "reader-and-tools", "host-units"])
 def test_runs_without_jax_beam_or_tensorflow(targets):

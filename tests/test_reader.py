@@ -10,6 +10,7 @@ import pytest
 from synthetic import make_dataset, read_all_rows
 
 from llm_activations import reader
+from llm_activations.reader.shuffle import permuted_windows
 from llm_activations.errors import DatasetError
 
 KEYS = ("activations", "token_ids", "doc_index", "token_index", "position")
@@ -304,7 +305,7 @@ def test_windows_are_consecutive_and_uniformly_permuted():
     counts = {0: np.zeros((window, window)), 3: np.zeros((10, 10))}  # token x position, full and last window
     for seed in range(trials):
         chunks = ({"activations": np.arange(s, s + 7)[:, None]} for s in range(0, total, 7))
-        out = [w["activations"][:, 0].copy() for w in reader._permuted_windows(chunks, window, np.random.default_rng(seed))]
+        out = [w["activations"][:, 0].copy() for w in permuted_windows(chunks, window, np.random.default_rng(seed), reader.BufferPool(1 << 20))]
         assert [len(w) for w in out] == [20, 20, 20, 10]
         for i, w in enumerate(out):
             assert sorted(w) == list(range(i * window, i * window + len(w)))
@@ -338,3 +339,58 @@ def test_corrupt_record_fails_the_read(tmp_path, shuffle_buffer):
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"part-00000-of-00001.tfrecord: data CRC mismatch"):
         read("numpy", str(tmp_path), 0, 8, shuffle_buffer=shuffle_buffer, seed=0)
+
+
+# ----------------------------------------------------------------------------- shards against metadata (issue 22)
+
+
+def _first_record_end(data: bytes) -> int:
+    return 16 + int.from_bytes(data[:8], "little")
+
+
+SHARD_DAMAGE = {
+    "emptied": lambda d: b"",
+    "cut_at_record_boundary": lambda d: d[: _first_record_end(d)],
+    "record_appended": lambda d: d + d[: _first_record_end(d)],
+}
+
+
+@pytest.mark.parametrize("damage", list(SHARD_DAMAGE))
+@pytest.mark.parametrize("shuffle_buffer", [0, 100])
+@pytest.mark.parametrize("kind", ["numpy", "tf"])
+@pytest.mark.parametrize("sizes_in_metadata", [True, False], ids=["bytes", "records-only"])
+def test_a_shard_that_differs_from_metadata_fails_naming_it(tmp_path, kind, shuffle_buffer, damage, sizes_in_metadata):
+    """Frames that are each valid but fewer or more than metadata lists: an error naming the file,
+    never fewer or more tokens. Without `bytes` in metadata the record count at the file's end catches it."""
+    meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=30, seq_len=32, num_shards=3)
+    rel = meta["files"]["0"][1]
+    shard = tmp_path / rel
+    shard.write_bytes(SHARD_DAMAGE[damage](shard.read_bytes()))
+    if not sizes_in_metadata:
+        for s in meta["shards"]:
+            del s["bytes"]
+        (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    what = "bytes" if sizes_in_metadata else "records"
+    error = ValueError
+    if kind == "tf":  # TF re-raises the generator's ValueError as an OpError with the same message
+        import tensorflow as tf
+        error = tf.errors.OpError
+    with pytest.raises(error, match=rf"{rel}: the file (has|holds) \d+ {what}, metadata says \d+"):
+        read(kind, str(tmp_path), 0, 8, shuffle_buffer=shuffle_buffer, seed=0, drop_remainder=False)
+
+
+def test_a_pass_uses_the_pool_it_is_given(dataset):
+    """The pool is passed in (default: the shared one); a caller's own pool keeps its memory apart."""
+    import gc
+
+    root, _ = dataset
+    gc.collect()
+    reader.release_buffers()
+    mine = reader.BufferPool(max_bytes=1 << 30)
+    ref = [np.array(b) for b in reader.iter_numpy_batches(root, 1, 16, shuffle_buffer=300, seed=2)]
+    shared_after_default = reader.shared_pool().nbytes
+    reader.release_buffers()
+    got = [np.array(b) for b in reader.iter_numpy_batches(root, 1, 16, shuffle_buffer=300, seed=2, pool=mine)]
+    assert shared_after_default > 0 and mine.nbytes > 0 and reader.shared_pool().nbytes == 0
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)

@@ -220,7 +220,7 @@ def test_inputs_are_only_read(model, small_corpus, baseline):
 
 def test_reader_and_tools_never_unpickle():
     package = Path(__file__).parent.parent / "llm_activations"
-    for name in ("reader.py", "commands/validate.py", "commands/inspect.py", "commands/merge.py", "commands/plan.py",
+    for name in (*(f"reader/{f.name}" for f in (package / "reader").glob("*.py")), "commands/validate.py", "commands/inspect.py", "commands/merge.py", "commands/plan.py",
                  *(f"format/{f.name}" for f in (package / "format").glob("*.py"))):
         tree = ast.parse((package / name).read_text())
         for node in ast.walk(tree):
