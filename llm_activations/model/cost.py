@@ -39,6 +39,23 @@ def matmul_params_per_block(c: ModelConfig) -> int:
     return d * (c.q_size + 2 * c.kv_size) + c.q_size * d + 3 * d * c.intermediate_size
 
 
+def weight_bytes_per_device(specs, rules: dict, axis_sizes: dict, itemsize: int) -> int:
+    """Bytes of weights one device holds: each spec's elements divided, per dimension, by the size
+    of the mesh axis its logical axis maps to (rules: logical -> mesh axis or None; axis_sizes:
+    mesh axis -> size), rounded up per dimension as a sharded array's shard shape is.
+
+    specs is any nesting of dicts whose leaves have .shape and .axes (transformer.ParamSpec), so a
+    fused or renamed weight is counted as declared. Plain Python: `plan` needs no JAX for it.
+    """
+    if hasattr(specs, "axes"):
+        n = 1
+        for size, axis in zip(specs.shape, specs.axes):
+            mesh_axis = rules.get(axis) if axis is not None else None
+            n *= -(-size // axis_sizes.get(mesh_axis, 1)) if mesh_axis else size
+        return n * itemsize
+    return sum(weight_bytes_per_device(v, rules, axis_sizes, itemsize) for v in specs.values())
+
+
 def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> float:
     """Model FLOPs per token of a step running blocks 0..blocks-1 (all blocks when None)."""
     blocks = c.num_layers if blocks is None else blocks
@@ -48,14 +65,16 @@ def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> 
 
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
               storage_bytes: int = 2, outputs: int = 1, output_values: int | None = None,
-              query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
+              attention: str = "xla", query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
     """Peak working memory of one row (sequence) on one chip, by component (module doc).
 
     output_values: values per token over all captured (hook, layer) outputs; default outputs x D.
+    attention: the kernel (attention.IMPLEMENTATIONS). Only the blocked "xla" path holds logits
+    tiles; splash, cuDNN and tokamax never materialise scores.
     """
     t, d, m, b = seq_len, c.hidden_size, model_axis, compute_bytes
     output_values = outputs * d if output_values is None else output_values
-    return {
+    rows = {
         "residual": 2 * t * d * b,
         "qkv": t * (c.q_size + 2 * c.kv_size) * b // m,
         "attention_scores": 2 * math.ceil(c.num_heads / m) * min(query_block, t) * t * 4,
@@ -63,3 +82,6 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
         "mlp": 3 * t * c.intermediate_size * b // m,
         "outputs": t * output_values * storage_bytes,
     }
+    if attention != "xla":
+        del rows["attention_scores"]
+    return rows
