@@ -345,7 +345,7 @@ def compiled_summary(topology: chips_mod.Topology, devices: int, mesh, chosen, u
                      tried: list | None = None) -> dict:
     """The JSON `compiled` object: the compile of `chosen` (an aot.Compiled) and, after a search, its trail."""
     out = {"topology": topology.name, "devices": devices, "mesh": list(mesh), "batch_size": chosen.batch_size,
-           "argument_bytes": chosen.argument_bytes, "output_bytes": chosen.output_bytes,
+           "weight_bytes": chosen.weight_bytes, "argument_bytes": chosen.argument_bytes, "output_bytes": chosen.output_bytes,
            "temp_bytes": chosen.temp_bytes, "peak_bytes": chosen.peak_bytes, "hbm_bytes": hbm,
            "usable_bytes": usable, "fits": chosen.fits, "compile_seconds": round(chosen.compile_seconds, 2),
            "splash_kernels": chosen.splash_kernels, "error": chosen.error}
@@ -354,7 +354,7 @@ def compiled_summary(topology: chips_mod.Topology, devices: int, mesh, chosen, u
         out.update(largest_batch=chosen.batch_size if chosen.fits else 0, compiles=len(tried),
                    compile_seconds_total=round(sum(c.compile_seconds for c in tried), 1),
                    next_batch=min(c.batch_size for c in over) if over else None,
-                   tried={str(c.batch_size): c.peak_bytes if c.fits else None for c in tried})
+                   tried={str(c.batch_size): c.peak_bytes for c in tried})
     return out
 
 

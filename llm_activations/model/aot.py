@@ -35,7 +35,8 @@ class Compiled:
     batch_size: int
     fits: bool  # compiled, and peak_bytes <= the budget it was checked against
     compile_seconds: float
-    argument_bytes: int | None = None  # weights + inputs per device (None: the compiler ran out of HBM)
+    weight_bytes: int | None = None  # the params' bytes per device under the compiled program's shardings
+    argument_bytes: int | None = None  # weights + inputs per device, in TPU tiles (None: out of HBM)
     output_bytes: int | None = None
     temp_bytes: int | None = None
     peak_bytes: int | None = None  # arguments + outputs - aliased + temporaries + program
@@ -75,16 +76,12 @@ def abstract_params(config: ModelConfig, num_blocks: int, mesh, dtype) -> dict:
                         param_specs(config, num_blocks), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def weight_bytes_per_device(params: dict) -> int:
-    """Bytes of the params one device holds: every leaf's shard shape x itemsize (its sharding)."""
-    total = 0
-    for a in jax.tree.leaves(params):
-        shard = a.sharding.shard_shape(a.shape)
-        n = 1
-        for s in shard:
-            n *= s
-        total += n * a.dtype.itemsize
-    return total
+def _bytes(shape, dtype, sharding) -> int:
+    """Bytes of one device's shard of an array of this shape and dtype under this sharding."""
+    n = 1
+    for size in sharding.shard_shape(shape):
+        n *= size
+    return n * dtype.itemsize
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -120,9 +117,13 @@ def compile_step(config: ModelConfig, devices: Sequence, *, layers: Sequence[int
     m = compiled.memory_analysis()
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
             + m.generated_code_size_in_bytes)
+    # The params' logical bytes under the shardings the program was compiled with; argument_bytes
+    # is larger by the TPU's tile padding of small dimensions (norm and bias stacks).
+    compiled_params = compiled.input_shardings[0][0]
+    weights = sum(_bytes(a.shape, a.dtype, sh) for a, sh in zip(jax.tree.leaves(params), jax.tree.leaves(compiled_params)))
     text = compiled.as_text()
     splash = sum(1 for line in text.splitlines() if "tpu_custom_call" in line and "splash" in line)
-    return Compiled(batch_size, budget_bytes is None or peak <= budget_bytes, seconds, m.argument_size_in_bytes,
+    return Compiled(batch_size, budget_bytes is None or peak <= budget_bytes, seconds, weights, m.argument_size_in_bytes,
                     m.output_size_in_bytes, m.temp_size_in_bytes, peak, splash)
 
 

@@ -11,15 +11,21 @@ The embedding is a lookup (no FLOPs); no final norm or lm_head runs. The attenti
 every implementation (query blocks that skip later keys on CPU, splash / flash kernels on
 accelerators), so this count matches the work actually done up to the kernels' block granularity.
 
-Working memory per row, the peak of one block (blocks run one after another in a scan):
-    residual + normed input           2 T D b
-    q, k, v                           T (q + 2 kv) b / M
-    attention logits + probabilities  2 (n / M) x query_block x T x 4    (float32; one query block of
-                                      the blocked attention is live at a time; flash kernels need less)
-    attention output                  T q b / M
-    MLP gate, up, gate*up             3 T F b / M
+Working memory per row, the peak of one block (blocks run one after another in a scan), with a
+fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores:
+    residual stream                   2 T D b
+    one MLP intermediate              T F b / M      (XLA fuses gate, up and silu(gate) * up)
+    tensor-parallel partial sums      3 T D b        (only when M > 1)
     captured outputs                  T x (sum of the outputs' widths) x s  (held until the step ends;
                                       a hook's width is D, or q for z)
+This is what the TPU compiler reports for the step at the batch sizes that fill a chip (v5e,
+Qwen2.5-7B, T = 2048: 106.98 MB of temporaries per row at M = 1 against 106.95 MB here; M = 4
+about 5% more than here). Below ~10 rows the compiler keeps part of it in on-chip memory, so
+small batches take less HBM than this. BENCHMARKS.md (issue 23) has the figures.
+The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
+    residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
+    MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
+    2 (n / M) x query_block x T x 4.
 """
 
 from __future__ import annotations
@@ -69,19 +75,23 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
     """Peak working memory of one row (sequence) on one chip, by component (module doc).
 
     output_values: values per token over all captured (hook, layer) outputs; default outputs x D.
-    attention: the kernel (attention.IMPLEMENTATIONS). Only the blocked "xla" path holds logits
-    tiles; splash, cuDNN and tokamax never materialise scores.
+    attention: the kernel (attention.IMPLEMENTATIONS). The fused kernels (splash, cuDNN, tokamax)
+    never materialise scores, and the rest is calibrated to what the TPU compiler reports; the
+    blocked "xla" path keeps the conservative per-tensor sum and one logits tile.
     """
     t, d, m, b = seq_len, c.hidden_size, model_axis, compute_bytes
     output_values = outputs * d if output_values is None else output_values
-    rows = {
+    stored = t * output_values * storage_bytes
+    if attention != "xla":
+        rows = {"residual": 2 * t * d * b, "mlp": t * c.intermediate_size * b // m}
+        if m > 1:
+            rows["tensor_parallel"] = 3 * t * d * b
+        return {**rows, "outputs": stored}
+    return {
         "residual": 2 * t * d * b,
         "qkv": t * (c.q_size + 2 * c.kv_size) * b // m,
         "attention_scores": 2 * math.ceil(c.num_heads / m) * min(query_block, t) * t * 4,
         "attention_out": t * c.q_size * b // m,
         "mlp": 3 * t * c.intermediate_size * b // m,
-        "outputs": t * output_values * storage_bytes,
+        "outputs": stored,
     }
-    if attention != "xla":
-        del rows["attention_scores"]
-    return rows
