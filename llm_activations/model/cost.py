@@ -16,11 +16,13 @@ fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never mate
     residual stream                   2 T D b
     one MLP intermediate              T F b / M      (XLA fuses gate, up and silu(gate) * up)
     tensor-parallel partial sums      3 T D b        (only when M > 1)
+    capture buffers                   2 T (V - D) b  (V = the outputs' values per token; the scan's
+                                      carry and its copy out, beyond the first D, which XLA aliases)
     captured outputs                  T x (sum of the outputs' widths) x s  (held until the step ends;
                                       a hook's width is D, or q for z)
 This is what the TPU compiler reports for the step at the batch sizes that fill a chip (v5e,
-Qwen2.5-7B, T = 2048: 106.98 MB of temporaries per row at M = 1 against 106.95 MB here; M = 4
-about 5% more than here). Below ~10 rows the compiler keeps part of it in on-chip memory, so
+Qwen2.5-7B, T = 2048: 106.98 MB of temporaries per row at M = 1 against 106.95 MB here; with 4
+layers captured 197 MB against 195 MB; M = 4 about 5% more than here). Below ~10 rows the compiler keeps part of it in on-chip memory, so
 small batches take less HBM than this. BENCHMARKS.md (issue 23) has the figures.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
@@ -86,6 +88,8 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
         rows = {"residual": 2 * t * d * b, "mlp": t * c.intermediate_size * b // m}
         if m > 1:
             rows["tensor_parallel"] = 3 * t * d * b
+        if output_values > d:
+            rows["captures"] = 2 * t * (output_values - d) * b
         return {**rows, "outputs": stored}
     return {
         "residual": 2 * t * d * b,
