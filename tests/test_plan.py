@@ -155,6 +155,9 @@ def test_replicated_embedding_is_whole_on_every_chip():
     (["--topology", "v4:2x2"], "--topology 'v4:2x2': unknown; valid forms are"),
     (["--topology", "v5e:2x2", "--chip", "v4"], "--topology v5e:2x2 is a v5e slice but --chip is v4"),
     (["--topology", "--chip", "h100"], "--topology: the h100 is not a TPU"),
+    (["--topology", "v4:2x2x1", "--mesh", "4,2"], "mesh shape (data=4, model=2) needs 8 devices but only 4"),
+    (["--topology", "v5e:2x2", "--mesh", "1,3"], "num_attention_heads=28 is not divisible by model=3"),
+    (["--topology", "v5e:4x3"], "a slice of several hosts must be whole 2x2 hosts"),
 ])
 def test_bad_options_are_one_line(argv, message, capsys):
     """Every numeric option is checked at the edge: exit 2 and one line, never ignored or a traceback."""
