@@ -85,7 +85,7 @@ def _bytes(shape, dtype, sharding) -> int:
 
 
 def _out_of_memory(e: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(e) or "exceed" in str(e) and "memory" in str(e).lower()
+    return "RESOURCE_EXHAUSTED" in str(e) or ("exceed" in str(e) and "memory" in str(e).lower())
 
 
 def compile_step(config: ModelConfig, devices: Sequence, *, layers: Sequence[int], hooks: Sequence[str],
