@@ -246,3 +246,17 @@ def test_four_layers_match_the_tpu_compiler():
     assert p.row_bytes["captures"] == 2 * 2048 * 3 * 3584 * 2
     assert abs(p.row_bytes_total / ((15_419_631_616 - 14_141_231_104) / 5) - 1) < 0.02
     assert p.largest_batch == 40
+
+
+def test_text_shows_the_compiled_search():
+    """The text form of a --topology plan (the figures of the v5e-8 compile search, BENCHMARKS.md)."""
+    p = make_7b(layers=(14,), mesh=(8, 1), seq_len=2048)
+    compiled = {"topology": "v5e:2x4", "devices": 8, "mesh": [8, 1], "batch_size": 480, "weight_bytes": 8_081_728_512,
+                "argument_bytes": 8_083_322_880, "output_bytes": 880_838_144, "temp_bytes": 6_418_916_352,
+                "peak_bytes": 15_389_547_520, "hbm_bytes": 16 * 2**30, "usable_bytes": p.usable_bytes, "fits": True,
+                "compile_seconds": 131.4, "splash_kernels": 1, "error": None, "largest_batch": 480, "compiles": 3,
+                "compile_seconds_total": 349.1, "next_batch": 488, "tried": {}}
+    out = plan.format_plan(plan.replace(p, compiled=compiled))
+    assert "compiled for TPU        v5e:2x4 (8 devices per host), mesh (8, 1), batch 480: fits" in out
+    assert "peak 14.33 GiB of 14.40 GiB usable" in out
+    assert "480 rows (3 compiles, 349 s); the next, 488, does not fit" in out

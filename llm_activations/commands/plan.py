@@ -265,8 +265,9 @@ def format_plan(p: Plan) -> str:
         if c.get("error"):
             lines += [("  compiler", c["error"])]
         if "largest_batch" in c:
+            nxt = f"; the next, {c['next_batch']}, does not fit" if c["next_batch"] else ""
             lines += [("  largest batch", f"{c['largest_batch']} rows ({c['compiles']} compiles, "
-                                          f"{c['compile_seconds_total']:.0f} s); the next, {c['next_batch']}, does not fit")]
+                                          f"{c['compile_seconds_total']:.0f} s){nxt}")]
         lines += [("  compile", f"{c['compile_seconds']:.1f} s, {c['splash_kernels']} splash attention kernel(s)")]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)

@@ -23,7 +23,9 @@ fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never mate
 This is what the TPU compiler reports for the step at the batch sizes that fill a chip (v5e,
 Qwen2.5-7B, T = 2048: 106.98 MB of temporaries per row at M = 1 against 106.95 MB here; with 4
 layers captured 197 MB against 195 MB; M = 4 about 5% more than here). Below ~10 rows the compiler keeps part of it in on-chip memory, so
-small batches take less HBM than this. BENCHMARKS.md (issue 23) has the figures.
+small batches take less HBM than this; with a model axis it is conservative (v4, M = 2, 4 layers:
+25% more per row than compiled). BENCHMARKS.md (issue 23) has the figures. GPU kernels (cuDNN,
+tokamax) take the same formula, not calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
     MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
