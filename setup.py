@@ -18,5 +18,8 @@ setup(
     package_data={"llm_activations": ["data/*"]},
     python_requires=">=3.10",
     install_requires=requirements,
+    # tpu: libtpu, which runs extract on TPU hosts and lets `plan --topology` compile for a TPU
+    # slice on any machine; jax[tpu] at the pinned jax brings the libtpu built for it.
+    extras_require={"tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"]},
     entry_points={"console_scripts": ["llm-activations=llm_activations.cli:main"]},
 )

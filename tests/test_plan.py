@@ -24,7 +24,7 @@ def test_qwen25_7b_parameters_and_storage():
     assert p.total_params == EMBED_7B * 2 + 28 * BLOCK_7B + 3584 == 7_615_616_512  # "7.6B"
     assert p.loaded_blocks == 15
     assert p.loaded_params == EMBED_7B + 15 * BLOCK_7B == 4_040_864_256
-    assert p.weight_bytes_per_chip == 2 * p.loaded_params
+    assert p.weights_per_chip_bytes == 2 * p.loaded_params  # model axis 1: every chip holds every weight
     assert p.storage_bytes_per_token_per_layer == 7 * 1024  # 7 KiB per token per layer in bf16
     assert p.storage_bytes_per_billion_tokens == 7168 * 10**9
 
@@ -35,9 +35,28 @@ def make_7b(layers, mesh=(4, 1), chip="v5e", seq_len=1024, **kw):
 
 
 def test_qwen25_7b_memory_batch_and_throughput():
-    p = make_7b(layers=(7, 14), mesh=(2, 2), chip="v5p", mfu=0.5)
+    p = make_7b(layers=(7, 14), mesh=(2, 2), chip="v5p", mfu=0.5)  # splash attention: no scores held
     T = 1024
+    # splash attention: no scores; one [T, F / M] MLP intermediate, the residual stream, the
+    # tensor-parallel partial sums (M > 1) and the captured outputs (calibrated: cost.py's doc)
     assert p.row_bytes == {
+        "residual": 2 * T * 3584 * 2,
+        "mlp": T * 18944 * 2 // 2,
+        "tensor_parallel": 3 * T * 3584 * 2,
+        "captures": 2 * T * 3584 * 2,  # the second layer's carry and copy out
+        "outputs": 2 * T * 3584 * 2,
+    }
+    # model axis 2 halves every matmul weight and q/k/v bias; the embedding and the norms stay whole
+    assert p.weights_per_chip_bytes == 2 * EMBED_7B + 15 * (BLOCK_7B + 2 * 3584)
+    usable = int(95 * 2**30 * 0.9)
+    assert p.largest_batch == 2 * ((usable - p.weights_per_chip_bytes) // sum(p.row_bytes.values()))
+    # matmul weights only (BLOCK_7B less biases and norms), and causal attention: 2 x 2 x q x (T+1)/2
+    matmuls = BLOCK_7B - (3584 + 2 * 512) - 2 * 3584
+    flops = 15 * (2 * matmuls + 2 * 28 * 128 * (T + 1))
+    assert p.flops_per_token == flops == 7_101_588_480
+    # the blocked XLA path (CPU, float32 on GPU) holds one 512-query block of float32 logits + probs
+    xla = make_7b(layers=(7, 14), mesh=(2, 2), chip="v5p", attention="xla")
+    assert xla.row_bytes == {
         "residual": 2 * T * 3584 * 2,
         "qkv": T * (28 + 2 * 4) * 128 * 2 // 2,
         "attention_scores": 2 * 14 * 512 * T * 4,  # one 512-query block of float32 logits + probs live
@@ -45,13 +64,6 @@ def test_qwen25_7b_memory_batch_and_throughput():
         "mlp": 3 * T * 18944 * 2 // 2,
         "outputs": 2 * T * 3584 * 2,
     }
-    assert p.weight_bytes_per_chip == p.loaded_params  # bf16 weights split over model axis 2
-    usable = int(95 * 2**30 * 0.9)
-    assert p.max_batch == 2 * ((usable - p.loaded_params) // sum(p.row_bytes.values()))
-    # matmul weights only (BLOCK_7B less biases and norms), and causal attention: 2 x 2 x q x (T+1)/2
-    matmuls = BLOCK_7B - (3584 + 2 * 512) - 2 * 3584
-    flops = 15 * (2 * matmuls + 2 * 28 * 128 * (T + 1))
-    assert p.flops_per_token == flops == 7_101_588_480
     assert p.tokens_per_second_per_chip == pytest.approx(459e12 * 0.5 / flops)
     assert p.tokens_per_second_per_host == pytest.approx(4 * 459e12 * 0.5 / flops)
     assert p.storage_bytes_per_billion_tokens == 2 * 7168 * 10**9
@@ -74,7 +86,8 @@ def test_config_json_path_gives_the_preset_numbers(tmp_path, capsys):
     assert main(["plan", "--model", "Qwen/Qwen2.5-7B", "--layers", "14", "--chip", "v5e", "--json"]) == 0
     from_preset = json.loads(capsys.readouterr().out)
     assert from_file["total_params"] == from_preset["total_params"] == 7_615_616_512
-    assert from_file["max_batch"] == from_preset["max_batch"] > 0
+    assert from_file["largest_batch"] == from_preset["largest_batch"] > 0
+    assert from_file["weights_per_chip_bytes"] == from_preset["weights_per_chip_bytes"] == 2 * (EMBED_7B + 15 * BLOCK_7B)
 
 
 def test_text_table_and_errors(capsys):
@@ -101,12 +114,149 @@ def test_hooks_storage_and_memory_per_hook(capsys):
     assert every.storage_bytes_per_billion_tokens == (2048 + 3 * 1024) * 2 * 2 * 10**9
     assert every.row_bytes["outputs"] == 512 * (2048 + 3 * 1024) * 2 * 2  # T x widths x layers x s
     assert alone.row_bytes["outputs"] == 512 * 1024 * 2 * 2
-    # everything else is the same: extra hooks cost only their bytes
-    assert {k: v for k, v in every.row_bytes.items() if k != "outputs"} == \
-        {k: v for k, v in alone.row_bytes.items() if k != "outputs"}
+    # beyond the first D values per token, each captured value is also held in the scan's carry
+    # and its copy out (compute dtype); everything else is the same
+    assert every.row_bytes["captures"] == 2 * 512 * ((2048 + 3 * 1024) * 2 - 1024) * 2
+    assert alone.row_bytes["captures"] == 2 * 512 * 1024 * 2
+    assert {k: v for k, v in every.row_bytes.items() if k not in ("outputs", "captures")} == \
+        {k: v for k, v in alone.row_bytes.items() if k not in ("outputs", "captures")}
     assert every.flops_per_token == alone.flops_per_token and every.loaded_blocks == alone.loaded_blocks == 10
     assert main(["plan", "--model", "Qwen3-0.6B", "--layers", "3", "--hooks", "z", "resid_post"]) == 0
     out = capsys.readouterr().out
     assert "hooks z, resid_post" in out and "z 4.00 KiB, resid_post 2.00 KiB" in out
     assert main(["plan", "--hooks", "bogus"]) == 2
     assert "valid hooks are resid_pre, attn_out, z" in capsys.readouterr().err
+
+
+def test_replicated_embedding_is_whole_on_every_chip():
+    """Qwen2.5-7B, all 28 blocks, mesh 1,4: the embedding is replicated (a gather), so it is not
+    divided by the model axis; dividing it put 0.82 GB too little on each chip."""
+    p = make_7b(layers=(27,), mesh=(1, 4))
+    per_block = 2 * ((BLOCK_7B - 2 * 3584) // 4 + 2 * 3584)  # norms whole, every other weight a quarter
+    assert p.weights_per_chip_bytes == 2 * EMBED_7B + 28 * per_block == 4_353_104_896
+    assert p.weights_per_chip_bytes - 2 * (EMBED_7B + 28 * BLOCK_7B) // 4 > 0.8e9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "8,8"], "mesh shape (data=8, model=8) needs 64 devices but only 4 are available"),
+    (["--mesh", "1,3"], "num_attention_heads=28 is not divisible by model=3"),
+    (["--mesh", "8", "8"], "unrecognized arguments: 8"),
+    (["--mesh", "4x1"], "--mesh '4x1': expected DATA,MODEL, e.g. 4,1"),
+    (["--memory-gib", "0"], "--memory-gib 0.0: must be a finite number > 0"),
+    (["--memory-gib", "inf"], "--memory-gib inf: must be a finite number > 0"),
+    (["--memory-gib", "-16"], "--memory-gib -16.0: must be a finite number > 0"),
+    (["--chips-per-host", "0"], "--chips-per-host 0: must be >= 1"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: must be a finite number > 0"),
+    (["--peak-tflops", "nan"], "--peak-tflops nan: must be a finite number > 0"),
+    (["--mfu", "nan"], "--mfu must be in (0, 1]"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--batch-size", "6"], "batch size 6 is not divisible by data=4"),
+    (["--topology", "v5e-8"], "--topology 'v5e-8': unknown; valid forms are v4:AxBxC"),
+    (["--topology", "v4:2x2"], "--topology 'v4:2x2': unknown; valid forms are"),
+    (["--topology", "v5e:2x2", "--chip", "v4"], "--topology v5e:2x2 is a v5e slice but --chip is v4"),
+    (["--topology", "--chip", "h100"], "--topology: the h100 is not a TPU"),
+    (["--topology", "v4:2x2x1", "--mesh", "4,2"], "mesh shape (data=4, model=2) needs 8 devices but only 4"),
+    (["--topology", "v5e:2x2", "--mesh", "1,3"], "num_attention_heads=28 is not divisible by model=3"),
+    (["--topology", "v5e:4x3"], "a slice of several hosts must be whole 2x2 hosts"),
+])
+def test_bad_options_are_one_line(argv, message, capsys):
+    """Every numeric option is checked at the edge: exit 2 and one line, never ignored or a traceback."""
+    assert main(["plan", "--model", "Qwen2.5-7B", "--layers", "14", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_mesh_takes_extracts_form_and_chips_per_host(capsys):
+    assert main(["plan", "--model", "Qwen2.5-7B", "--layers", "14", "--mesh", "2,2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mesh"] == [2, 2]
+    assert main(["plan", "--model", "Qwen2.5-7B", "--layers", "14", "--chip", "v5e", "--chips-per-host", "8",
+                 "--mesh", "8,1", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["mesh"] == [8, 1] and p["chips_per_host"] == 8
+
+
+def test_topology_names():
+    from llm_activations.model import chips
+
+    v4 = chips.parse_topology("v4:2x2x1")  # a v4-8 host: 4 megacore devices (not libtpu's default 8 cores)
+    assert (v4.chip, v4.chips, v4.chips_per_host, v4.chip_config_name) == ("v4", 4, 4, "megacore")
+    v5e8 = chips.parse_topology("v5e:2x4")  # v5litepod-8: one host of 8 chips
+    assert (v5e8.chips, v5e8.chips_per_host_bounds, v5e8.hosts) == (8, (2, 4, 1), 1)
+    pod = chips.parse_topology("v5e:4x4")  # 4 hosts of 2x2
+    assert (pod.chips_per_host, pod.hosts) == (4, 4)
+    assert {k: c.topology for k, c in plan.CHIP_PRESETS.items() if c.topology} == \
+        {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+def test_topology_without_libtpu_names_the_extra(monkeypatch, capsys):
+    """--topology on a machine without libtpu: exit 2, one line naming the extra."""
+    import sys
+
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)  # no library path from the environment either
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu raises ImportError
+    from jax._src.lib import xla_client
+
+    if xla_client.pjrt_plugin_loaded("tpu"):
+        pytest.skip("libtpu is already loaded into this process")
+    assert main(["plan", "--model", "Qwen2.5-0.5B", "--topology", "v5e:2x2", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'llm_activations[tpu]'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_row_memory_matches_the_tpu_compiler():
+    """v5e-8 host (mesh 8,1), Qwen2.5-7B layer 14, seq 2048: the TPU compiler's figures at its
+    largest batch (480 rows, 60 per chip: BENCHMARKS.md, issue 23) against the arithmetic."""
+    p = make_7b(layers=(14,), mesh=(8, 1), seq_len=2048)
+    compiled_temp, compiled_out = 6_418_916_352, 880_838_144  # per chip, 60 rows
+    assert abs(sum(v for k, v in p.row_bytes.items() if k != "outputs") * 60 / compiled_temp - 1) < 0.01
+    assert p.row_bytes["outputs"] * 60 <= compiled_out  # + the float32 moments
+    p8 = plan.make_plan(plan.preset_or_config("Qwen2.5-7B")[1], model_name="Qwen2.5-7B",
+                        chip=plan.replace(plan.CHIP_PRESETS["v5e"], chips_per_host=8), layers=(14,), seq_len=2048,
+                        mesh=(8, 1))
+    assert p8.largest_batch == 480
+
+
+def test_largest_rows_brackets_the_answer():
+    """The compile search (aot.largest_rows) with a stand-in compiler: the answer fits, one more
+    row does not, and the secant step from the arithmetic guess needs few compiles."""
+    from llm_activations.model import aot
+
+    args, per_row, budget = 8_000_000_000, 120_000_000, 15_000_000_000
+    calls = []
+
+    def compile_rows(r):  # small batches cost less per row, as on a TPU (on-chip memory)
+        calls.append(r)
+        peak = args + r * per_row - (40_000_000 if r < 10 else 0)
+        return aot.Compiled(r, peak <= budget, 0.0, args, args, 0, peak - args, peak, 1)
+
+    rows, tried = aot.largest_rows(compile_rows, budget, guess=20)
+    assert rows == (budget - args) // per_row == 58
+    assert [c.batch_size for c in tried] == sorted(set(calls)) and len(calls) <= 4
+    assert {c.batch_size: c.fits for c in tried}[58] and not {c.batch_size: c.fits for c in tried}[59]
+    assert aot.largest_rows(lambda r: aot.Compiled(r, False, 0.0), budget, guess=5)[0] == 0
+
+
+def test_four_layers_match_the_tpu_compiler():
+    """v5e-8 host, Qwen2.5-7B layers 7 14 21 27, seq 2048: the compiler's largest batch is 40 (5
+    rows per chip; 48 does not fit) with 257 MB per row beyond the weights (BENCHMARKS.md, issue 23)."""
+    name, config = plan.preset_or_config("Qwen2.5-7B")
+    p = plan.make_plan(config, model_name=name, chip=plan.replace(plan.CHIP_PRESETS["v5e"], chips_per_host=8),
+                       layers=(7, 14, 21, 27), seq_len=2048, mesh=(8, 1))
+    assert p.row_bytes["captures"] == 2 * 2048 * 3 * 3584 * 2
+    assert abs(p.row_bytes_total / ((15_419_631_616 - 14_141_231_104) / 5) - 1) < 0.02
+    assert p.largest_batch == 40
+
+
+def test_text_shows_the_compiled_search():
+    """The text form of a --topology plan (the figures of the v5e-8 compile search, BENCHMARKS.md)."""
+    p = make_7b(layers=(14,), mesh=(8, 1), seq_len=2048)
+    compiled = {"topology": "v5e:2x4", "devices": 8, "mesh": [8, 1], "batch_size": 480, "weight_bytes": 8_081_728_512,
+                "argument_bytes": 8_083_322_880, "output_bytes": 880_838_144, "temp_bytes": 6_418_916_352,
+                "peak_bytes": 15_389_547_520, "hbm_bytes": 16 * 2**30, "usable_bytes": p.usable_bytes, "fits": True,
+                "compile_seconds": 131.4, "splash_kernels": 1, "error": None, "largest_batch": 480, "compiles": 3,
+                "compile_seconds_total": 349.1, "next_batch": 488, "tried": {}}
+    out = plan.format_plan(plan.replace(p, compiled=compiled))
+    assert "compiled for TPU        v5e:2x4 (8 devices per host), mesh (8, 1), batch 480: fits" in out
+    assert "peak 14.33 GiB of 14.40 GiB usable" in out
+    assert "480 rows (3 compiles, 349 s); the next, 488, does not fit" in out

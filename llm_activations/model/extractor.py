@@ -72,6 +72,22 @@ def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, b
     return step
 
 
+def jit_step(config: ModelConfig, layers: Sequence[int], hooks: Sequence[str], mesh, storage_dtype, backend: Backend,
+             params, batch_size: int, seq_len: int):
+    """(jitted step, its three abstract int32 [batch_size, seq_len] inputs): the one program extract
+    runs, with its shardings. params: the params pytree or its abstract (ShapeDtypeStruct) twin, each
+    leaf carrying its sharding. `plan --topology` compiles the same program for a TPU slice (aot.py)."""
+    step = make_step(config, layers, mesh, storage_dtype, backend, hooks)
+    inputs = sharding.named_sharding(mesh, ("batch", "seq"))
+    acts = sharding.named_sharding(mesh, ("batch", "seq", "embed"))
+    scalar = NamedSharding(mesh, PartitionSpec())
+    out_shardings = {(h, l): (acts, scalar, scalar, scalar, scalar) for h in hooks for l in layers}
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    jitted = jax.jit(step, in_shardings=(param_shardings,) + (inputs,) * 3, out_shardings=out_shardings)
+    shape = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=inputs)
+    return jitted, (shape, shape, shape)
+
+
 class Extractor:
     """A model loaded onto a ("data", "model") mesh with its step compiled once.
 
@@ -121,17 +137,11 @@ class Extractor:
     def _compile(self) -> None:
         """Compile the step once, ahead of time, for the fixed input shapes: the Compiled object
         runs only those shapes, so no later call can compile again."""
-        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.backend, self.hooks)
-        self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
-        acts = sharding.named_sharding(self.mesh, ("batch", "seq", "embed"))
-        scalar = NamedSharding(self.mesh, PartitionSpec())
-        out_shardings = {k: (acts, scalar, scalar, scalar, scalar) for k in self.keys}
-        param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
-        jitted = jax.jit(step, in_shardings=(param_shardings,) + (self._input_sharding,) * 3,
-                         out_shardings=out_shardings)
-        shape = jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32, sharding=self._input_sharding)
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
-        self._step, self.compile_stats = compile_cache.compile_step(jitted, params, shape, shape, shape)
+        jitted, inputs = jit_step(self.config, self.layers, self.hooks, self.mesh, self.storage_dtype, self.backend,
+                                  params, self.batch_size, self.seq_len)
+        self._input_sharding = inputs[0].sharding
+        self._step, self.compile_stats = compile_cache.compile_step(jitted, params, *inputs)
 
     def _put(self, name: str, x) -> jax.Array:
         x = np.asarray(x)

@@ -105,12 +105,13 @@ def check_mesh_shape(shape: tuple[int, int], config: ModelConfig, batch_size: in
 
 
 def make_mesh(shape: tuple[int, int] | None, config: ModelConfig, batch_size: int, dtype,
-              num_layers: int | None = None) -> Mesh:
-    """Mesh over local devices with axes ("data", "model"); shape None picks one automatically.
+              num_layers: int | None = None, devices: Sequence | None = None) -> Mesh:
+    """Mesh over local devices (or `devices`: one host of a TPU topology, for plan --topology) with
+    axes ("data", "model"); shape None picks one automatically.
 
-    A given shape (data, model) uses the first data * model local devices.
+    A given shape (data, model) uses the first data * model devices.
     """
-    devices = jax.local_devices()
+    devices = list(jax.local_devices() if devices is None else devices)
     if shape is None:
         shape = auto_mesh_shape(config, batch_size, dtype, devices, num_layers)
     check_mesh_shape(shape, config, batch_size, len(devices))
