@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
+from llm_activations.argtypes import integer
 from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
@@ -65,23 +66,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--layers", nargs="+", type=int, metavar="L", help="0-based decoder blocks; stores the --hooks of each (default: the middle layer)")
     a("--hooks", nargs="+", metavar="H", default=list(hk.DEFAULT_HOOKS),
       help=f"hook points stored at every layer, one or more of {', '.join(hk.HOOKS)} (TransformerLens names; default: resid_post)")
-    a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
-    a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
+    a("--seq-len", type=integer(1), default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
+    a("--batch-size", type=integer(1), default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
     a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
     a("--dtype", default="bfloat16", choices=list(dtypes.STORAGE), help="storage dtype of activations (default: bfloat16)")
     a("--compute-dtype", default="bfloat16", choices=list(dtypes.COMPUTE), help="dtype the model computes in (default: bfloat16)")
-    a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
+    a("--num-shards", type=integer(0), default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
     a("--resume", action="store_true", help="continue an interrupted run in --output: units already finished by the same configuration are kept, the rest are extracted")
-    a("--max-docs", type=int, help="use only the first N input records (default: all)")
+    a("--max-docs", type=integer(1), help="use only the first N input records (default: all)")
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
-    a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
-    a("--host-index", type=int, default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
+    a("--num-hosts", type=integer(1), default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
+    a("--host-index", type=integer(0), default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
     a("--compilation-cache", metavar="DIR",
       help="persistent XLA compilation cache, local or gs://, shared by runs and hosts; 'none' turns it off "
            "(default: $LLM_ACTIVATIONS_COMPILATION_CACHE, else ~/.cache/llm_activations/jax under $XDG_CACHE_HOME if set)")
-    a("--docs-per-unit", type=int, default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
+    a("--docs-per-unit", type=integer(1), default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
