@@ -152,7 +152,7 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
     if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
         raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
-    check_cache_folder(cfg.compilation_cache)
+    cache = check_cache_folder(cfg.compilation_cache)
     folder = source.resolve(cfg.model)
     source.check_folder(folder)
     model_cfg, hf = load_model_config(folder)
@@ -173,27 +173,18 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     # A hub id stays a hub id: the workers of a distributed runner (Dataflow, Flink, Spark) have no
     # access to the launcher's download folder, so each resolves the id into its own hub cache.
     model = cfg.model if source.is_hub_id(cfg.model) and not os.path.isdir(cfg.model) else folder
-    return ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks}), model_cfg, hf
+    return (ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks, "compilation_cache": cache}),
+            model_cfg, hf)
 
 
-def check_cache_folder(folder: str | None) -> None:
-    """A local --compilation-cache must be a folder this host can write: JAX itself only warns,
-    per program, and then compiles every run from scratch."""
-    from llm_activations.format import fileio
+def check_cache_folder(folder: str | None) -> str:
+    """The --compilation-cache folder workers use, however it was named (the option, the
+    environment, the default), after compile_cache.check: one line if it cannot serve."""
+    from llm_activations.model import compile_cache
 
-    if not folder or folder.lower() == "none" or fileio.is_url(folder):
-        return
-    path = os.path.abspath(os.path.expanduser(folder))
-    try:
-        os.makedirs(path, exist_ok=True)
-        ok = os.access(path, os.W_OK)
-    except OSError as e:
-        ok, why = False, e.strerror or str(e)
-    else:
-        why = "not writable"
-    if not ok:
-        raise UsageError(f"--compilation-cache {folder}: cannot use it as a cache folder ({why}); "
-                         "give a writable folder, or none to compile without a cache")
+    path, named = compile_cache.resolve(folder)
+    compile_cache.check(path, named)
+    return path or compile_cache.OFF
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:
