@@ -114,7 +114,18 @@ def _activations(extractor) -> np.ndarray:
     return extractor(*packed_batch([[8], [3, 2]], 16)[:3]).activations[("resid_post", 1)]
 
 
-@pytest.mark.parametrize("damage", ["flipped bit", "truncated"])
+def _alter_program(data: bytes) -> bytes:
+    """The entry with one flipped bit inside its program, re-compressed, so that the bytes still
+    decompress (JAX's zstd frames carry no checksum): what JAX would load and run unchecked."""
+    from jax._src import compilation_cache as jcc
+
+    head = len(compile_cache.MAGIC) + 32 if data.startswith(compile_cache.MAGIC) else 0
+    program = bytearray(jcc.decompress_executable(data[head:]))
+    program[len(program) // 2] ^= 0x01
+    return data[:head] + jcc.compress_executable(bytes(program))
+
+
+@pytest.mark.parametrize("damage", ["flipped bit", "truncated", "altered program"])
 def test_a_damaged_entry_is_compiled_afresh_and_replaced(tmp_path, damage):
     """One flipped bit in an entry segfaulted every later run (or, at another offset, loaded a wrong
     program); a truncated one was recompiled but never rewritten. The step's entry is damaged in
@@ -133,8 +144,10 @@ def test_a_damaged_entry_is_compiled_afresh_and_replaced(tmp_path, damage):
             data = bytearray(open(path, "rb").read())
             if damage == "flipped bit":
                 data[len(data) * 2 // 3] ^= 0x04
-            else:
+            elif damage == "truncated":
                 del data[len(data) // 2:]
+            else:
+                data = _alter_program(bytes(data))
             open(path, "wb").write(bytes(data))
         again = Extractor(folder, compilation_cache=cache, **EXTRACTOR)
         assert not again.compile_stats.cache_hit  # compiled, not served from the damaged entry
