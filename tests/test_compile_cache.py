@@ -34,7 +34,8 @@ def test_configure(tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path)
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
         assert compile_cache.in_use()._path == str(tmp_path)
-        assert compile_cache.configure("gs://bucket/xla") == "gs://bucket/xla"  # a URL is kept as given
+        assert compile_cache.configure(str(tmp_path / "a" / ".." / "b")) == str(tmp_path / "b")  # made absolute
+        assert (tmp_path / "b").is_dir()  # a URL is kept as given: test_gcs.py
         assert compile_cache.configure("NONE") is None and jax.config.jax_compilation_cache_dir is None
         assert compile_cache.in_use() is None
     finally:

@@ -347,10 +347,13 @@ def test_validate_without_credentials_is_one_line_exit_2(tmp_path):
 
 def test_a_bucket_that_does_not_exist_is_one_line_exit_2(runs, capsys, tmp_path):
     """extract --output, validate, inspect and merge --output on a missing bucket were 25-28 line
-    tracebacks (exit 1); --input already said so in one line ("matches no file"). Now one line, exit 2."""
+    tracebacks (exit 1); --input said "matches no file". Now every one, and --compilation-cache, says
+    so in one line, exit 2."""
     missing = "gs://no-such-bucket-22"
     local_in = write_jsonl(str(tmp_path / "docs.jsonl"), [{"text": t} for t in runs["texts"][:4]])
     for argv in (extract_args(runs["model"], [local_in], f"{missing}/acts", "--layers", "1"),
+                 extract_args(runs["model"], [f"{missing}/in/*.jsonl"], str(tmp_path / "out"), "--layers", "1"),
+                 extract_args(runs["model"], [local_in], str(tmp_path / "out"), "--compilation-cache", f"{missing}/xla"),
                  ["validate", f"{missing}/acts"],
                  ["inspect", f"{missing}/acts"],
                  ["merge", "--output", f"{missing}/merged", runs["gs_out"]],

@@ -116,9 +116,13 @@ def check_gcs_credentials() -> None:
 
 
 def check_urls(paths) -> None:
-    """check_url_support for every URL among paths (the launcher calls this before any work)."""
+    """check_url_support for every URL among paths, and check_bucket for every gs:// bucket (the
+    launcher calls this before any work)."""
     for name in sorted({scheme(p) for p in paths if is_url(p)}):
         check_url_support(name)
+    for p in paths:
+        if scheme(p) == "gs":
+            check_bucket(split_url(p)[1].split("/")[0])
 
 
 def _beam(path: str):

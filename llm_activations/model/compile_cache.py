@@ -69,9 +69,12 @@ def resolve(folder: str | None, environ=os.environ) -> tuple[str | None, str]:
 
 def check(folder: str | None, named: str = "") -> bool:
     """True if folder can be written, False if it can only be read (a complete cache on a read-only
-    mount); UsageError, one line, if it cannot serve as a cache at all. A URL is taken as writable:
-    a failed upload is logged and costs nothing but the entry."""
-    if folder is None or fileio.is_url(folder):
+    mount); UsageError, one line, if it cannot serve as a cache at all. A URL whose bucket exists is
+    taken as writable: a failed upload is logged and costs nothing but the entry."""
+    if folder is None:
+        return True
+    if fileio.is_url(folder):
+        fileio.check_urls([folder])  # the scheme works here, the bucket exists
         return True
     try:
         os.makedirs(folder, exist_ok=True)
