@@ -425,10 +425,12 @@ def test_storage_outage_mid_extract_ends_in_one_line_within_the_budget(tmp_path)
                 names = [o["name"] for o in json.load(r).get("items", [])]
             if "acts/_lock.json" in names:
                 server.kill()
+                killed = time.monotonic()
                 break
             time.sleep(0.05)
         try:
             out, err = proc.communicate(timeout=240)
+            print(f"extract ended {time.monotonic() - killed:.1f} s after the endpoint died (retry budget 3 s)")
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("extract still waiting on the dead endpoint after 240 s")
