@@ -177,13 +177,17 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
             model_cfg, hf)
 
 
-def check_cache_folder(folder: str | None) -> str:
-    """The --compilation-cache folder workers use, however it was named (the option, the
-    environment, the default), after compile_cache.check: one line if it cannot serve."""
+def check_cache_folder(folder: str | None) -> str | None:
+    """compile_cache.check for the compilation cache folder, however it was named (--compilation-cache,
+    the environment, the default): one line if it cannot serve. Returns what workers get: the folder
+    named (absolute), "none", or None for the default folder, which each worker resolves on its own
+    disk (a remote runner's workers do not share the launcher's home)."""
     from llm_activations.model import compile_cache
 
     path, named = compile_cache.resolve(folder)
     compile_cache.check(path, named)
+    if folder is None and not os.environ.get(compile_cache.ENV):
+        return None
     return path or compile_cache.OFF
 
 

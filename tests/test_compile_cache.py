@@ -38,6 +38,8 @@ def test_configure(tmp_path):
         assert (tmp_path / "b").is_dir()  # a URL is kept as given: test_gcs.py
         assert compile_cache.configure("NONE") is None and jax.config.jax_compilation_cache_dir is None
         assert compile_cache.in_use() is None
+        (tmp_path / "file").write_text("")  # a worker whose folder cannot serve compiles without a cache
+        assert compile_cache.configure(str(tmp_path / "file")) is None and compile_cache.in_use() is None
     finally:
         compile_cache.configure("none")
 

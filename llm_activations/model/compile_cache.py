@@ -147,7 +147,9 @@ class CheckedCache:
 
 def configure(folder: str | None) -> str | None:
     """Point JAX's persistent cache at folder (None: $ENV or the default; "none": off), as a
-    CheckedCache, after check(). Returns the folder in use, or None when off.
+    CheckedCache, after check(). Returns the folder in use, or None when off (also when check()
+    refuses the folder: the launcher has refused it in one line already, so this is a worker whose
+    disk differs from the launcher's, and the cache never costs a run).
 
     Every program is cached whatever its compile time or size (JAX's defaults skip programs
     compiled in under a second, which on CPU is most of them).
@@ -156,7 +158,11 @@ def configure(folder: str | None) -> str | None:
     from jax._src import compilation_cache as jcc
 
     folder, named = resolve(folder)
-    writable = check(folder, named)
+    try:
+        writable = check(folder, named)
+    except UsageError as e:  # the launcher refused it already; a worker whose disk differs runs without
+        log.warning("%s; compiling without a persistent cache", e)
+        folder, writable = None, True
     current = jcc._cache
     if not (isinstance(current, CheckedCache) and current._path == folder and current.writable == writable):
         jcc.reset_cache()
