@@ -1,7 +1,8 @@
 """`python -m llm_activations <command>`: one subcommand per module, imported only when used.
 
-Exit statuses (docs/FORMAT.md, "Exit statuses"): 0 success; 2 usage or configuration error, printed as one line with no
-traceback; 1 anything else; 130 interrupted (Ctrl-C), also one line.
+Exit statuses (docs/FORMAT.md, "Exit statuses"): 0 success; 2 usage or configuration error (errors.UsageError);
+1 a data or environment fault (errors.Fault: corrupt data, storage unavailable, accelerator busy) and anything
+unforeseen; 130 interrupted (Ctrl-C). Every one but the unforeseen is one line with no traceback.
 Options are never abbreviated (allow_abbrev=False everywhere): `--ov` must not mean `--overwrite`.
 """
 
@@ -12,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from llm_activations.errors import AcceleratorBusy, UsageError
+from llm_activations.errors import Fault, UsageError, fault_line
 
 # command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"llm_activations{' ' + command if command in COMMANDS else ''}: error: {e}", file=sys.stderr)
         return 2
-    except AcceleratorBusy as e:
+    except Fault as e:
         print(f"llm_activations {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -84,3 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.disable(logging.CRITICAL)
         print(f"llm_activations{' ' + command if command in COMMANDS else ''}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A Beam runner re-raises a worker's Fault wrapped in its own exception, with the worker's
+        # traceback as text: the fault's one line is all the user needs (exit 1, as for any fault).
+        line = fault_line(e)
+        if line is None:
+            raise
+        logging.disable(logging.CRITICAL)
+        print(f"llm_activations {command}: error: {line}", file=sys.stderr)
+        return 1

@@ -1,4 +1,10 @@
-"""Error types that map to the command line's exit statuses (docs/FORMAT.md: exit 2 = usage/config)."""
+"""Error types that map to the command line's exit statuses (docs/FORMAT.md, "Exit statuses").
+
+* UsageError (and DatasetError): the user named something wrong - an option, a configuration, a
+  folder that is not a dataset, a bucket that does not exist. One line, exit status 2.
+* Fault (and its kinds below): the data or the environment failed - a corrupt shard, storage that
+  stopped answering, a busy accelerator. One line, exit status 1.
+"""
 
 
 class UsageError(Exception):
@@ -9,7 +15,50 @@ class DatasetError(UsageError):
     """An activation dataset folder that readers and tools must refuse (no metadata, bad paths...)."""
 
 
-class AcceleratorBusy(Exception):
+class Fault(Exception):
+    """A data or environment fault the user did not cause by a bad option: one line, exit status 1.
+
+    MARK starts the message, so the launcher finds it again in the text of a worker's exception
+    that a Beam runner re-raised wrapped in its own (errors.fault_line).
+    """
+
+    MARK = "fault:"
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if text.startswith(self.MARK) else f"{self.MARK} {text}"
+
+
+class CorruptData(Fault):
+    """A file does not hold what its metadata says (sha256, size, missing): the data is damaged."""
+
+    MARK = "corrupt data:"
+
+
+class StorageUnavailable(Fault):
+    """Remote storage stopped answering and the retry budget (fileio.RETRY_SECONDS) is spent."""
+
+    MARK = "storage unavailable:"
+
+
+class AcceleratorBusy(Fault):
     """The accelerator is held by another process (or a stale lock): printed as one line, exit 1."""
 
     MARK = "accelerator busy:"
+
+
+def fault_line(exc: BaseException) -> str | None:
+    """The one line of a Fault inside exc (itself, its causes, or the text a runner wrapped it in)."""
+    seen = set()
+    e = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Fault):
+            return str(e).splitlines()[0]
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    for kind in (CorruptData, StorageUnavailable, AcceleratorBusy):
+        at = text.find(kind.MARK)
+        if at >= 0:
+            return text[at:].splitlines()[0]
+    return None

@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from llm_activations import demo
+from llm_activations.argtypes import integer
 from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
@@ -65,23 +66,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--layers", nargs="+", type=int, metavar="L", help="0-based decoder blocks; stores the --hooks of each (default: the middle layer)")
     a("--hooks", nargs="+", metavar="H", default=list(hk.DEFAULT_HOOKS),
       help=f"hook points stored at every layer, one or more of {', '.join(hk.HOOKS)} (TransformerLens names; default: resid_post)")
-    a("--seq-len", type=int, default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
-    a("--batch-size", type=int, default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
+    a("--seq-len", type=integer(1), default=1024, help="tokens per row, fixed; longer documents are split into segments (default: 1024)")
+    a("--batch-size", type=integer(1), default=8, help="rows per model step, fixed; must divide by the mesh 'data' axis (default: 8)")
     a("--mode", default="pack", choices=MODES, help="pack: several segments per row (little padding); pad: one segment per row (default: pack)")
     a("--dtype", default="bfloat16", choices=list(dtypes.STORAGE), help="storage dtype of activations (default: bfloat16)")
     a("--compute-dtype", default="bfloat16", choices=list(dtypes.COMPUTE), help="dtype the model computes in (default: bfloat16)")
-    a("--num-shards", type=int, default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
+    a("--num-shards", type=integer(0), default=0, help="files per layer; each file is a fixed share of the input, so reruns are byte-identical (0 = one per ~4096 documents)")
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
     a("--resume", action="store_true", help="continue an interrupted run in --output: units already finished by the same configuration are kept, the rest are extracted")
-    a("--max-docs", type=int, help="use only the first N input records (default: all)")
+    a("--max-docs", type=integer(1), help="use only the first N input records (default: all)")
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
-    a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
-    a("--host-index", type=int, default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
+    a("--num-hosts", type=integer(1), default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
+    a("--host-index", type=integer(0), default=0, help="independent-host mode: this host's index, 0..num-hosts-1 (default: 0)")
     a("--compilation-cache", metavar="DIR",
       help="persistent XLA compilation cache, local or gs://, shared by runs and hosts; 'none' turns it off "
            "(default: $LLM_ACTIVATIONS_COMPILATION_CACHE, else ~/.cache/llm_activations/jax under $XDG_CACHE_HOME if set)")
-    a("--docs-per-unit", type=int, default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
+    a("--docs-per-unit", type=integer(1), default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
@@ -151,7 +152,7 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         raise UsageError(f"--max-docs {cfg.max_docs}: must be positive")
     if not (cfg.num_hosts >= 1 and 0 <= cfg.host_index < cfg.num_hosts):
         raise UsageError(f"--host-index {cfg.host_index} must be in 0..{cfg.num_hosts - 1} (--num-hosts {cfg.num_hosts})")
-    check_cache_folder(cfg.compilation_cache)
+    cache = check_cache_folder(cfg.compilation_cache)
     folder = source.resolve(cfg.model)
     source.check_folder(folder)
     model_cfg, hf = load_model_config(folder)
@@ -172,27 +173,22 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     # A hub id stays a hub id: the workers of a distributed runner (Dataflow, Flink, Spark) have no
     # access to the launcher's download folder, so each resolves the id into its own hub cache.
     model = cfg.model if source.is_hub_id(cfg.model) and not os.path.isdir(cfg.model) else folder
-    return ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks}), model_cfg, hf
+    return (ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks, "compilation_cache": cache}),
+            model_cfg, hf)
 
 
-def check_cache_folder(folder: str | None) -> None:
-    """A local --compilation-cache must be a folder this host can write: JAX itself only warns,
-    per program, and then compiles every run from scratch."""
-    from llm_activations.format import fileio
+def check_cache_folder(folder: str | None) -> str | None:
+    """compile_cache.check for the compilation cache folder, however it was named (--compilation-cache,
+    the environment, the default): one line if it cannot serve. Returns what workers get: the folder
+    named (absolute), "none", or None for the default folder, which each worker resolves on its own
+    disk (a remote runner's workers do not share the launcher's home)."""
+    from llm_activations.model import compile_cache
 
-    if not folder or folder.lower() == "none" or fileio.is_url(folder):
-        return
-    path = os.path.abspath(os.path.expanduser(folder))
-    try:
-        os.makedirs(path, exist_ok=True)
-        ok = os.access(path, os.W_OK)
-    except OSError as e:
-        ok, why = False, e.strerror or str(e)
-    else:
-        why = "not writable"
-    if not ok:
-        raise UsageError(f"--compilation-cache {folder}: cannot use it as a cache folder ({why}); "
-                         "give a writable folder, or none to compile without a cache")
+    path, named = compile_cache.resolve(folder)
+    compile_cache.check(path, named)
+    if folder is None and not os.environ.get(compile_cache.ENV):
+        return None
+    return path or compile_cache.OFF
 
 
 def check_devices(cfg: ExtractConfig, options) -> None:

@@ -26,7 +26,7 @@ import time
 
 from llm_activations import __version__, inputs
 from llm_activations.errors import AcceleratorBusy, UsageError
-from llm_activations.format import fileio, manifests
+from llm_activations.format import fileio, manifests, rewrite
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format.manifests import MANIFEST_DIR
@@ -149,6 +149,7 @@ def prepare_output(cfg: ExtractConfig, stale: list, num_units: int) -> None:
     metadata.json and the units that cannot be kept (stale: their manifests); with --overwrite
     remove the previous dataset."""
     root = cfg.output.rstrip("/")
+    rewrite.unpublish(root)  # before anything else goes: from here the folder is no dataset (rewrite.py)
     existing = [p for p in fileio.entries(root) if os.path.basename(p.rstrip("/")) != LOCK_FILE]
     if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
         fileio.delete([p for p in existing if os.path.basename(p).startswith(METADATA_FILE)])

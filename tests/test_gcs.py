@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +28,7 @@ from llm_activations.cli import main
 from llm_activations.format import fileio
 from llm_activations.format import metadata as md
 from llm_activations.format import records
+from conftest import start_fake_gcs_server
 from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +191,7 @@ def test_merge_of_two_gs_host_datasets(runs, capsys):
         data = f.read()
     with fileio.create(truncated) as f:
         f.write(data[: len(data) // 2])
-    assert main(["merge", "--output", inside, "--overwrite", *hosts]) == 2
+    assert main(["merge", "--output", inside, "--overwrite", *hosts]) == 1  # damaged data: exit 1
     assert f"{truncated} has {len(data) // 2} bytes" in capsys.readouterr().err
 
 
@@ -336,3 +340,134 @@ def test_validate_without_credentials_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                           env={**env, "PYTHONPATH": os.pathsep.join([REPO, env.get("PYTHONPATH", "")])})
     assert proc.returncode == 2 and "gs:// paths need Google Cloud credentials" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- storage faults (issue 22)
+
+
+def test_a_bucket_that_does_not_exist_is_one_line_exit_2(runs, capsys, tmp_path):
+    """extract --output, validate, inspect and merge --output on a missing bucket were 25-28 line
+    tracebacks (exit 1); --input said "matches no file". Now every one, and --compilation-cache, says
+    so in one line, exit 2."""
+    missing = "gs://no-such-bucket-22"
+    local_in = write_jsonl(str(tmp_path / "docs.jsonl"), [{"text": t} for t in runs["texts"][:4]])
+    for argv in (extract_args(runs["model"], [local_in], f"{missing}/acts", "--layers", "1"),
+                 extract_args(runs["model"], [f"{missing}/in/*.jsonl"], str(tmp_path / "out"), "--layers", "1"),
+                 extract_args(runs["model"], [local_in], str(tmp_path / "out"), "--compilation-cache", f"{missing}/xla"),
+                 ["validate", f"{missing}/acts"],
+                 ["inspect", f"{missing}/acts"],
+                 ["merge", "--output", f"{missing}/merged", runs["gs_out"]],
+                 ["merge", "--output", str(tmp_path / "merged"), f"{missing}/acts"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{missing}: the bucket does not exist" in err[0], (argv, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
+def test_storage_outage_in_tools_is_one_line_exit_1(runs, capsys, monkeypatch):
+    """validate and inspect on an endpoint that stopped answering: one line within the retry
+    budget (here 2 s, given to the process's GCS retry policies), exit 1."""
+    from llm_activations.format import fileio
+
+    fileio.bound_gcs_retries(2.0)
+    monkeypatch.setenv(fileio.RETRY_SECONDS_ENV, "2")
+    with socket_refusing() as dead:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
+        try:
+            for argv in (["validate", runs["gs_out"]], ["inspect", runs["gs_out"]]):
+                assert main(argv) == 1, argv
+                err = capsys.readouterr().err.strip().splitlines()
+                assert len(err) == 1 and "storage unavailable:" in err[0] and "retrying for 2 s" in err[0], err
+        finally:
+            fileio.bound_gcs_retries(fileio.RETRY_SECONDS)
+
+
+class socket_refusing:
+    """The URL of a local port nobody listens on: every connection is refused, as from a server gone."""
+
+    def __enter__(self) -> str:
+        import socket
+
+        self._s = socket.socket()
+        self._s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        return f"http://127.0.0.1:{self._s.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self._s.close()
+
+
+# Beam's credential lookup retries about 25 s in a fresh process before it falls back to an
+# anonymous client (the emulator needs none); mark it done, as conftest.gcs_emulator does in-process.
+_ANONYMOUS_GCS = ("from apache_beam.internal.gcp import auth\n"
+                  "auth._Credentials._credentials_init, auth._Credentials._credentials = True, None\n")
+
+
+def test_storage_outage_mid_extract_ends_in_one_line_within_the_budget(tmp_path):
+    """The endpoint disappears once extract holds its lock on gs://. Every request and every cleanup
+    step (partial shards, the lock) used to retry 120 s, one after another: 20 minutes, then a
+    312-line traceback. With a 3 s budget the run must end well inside the 240 s hang guard, in one
+    line, exit 1."""
+    server, url, log = start_fake_gcs_server(str(tmp_path))
+    try:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{url}/storage/v1/b?project=test", method="POST", data=json.dumps({"name": "dying"}).encode(),
+            headers={"Content-Type": "application/json"}), timeout=10).close()
+        folder, _ = tiny_model_with_tokenizer()
+        corpus = write_jsonl(str(tmp_path / "docs.jsonl"), [{"text": t} for t in corpus_texts(200, seed=5)])
+        argv = extract_args(folder, [corpus], "gs://dying/acts", "--layers", "1", "--num-shards", "4")
+        code = f"import sys\n{_ANONYMOUS_GCS}from llm_activations.cli import main\nsys.exit(main({argv!r}))"
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": url, "LLM_ACTIVATIONS_STORAGE_RETRY_SECONDS": "3",
+               "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while proc.poll() is None:  # kill the server as soon as the run holds its lock
+            with urllib.request.urlopen(f"{url}/storage/v1/b/dying/o", timeout=10) as r:
+                names = [o["name"] for o in json.load(r).get("items", [])]
+            if "acts/_lock.json" in names:
+                server.kill()
+                killed = time.monotonic()
+                break
+            time.sleep(0.05)
+        try:
+            out, err = proc.communicate(timeout=240)
+            print(f"extract ended {time.monotonic() - killed:.1f} s after the endpoint died (retry budget 3 s)")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("extract still waiting on the dead endpoint after 240 s")
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
+    assert server.returncode is not None and "acts/_lock.json" in names  # it died mid-run, not before
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("llm_activations extract: error: storage unavailable: gs://dying/"), err[-3000:]
+    assert "retrying for 3 s" in lines[0]
+
+
+def test_a_gs_compilation_cache_serves_a_second_run_without_tensorflow(gcs_emulator, tmp_path):
+    """--compilation-cache gs://... imported TensorFlow into the extract process (JAX reads gs://
+    through etils, which uses tf.io.gfile), and TensorFlow may grab the accelerator. Entries now go
+    through fileio; a second run in a fresh process is served from the bucket."""
+    from llm_activations.model import compile_cache
+
+    bucket = gcs_emulator.make_bucket("xla-cache")
+    folder, _ = tiny_model_with_tokenizer()
+    corpus = write_jsonl(str(tmp_path / "docs.jsonl"), [{"text": t} for t in corpus_texts(6)])
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator.url,
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    hits = []
+    for i in range(2):
+        out = str(tmp_path / f"out{i}")
+        argv = extract_args(folder, [corpus], out, "--layers", "1", "--compilation-cache", f"{bucket}/xla")
+        code = (f"import sys\n{_ANONYMOUS_GCS}from llm_activations.cli import main\nrc = main({argv!r})\n"
+                "print('tensorflow imported:', any(m.split('.')[0] == 'tensorflow' for m in sys.modules))\nsys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.splitlines()[-1] == "tensorflow imported: False"
+        hits.append(md.read_metadata(out)["run"]["compile_cache_hit"])
+    assert hits == [False, True]
+    names = fileio.files_under(f"{bucket}/xla")
+    assert names and all(n.endswith(compile_cache.ENTRY_SUFFIX) for n in names)
+    with fileio.open_read(f"{bucket}/xla/{names[0]}") as f:
+        assert compile_cache.unpack_entry(f.read()) is not None

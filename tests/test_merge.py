@@ -262,10 +262,48 @@ def test_corrupt_shard_is_refused_when_copying(tmp_path, capsys):
     data[-10] ^= 0xFF
     open(victim, "wb").write(bytes(data))
     out = tmp_path / "merged"
-    assert cli.main(["merge", "--output", str(out), h0, h1]) == 2
+    assert cli.main(["merge", "--output", str(out), h0, h1]) == 1  # damaged data, not a usage error
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not match its metadata.json" in err and victim in err
+    assert err.startswith("llm_activations merge: error: corrupt data: ")
     assert not os.path.exists(out / "metadata.json")
+
+
+def test_failed_merge_overwrite_leaves_no_dataset_not_old_metadata_over_new_shards(tmp_path, capsys):
+    """issue 22 item 1: a float16 merge in OUT, then merge --overwrite of float32 hosts whose last
+    shard is corrupt. Shards are replaced before the corrupt one is reached; the old metadata.json
+    must be gone by then, so every reader refuses OUT instead of reading float32 bytes as float16."""
+    from llm_activations import reader
+    from llm_activations.errors import DatasetError
+
+    docs = _corpus(12)
+    old = [os.path.join(tmp_path, "old", f"host-{i}") for i in range(2)]
+    _write_host(old[0], docs[:SPLIT], host_index=0, num_hosts=2, doc_range=(0, SPLIT), dtype="float16")
+    _write_host(old[1], docs[SPLIT:], host_index=1, num_hosts=2, doc_range=(SPLIT, NUM_DOCS), dtype="float16")
+    out = str(tmp_path / "merged")
+    assert cli.main(["merge", "--output", out, *old]) == 0
+    before = {s["path"]: s["sha256"] for s in md.read_metadata(out)["shards"]}
+    h0, h1 = _two_hosts(tmp_path / "new", docs)
+    victim = os.path.join(h1, records.shard_relpath(3, 1, 2))  # the last file merge copies
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(victim, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["merge", "--output", out, "--overwrite", h0, h1]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt data:" in err[0] and victim in err[0], err
+    replaced = [p for p, sha in before.items() if records_sha(os.path.join(out, p)) != sha]
+    assert len(replaced) == len(before) - 1  # every shard but the corrupt one's was rewritten ...
+    assert not os.path.exists(os.path.join(out, "metadata.json"))  # ... and OUT is no dataset
+    with pytest.raises(DatasetError, match="no metadata.json"):
+        md.read_metadata(out)
+    with pytest.raises(DatasetError, match="no metadata.json"):
+        next(iter(reader.iter_numpy_batches(out, 1, 8)))
+    assert cli.main(["validate", out]) == 2
+
+
+def records_sha(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def test_partial_merge_is_recorded_as_incomplete(tmp_path):

@@ -12,7 +12,11 @@ whose files are the hosts' files:
 * otherwise copied byte for byte to OUT/host-IIIII/... and checked against the shard's sha256.
 
 Records are never rewritten: doc_index is already global, so no renumbering is needed.
-metadata.json is written last, so OUT is a finished dataset only if everything else succeeded.
+Writing into OUT follows rewrite.rewriting: every check runs first, then an old metadata.json in
+OUT is removed before the first file is copied, and the new one is written last, so OUT is a
+finished dataset only if everything succeeded (a failed merge --overwrite leaves no dataset, never
+old metadata over new shards). A host file that is missing or not what its metadata says is
+CorruptData (exit 1); inputs that cannot be merged are a UsageError (exit 2).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import posixpath
 from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
-from llm_activations.errors import DatasetError, UsageError
+from llm_activations.errors import CorruptData, DatasetError, UsageError
+from llm_activations.format.rewrite import rewriting
 from llm_activations.format.stats import Moments, merge_all
 
 # Settings every host of one extraction must share: (label in messages, getter).
@@ -108,19 +113,19 @@ def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwr
                 _check_in_place(md.shard_path(root, shard["path"]), shard)
 
     shards, copied = [], 0
-    for root, meta, prefix, dest in zip(inputs, metas, prefixes, dests):
-        base = prefix if prefix is not None else dest
-        for shard in meta["shards"]:
-            new_path = posixpath.join(base, posixpath.normpath(shard["path"]))
+    with rewriting(output) as publish:  # OUT is no dataset from here until publish
+        for root, meta, prefix, dest in zip(inputs, metas, prefixes, dests):
+            base = prefix if prefix is not None else dest
+            for shard in meta["shards"]:
+                new_path = posixpath.join(base, posixpath.normpath(shard["path"]))
+                if prefix is None:
+                    _copy_verified(md.shard_path(root, shard["path"]), fileio.join(output, new_path), shard)
+                    copied += 1
+                shards.append({**shard, "path": new_path})
             if prefix is None:
-                _copy_verified(md.shard_path(root, shard["path"]), fileio.join(output, new_path), shard)
-                copied += 1
-            shards.append({**shard, "path": new_path})
-        if prefix is None:
-            _copy_tree(fileio.join(root, "rejected"), fileio.join(output, dest, "rejected"))
-
-    merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied)
-    md.write_metadata(output, merged)  # last: OUT is a finished dataset only now
+                _copy_tree(fileio.join(root, "rejected"), fileio.join(output, dest, "rejected"))
+        merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied)
+        publish(merged)  # last: OUT is a finished dataset only now
     return merged
 
 
@@ -246,10 +251,10 @@ def _copy_verified(src: str, dst: str, shard: dict) -> None:
                 fout.write(chunk)
     except FileNotFoundError:
         fout.abort()
-        raise DatasetError(f"{src} is listed in its metadata.json but missing") from None
+        raise CorruptData(f"{src} is listed in its metadata.json but missing; the host folder is damaged") from None
     if sha.hexdigest() != shard.get("sha256") or size != shard.get("bytes", size):
         fout.abort()
-        raise DatasetError(
+        raise CorruptData(
             f"{src} does not match its metadata.json (sha256 {sha.hexdigest()[:12]}... / {size} bytes, "
             f"expected {str(shard.get('sha256'))[:12]}... / {shard.get('bytes')} bytes); the host folder is corrupt"
         )
@@ -260,9 +265,9 @@ def _check_in_place(src: str, shard: dict) -> None:
     """A file referenced in place must exist with its recorded size (its sha256 is `validate`'s job)."""
     size = fileio.size(src)  # one metadata request on an object store, not a download
     if size is None:
-        raise DatasetError(f"{src} is listed in its metadata.json but missing")
+        raise CorruptData(f"{src} is listed in its metadata.json but missing; the host folder is damaged")
     if "bytes" in shard and size != shard["bytes"]:
-        raise DatasetError(f"{src} has {size} bytes, its metadata.json says {shard['bytes']}")
+        raise CorruptData(f"{src} has {size} bytes, its metadata.json says {shard['bytes']}; the host folder is damaged")
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from llm_activations.argtypes import integer
 from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
@@ -153,7 +154,7 @@ def validate(root: str, workers: int = 4) -> tuple[list[FileReport], list[str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="dataset folder (local path or gs://...)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="files checked in parallel")
+    parser.add_argument("--workers", type=integer(1), default=min(8, os.cpu_count() or 1), help="files checked in parallel")
 
 
 def run(args: argparse.Namespace) -> int:

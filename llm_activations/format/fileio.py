@@ -14,24 +14,38 @@ with open_for_commit, so a reader sees a whole file or none:
 * other object stores (s3://, azfs://, ...) keep the temporary name and rename: Beam's writers
   for them cannot cancel an upload, so closing a failed writer would publish half a file under
   the final name.
+
+Remote storage faults end in one line within a bounded time (issue 22). Every remote call goes
+through _remote, which turns an outage into errors.StorageUnavailable (exit 1) and a bucket that
+does not exist into a UsageError (exit 2). The GCS client's retries share one process-wide budget
+(RetryBudget, RETRY_SECONDS, or $LLM_ACTIVATIONS_STORAGE_RETRY_SECONDS): once an outage has lasted
+that long, every further request - the cleanup of partial files and of the lock included - fails
+at once instead of retrying for two minutes each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import posixpath
+import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from llm_activations.errors import UsageError
+from llm_activations.errors import StorageUnavailable, UsageError
 
 # Object stores whose Beam writer can cancel an unfinished upload (BlobWriter.terminate).
 DIRECT_UPLOAD_SCHEMES = ("gs",)
 BEAM_VERSION_HINT = "apache-beam[gcp]==2.77.0"
+# Seconds an outage of remote storage is retried, all requests of the process together, before
+# every request fails at once (docs/FORMAT.md, "Exit statuses"); the environment variable sets it.
+RETRY_SECONDS = 60.0
+RETRY_SECONDS_ENV = "LLM_ACTIVATIONS_STORAGE_RETRY_SECONDS"
 
 
 def is_url(path: str) -> bool:
@@ -77,6 +91,7 @@ def check_url_support(scheme_name: str) -> None:
         except ImportError:
             raise UsageError(f"gs:// paths need Beam's GCP extra: pip install '{BEAM_VERSION_HINT}'") from None
         check_gcs_credentials()
+        bound_gcs_retries(retry_seconds())
         return
     try:
         _fs().get_filesystem(f"{scheme_name}://x")
@@ -101,15 +116,166 @@ def check_gcs_credentials() -> None:
 
 
 def check_urls(paths) -> None:
-    """check_url_support for every URL among paths (the launcher calls this before any work)."""
+    """check_url_support for every URL among paths, and check_bucket for every gs:// bucket (the
+    launcher calls this before any work)."""
     for name in sorted({scheme(p) for p in paths if is_url(p)}):
         check_url_support(name)
+    for p in paths:
+        if scheme(p) == "gs":
+            check_bucket(split_url(p)[1].split("/")[0])
 
 
 def _beam(path: str):
-    """Beam's FileSystems, after the one-line check that this URL's scheme works here."""
+    """Beam's FileSystems, after the one-line checks that this URL's scheme works here and that its
+    bucket exists."""
     check_url_support(scheme(path))
+    if scheme(path) == "gs":
+        check_bucket(split_url(path)[1].split("/")[0])
     return _fs()
+
+
+@functools.cache
+def check_bucket(name: str) -> None:
+    """UsageError (one line) if the GCS bucket does not exist or cannot be seen; once per bucket
+    and process (a failed check is not remembered)."""
+    from apache_beam.io.gcp.gcsio import GcsIO
+    from google.api_core.exceptions import Forbidden
+
+    url = f"gs://{name}"
+    with _remote(url):
+        try:
+            found = GcsIO().get_bucket(name)
+        except Forbidden:
+            raise UsageError(f"{url}: these credentials may not use this bucket (403 Forbidden)") from None
+    if found is None:
+        raise UsageError(f"{url}: the bucket does not exist; create it or correct the path")
+
+
+# ----------------------------------------------------------------------------- remote faults
+
+
+def retry_seconds(environ=os.environ) -> float:
+    """$LLM_ACTIVATIONS_STORAGE_RETRY_SECONDS, else RETRY_SECONDS; UsageError if not a positive number."""
+    text = environ.get(RETRY_SECONDS_ENV)
+    if not text:
+        return RETRY_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"${RETRY_SECONDS_ENV} {text!r}: give the seconds to retry a storage outage, a positive number")
+    return value
+
+
+class RetryBudget:
+    """The GCS client's retry predicate, with one budget for the whole process.
+
+    An outage starts at the first retryable error after a quiet spell of `seconds`; while it lasts
+    less than `seconds`, retryable errors are retried (the client's own backoff), after that none
+    is. So a dead endpoint costs one budget in all, however many requests and cleanup steps come
+    after the first, and however many threads wait on it.
+    """
+
+    def __init__(self, seconds: float, retryable):
+        self.seconds, self.retryable = seconds, retryable
+        self._lock = threading.Lock()
+        self._start = self._last = None
+
+    def __call__(self, exc: Exception) -> bool:
+        if not self.retryable(exc):
+            return False
+        now = time.monotonic()
+        with self._lock:
+            if self._last is None or now - self._last > self.seconds:
+                self._start = now  # a new outage
+            self._last = now
+            return now - self._start < self.seconds
+
+
+def bound_gcs_retries(seconds: float) -> None:
+    """Make the GCS client's retry policies (google-cloud-storage's DEFAULT_RETRY, which its uploads
+    and downloads take as a default argument, and Beam's copy of it) share one RetryBudget of
+    `seconds`, and stop each call's own retrying after `seconds` as well (their default: 120 s per
+    request, one request after another). The policies are shared objects and the client offers no
+    other way to set them for every call, so they are updated in place, once per process."""
+    from apache_beam.io.gcp import gcsio_retry
+    from google.cloud.storage import retry as gcs_retry
+
+    budget = RetryBudget(seconds, gcs_retry._should_retry)
+    for policy in (gcs_retry.DEFAULT_RETRY, gcsio_retry.DEFAULT_RETRY_WITH_THROTTLING_COUNTER):
+        policy._predicate = budget
+        policy._timeout = policy._deadline = seconds
+
+
+def _outage(exc: BaseException) -> BaseException | None:
+    """The storage outage behind exc (a retryable error, or the client's give-up), if any; Beam
+    wraps the error of each path of a batch operation in a BeamIOError."""
+    from google.api_core.exceptions import RetryError
+    from google.cloud.storage.retry import _should_retry
+
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RetryError) or (isinstance(e, Exception) and _should_retry(e)):
+            return e
+        todo += [e.__cause__, e.__context__, *(getattr(e, "exception_details", None) or {}).values()]
+    return None
+
+
+@contextlib.contextmanager
+def _remote(path: str):
+    """Run a request for path: a storage outage becomes StorageUnavailable, one line."""
+    try:
+        yield
+    except (StorageUnavailable, UsageError):
+        raise
+    except Exception as e:
+        cause = _outage(e) if scheme(path) == "gs" else None
+        if cause is None:
+            raise
+        reason = str(cause).splitlines()[0][:160] if str(cause) else type(cause).__name__
+        raise StorageUnavailable(
+            f"{path}: storage stopped answering ({type(cause).__name__}: {reason}); gave up after retrying "
+            f"for {retry_seconds():g} s (${RETRY_SECONDS_ENV} sets how long)") from None
+
+
+class _RemoteStream:
+    """A URL's read or write stream whose every call goes through _remote."""
+
+    def __init__(self, raw, path: str):
+        self._raw, self._path = raw, path
+
+    def __getattr__(self, name):
+        attr = getattr(self._raw, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with _remote(self._path):
+                return attr(*args, **kwargs)
+
+        return call
+
+    def __iter__(self):  # lines; dunder methods bypass __getattr__
+        lines = iter(self._raw)
+        while True:
+            with _remote(self._path):
+                line = next(lines, None)
+            if line is None:
+                return
+            yield line
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _remote(self._path):
+            self._raw.close()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -118,34 +284,45 @@ def _beam(path: str):
 def open_read(path: str) -> BinaryIO:
     """A binary stream of the file's raw bytes (no decompression)."""
     if is_url(path):
-        return _beam(path).open(path, compression_type="uncompressed")
+        fs = _beam(path)
+        with _remote(path):
+            return _RemoteStream(fs.open(path, compression_type="uncompressed"), path)
     return open(path, "rb")
 
 
 def exists(path: str) -> bool:
     """True if path is an existing file."""
-    return _beam(path).exists(path) if is_url(path) else os.path.isfile(path)
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs = _beam(path)
+    with _remote(path):
+        return fs.exists(path)
 
 
 def size(path: str) -> int | None:
     """Size in bytes of a file, or None if it does not exist (one metadata request on a URL)."""
     if not is_url(path):
         return os.path.getsize(path) if os.path.isfile(path) else None
-    found = [m.size_in_bytes for r in _beam(path).match([path]) for m in r.metadata_list if m.path == path]
+    fs = _beam(path)
+    with _remote(path):
+        found = [m.size_in_bytes for r in fs.match([path]) for m in r.metadata_list if m.path == path]
     return found[0] if found else None
 
 
 def checksum(path: str) -> str:
     """The object store's own checksum of a file at a URL (no download)."""
-    return _beam(path).checksum(path)
+    fs = _beam(path)
+    with _remote(path):
+        return fs.checksum(path)
 
 
 def match(patterns: list[str]) -> list[str]:
     """Paths matching glob patterns; a pattern that matches nothing contributes nothing."""
     for p in patterns:
         if is_url(p):
-            check_url_support(scheme(p))
-    return [m.path for r in _fs().match(list(patterns)) for m in r.metadata_list]
+            _beam(p)
+    with _remote(next((p for p in patterns if is_url(p)), "")):
+        return [m.path for r in _fs().match(list(patterns)) for m in r.metadata_list]
 
 
 def entries(root: str) -> list[str]:
@@ -199,7 +376,9 @@ def create(path: str) -> BinaryIO:
     readers must see whole or not at all go through open_for_commit instead.
     """
     if is_url(path):
-        return _beam(path).create(path, compression_type="uncompressed")
+        fs = _beam(path)
+        with _remote(path):
+            return _RemoteStream(fs.create(path, compression_type="uncompressed"), path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return open(path, "wb", buffering=1 << 20)
 
@@ -284,9 +463,10 @@ def rename(src: str, dst: str) -> None:
     """Move src over dst, replacing dst if it exists."""
     if is_url(src):
         fs = _beam(src)
-        if fs.exists(dst):
+        if exists(dst):
             delete([dst])
-        fs.rename([src], [dst])
+        with _remote(src):
+            fs.rename([src], [dst])
     else:
         os.replace(src, dst)
 
@@ -306,7 +486,8 @@ def delete(paths: list[str]) -> None:
         _delete_gcs_objects(gcs)
     other = [o for o in objects if scheme(o) != "gs"]
     if other:
-        _fs().delete(other)
+        with _remote(other[0]):
+            _fs().delete(other)
 
 
 def _delete_gcs_objects(paths: list[str]) -> None:
@@ -315,5 +496,5 @@ def _delete_gcs_objects(paths: list[str]) -> None:
     from apache_beam.io.gcp.gcsio import GcsIO
 
     gcs = GcsIO()
-    with ThreadPoolExecutor(16) as pool:
+    with _remote(paths[0]), ThreadPoolExecutor(16) as pool:
         list(pool.map(gcs.delete, sorted(set(paths))))

@@ -1,0 +1,26 @@
+"""argparse types that validate numbers at the edge: a bad value is one line, exit status 2.
+
+Every command's numeric options use these (cli._Parser turns argparse's error into a UsageError),
+so `--workers -3` or `--seq-len 0` never reaches the code that would misuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def integer(minimum: int):
+    """An argparse type: an integer >= minimum (e.g. integer(1) for a count, integer(0) for an index)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
