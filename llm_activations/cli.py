@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from llm_activations.errors import AcceleratorBusy, UsageError
+from llm_activations.errors import AcceleratorBusy, DataFault, UsageError
 
 # command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"llm_activations{' ' + command if command in COMMANDS else ''}: error: {e}", file=sys.stderr)
         return 2
-    except AcceleratorBusy as e:
+    except (AcceleratorBusy, DataFault) as e:
         print(f"llm_activations {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,3 +13,10 @@ class AcceleratorBusy(Exception):
     """The accelerator is held by another process (or a stale lock): printed as one line, exit 1."""
 
     MARK = "accelerator busy:"
+
+
+class DataFault(Exception):
+    """Data that must not be stored or delivered (e.g. activations that overflow the storage dtype):
+    printed as one line, exit 1. MARK finds the line again inside a runner's wrapped worker error."""
+
+    MARK = "data fault:"

@@ -25,7 +25,7 @@ import threading
 import time
 
 from llm_activations import __version__, inputs
-from llm_activations.errors import AcceleratorBusy, UsageError
+from llm_activations.errors import AcceleratorBusy, DataFault, UsageError
 from llm_activations.format import fileio, manifests
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
@@ -298,6 +298,8 @@ def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resume
             text = str(e)
             if AcceleratorBusy.MARK in text:
                 raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
+            if DataFault.MARK in text:
+                raise DataFault(text[text.index(DataFault.MARK):].splitlines()[0]) from None
             raise
 
 

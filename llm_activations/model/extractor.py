@@ -1,8 +1,11 @@
 """Extractor: a checkpoint on a device mesh with its forward step compiled once for (batch, seq_len).
 
 The step returns, per requested (hook, layer), the activations already cast to the storage dtype on
-device (only stored bytes cross to the host) and float32 moments over real tokens, which the host
-turns into float64 `stats.Moments`.
+device (only stored bytes cross to the host), float32 moments over real tokens and each token's
+norm ([B, T] float32, -1 at padding), all computed from the stored values: the statistics describe
+what readers get, rounding and overflow included. The host turns them into float64 `stats.Moments`
+with a norm histogram (norms.py). A token the cast made non-finite (float16 overflows above 65504)
+is refused with a DataFault naming the hook and layer: such data is never stored silently.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from llm_activations.model import transformer as model
 from llm_activations.model import sharding
 from llm_activations.model.attention import Backend, backend_for
 from llm_activations.model.config import ModelConfig, check_layers, load_model_config
-from llm_activations.errors import UsageError
+from llm_activations.errors import DataFault, UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
+from llm_activations.format.norms import NormHistogram
 from llm_activations.format.stats import Moments
 
 
@@ -35,39 +39,58 @@ class StepOutput:
 class Pending:
     """A dispatched step; result() blocks until its outputs are on the host."""
 
-    def __init__(self, keys: Sequence[tuple[str, int]], outputs: dict):
+    def __init__(self, keys: Sequence[tuple[str, int]], outputs: dict, storage_dtype: str = ""):
         self._keys = keys
         self._outputs = outputs
+        self._storage_dtype = storage_dtype
 
     def result(self) -> StepOutput:
         host = jax.device_get(self._outputs)
         acts, moments = {}, {}
         for key in self._keys:
-            a, count, mean, m2, norm_sum = host[key]
+            a, count, mean, m2, norm_sum, norms = host[key]
             acts[key] = a
-            moments[key] = Moments(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64), float(norm_sum))
+            # Binned on the host by norms.py itself (one place for the bin rule); a [B, T] float32
+            # array per output is ~1/width of the activations' bytes (BENCHMARKS.md, issue 21).
+            hist = NormHistogram.of(norms[~(norms < 0)])  # padding is -1; nan (non-finite) is kept
+            if hist.nonfinite:
+                raise DataFault(nonfinite_message(key, hist.nonfinite, hist.count + hist.nonfinite, self._storage_dtype))
+            moments[key] = Moments(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64),
+                                   float(norm_sum), hist)
         return StepOutput(acts, moments)
 
 
+def nonfinite_message(key: tuple[str, int], bad: int, total: int, storage_dtype: str) -> str:
+    hook, layer = key
+    why = (f"beyond float16's range (|x| > 65504); extract with --dtype bfloat16 (or float32)"
+           if storage_dtype == "float16" else "the model's activations are not finite (check the checkpoint and --compute-dtype)")
+    return (f"{DataFault.MARK} {bad} of {total} tokens of {hook} at layer {layer} hold inf or nan once stored as "
+            f"{storage_dtype or 'the storage dtype'}: {why}")
+
+
 def layer_moments(x: jax.Array, real: jax.Array):
-    """count, mean [D], m2 [D], norm_sum of x [B, T, D] over positions where real [B, T], in float32."""
+    """count, mean [D], m2 [D], norm_sum and norms [B, T] (-1 at padding) of x [B, T, D] over
+    positions where real [B, T], in float32."""
     xf = x.astype(jnp.float32)
     w = real[..., None]
     count = jnp.sum(real, dtype=jnp.int32)
     mean = jnp.sum(jnp.where(w, xf, 0.0), axis=(0, 1)) / jnp.maximum(count, 1).astype(jnp.float32)
     m2 = jnp.sum(jnp.where(w, jnp.square(xf - mean), 0.0), axis=(0, 1))
-    norm_sum = jnp.sum(jnp.where(real, jnp.linalg.norm(xf, axis=-1), 0.0))
-    return count, mean, m2, norm_sum
+    norms = jnp.linalg.norm(xf, axis=-1)  # [B, T]
+    norm_sum = jnp.sum(jnp.where(real, norms, 0.0))
+    return count, mean, m2, norm_sum, jnp.where(real, norms, -1.0)
 
 
 def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, backend: Backend,
               hooks: Sequence[str] = hk.DEFAULT_HOOKS):
-    """step(params, tokens, segment_ids, positions) -> {(hook, layer): (acts, count, mean, m2, norm_sum)}."""
+    """step(params, tokens, segment_ids, positions) -> {(hook, layer): (acts, count, mean, m2, norm_sum, norms)},
+    the statistics of the stored (cast) values."""
 
     def step(params, tokens, segment_ids, positions):
         acts = model.forward(params, config, tokens, segment_ids, positions, layers, backend, mesh=mesh, hooks=hooks)
         real = segment_ids > 0
-        return {key: (x.astype(storage_dtype),) + layer_moments(x, real) for key, x in acts.items()}
+        stored = {key: x.astype(storage_dtype) for key, x in acts.items()}
+        return {key: (s,) + layer_moments(s, real) for key, s in stored.items()}
 
     return step
 
@@ -103,6 +126,7 @@ class Extractor:
         self.batch_size, self.seq_len = batch_size, seq_len
         # NumPy dtypes (bfloat16 from ml_dtypes), which JAX takes as they are
         self.compute_dtype, self.storage_dtype = dtypes.COMPUTE[compute_dtype], dtypes.STORAGE[storage_dtype]
+        self.storage_dtype_name = storage_dtype
         num_blocks = self.layers[-1] + 1
         self.mesh = sharding.make_mesh(mesh_shape, self.config, batch_size, self.compute_dtype, num_blocks)
         self.backend = backend_for(self.mesh.devices.flat, self.compute_dtype, attention)
@@ -125,7 +149,8 @@ class Extractor:
         self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
         acts = sharding.named_sharding(self.mesh, ("batch", "seq", "embed"))
         scalar = NamedSharding(self.mesh, PartitionSpec())
-        out_shardings = {k: (acts, scalar, scalar, scalar, scalar) for k in self.keys}
+        tokens = sharding.named_sharding(self.mesh, ("batch", "seq"))
+        out_shardings = {k: (acts, scalar, scalar, scalar, scalar, tokens) for k in self.keys}
         param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
         jitted = jax.jit(step, in_shardings=(param_shardings,) + (self._input_sharding,) * 3,
                          out_shardings=out_shardings)
@@ -152,7 +177,7 @@ class Extractor:
         outputs = self._step(self.params, *args)
         for leaf in jax.tree.leaves(outputs):
             leaf.copy_to_host_async()
-        return Pending(self.keys, outputs)
+        return Pending(self.keys, outputs, self.storage_dtype_name)
 
     def __call__(self, tokens, segment_ids, positions) -> StepOutput:
         return self.dispatch(tokens, segment_ids, positions).result()
