@@ -81,16 +81,31 @@ def layer_moments(x: jax.Array, real: jax.Array):
     return count, mean, m2, norm_sum, jnp.where(real, norms, -1.0)
 
 
+def stored_tokens(segment_ids: jax.Array, positions: jax.Array, prepend: bool):
+    """(real [B, T], order [B, T]): the tokens that are stored, and the column permutation that
+    moves them, in order, to the front of each row. With prepend, position 0 of every segment is
+    the prepended context token (packing.py), computed but not stored."""
+    real = segment_ids > 0
+    if not prepend:
+        return real, None
+    real = real & (positions > 0)
+    return real, jnp.argsort(~real, axis=1, stable=True)
+
+
 def make_step(config: ModelConfig, layers: Sequence[int], mesh, storage_dtype, backend: Backend,
-              hooks: Sequence[str] = hk.DEFAULT_HOOKS):
+              hooks: Sequence[str] = hk.DEFAULT_HOOKS, prepend: bool = False):
     """step(params, tokens, segment_ids, positions) -> {(hook, layer): (acts, count, mean, m2, norm_sum, norms)},
-    the statistics of the stored (cast) values."""
+    the statistics of the stored (cast) values; with prepend, acts hold each row's stored tokens
+    as a prefix (the layout of packing.Batch's own arrays)."""
 
     def step(params, tokens, segment_ids, positions):
         acts = model.forward(params, config, tokens, segment_ids, positions, layers, backend, mesh=mesh, hooks=hooks)
-        real = segment_ids > 0
+        real, order = stored_tokens(segment_ids, positions, prepend)
         stored = {key: x.astype(storage_dtype) for key, x in acts.items()}
-        return {key: (s,) + layer_moments(s, real) for key, s in stored.items()}
+        out = {key: (s,) + layer_moments(s, real) for key, s in stored.items()}
+        if order is not None:
+            out = {key: (jnp.take_along_axis(o[0], order[..., None], axis=1),) + o[1:] for key, o in out.items()}
+        return out
 
     return step
 
@@ -102,7 +117,9 @@ class Extractor:
     each of them (format/hooks.py; outputs are keyed (hook, layer)). attention: "auto" (the mesh's
     platform decides) or one of attention.IMPLEMENTATIONS. compilation_cache: the persistent XLA
     cache folder (None: compile_cache.default_folder(); "none": off); the step's compile_stats say
-    how long setup compiled and whether the cache served it. Inputs of
+    how long setup compiled and whether the cache served it. prepend: position 0 of every segment
+    is a context token (--prepend): left out of the outputs, which hold each row's other real
+    tokens first (packing.Batch.inputs is what to dispatch). Inputs of
     dispatch / __call__ are int32 numpy [batch_size, seq_len]: token ids, segment ids (0 = padding)
     and position ids.
     """
@@ -110,7 +127,7 @@ class Extractor:
     def __init__(self, model: str, *, layers: Sequence[int], batch_size: int, seq_len: int,
                  compute_dtype: str = "bfloat16", storage_dtype: str = "bfloat16",
                  mesh_shape: tuple[int, int] | None = None, hooks: Sequence[str] = hk.DEFAULT_HOOKS,
-                 attention: str = "auto", compilation_cache: str | None = None):
+                 attention: str = "auto", compilation_cache: str | None = None, prepend: bool = False):
         if compute_dtype not in dtypes.COMPUTE:
             raise UsageError(f"compute dtype {compute_dtype!r} is not one of {', '.join(dtypes.COMPUTE)}")
         if storage_dtype not in dtypes.STORAGE:
@@ -124,6 +141,7 @@ class Extractor:
         self.hooks = hk.check_hooks(hooks, option="hooks")
         self.keys = tuple((h, l) for h in self.hooks for l in self.layers)
         self.batch_size, self.seq_len = batch_size, seq_len
+        self.prepend = prepend
         # NumPy dtypes (bfloat16 from ml_dtypes), which JAX takes as they are
         self.compute_dtype, self.storage_dtype = dtypes.COMPUTE[compute_dtype], dtypes.STORAGE[storage_dtype]
         self.storage_dtype_name = storage_dtype
@@ -145,7 +163,7 @@ class Extractor:
     def _compile(self) -> None:
         """Compile the step once, ahead of time, for the fixed input shapes: the Compiled object
         runs only those shapes, so no later call can compile again."""
-        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.backend, self.hooks)
+        step = make_step(self.config, self.layers, self.mesh, self.storage_dtype, self.backend, self.hooks, self.prepend)
         self._input_sharding = sharding.named_sharding(self.mesh, ("batch", "seq"))
         acts = sharding.named_sharding(self.mesh, ("batch", "seq", "embed"))
         scalar = NamedSharding(self.mesh, PartitionSpec())
