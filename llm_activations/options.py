@@ -14,7 +14,7 @@ from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 
 MODES = ("pack", "pad")
-PREPEND_DEFAULT = "none"  # docs/FORMAT.md "Context token": why
+PREPEND_DEFAULT = "auto"  # docs/FORMAT.md "Context token (--prepend)": why, measured on SmolLM2
 COMPRESSIONS = ("none", "gzip")
 DOCS_PER_UNIT = 4096
 
@@ -193,7 +193,11 @@ def resolve_prepend(value: str, folder: str, seq_len: int) -> int | None:
         raise UsageError(f"--prepend {value} needs --seq-len 2 or more (the prepended token takes one position)")
     from llm_activations.units import load_tokenizer
 
-    tok = load_tokenizer(folder)
+    try:
+        tok = load_tokenizer(folder)
+    except Exception as e:  # no tokenizer files, or one transformers cannot read: the model's own problem
+        raise UsageError(f"--prepend {value}: cannot load the tokenizer of {folder} ({type(e).__name__}); "
+                         "pass --prepend none") from None
     return prepend_token_id(value, tok)
 
 
