@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import math
 import os
 import sys
@@ -229,13 +230,11 @@ def train(
     import jax
     import optax
 
-    from llm_activations.format import hooks as hk
-    from llm_activations.format import metadata as md
     from llm_activations import reader as rd
-    from llm_activations.jax_reader import prefetch_to_device
-
     from llm_activations.errors import UsageError
+    from llm_activations.format import metadata as md
     from llm_activations.format import norms as nm
+    from llm_activations.jax_reader import prefetch_to_device
 
     if not (1 <= k <= latents):
         raise UsageError(f"--k {k} must be between 1 and --latents ({latents}): k latents fire per token")
@@ -256,14 +255,6 @@ def train(
         layer = min(l for h, l in have if h == target)
     spec_out = rd.layer_spec(path, layer, hook=target)
     spec_in = spec_out if source == target else rd.layer_spec(path, layer, hook=source)
-    stats = meta.get("stats", {}).get(hk.key(target, layer), {})
-    delivered = stats.get("delivered") if max_norm_ratio is not None else None
-    scale = (delivered or {}).get("scaling_factor") or spec_out.scaling_factor or 1.0
-    b_dec = np.asarray(stats.get("mean", np.zeros(spec_out.hidden_size)), np.float32) * float(scale)
-    params = init_params(jax.random.PRNGKey(seed), spec_in.hidden_size, latents, b_dec, spec_out.hidden_size)
-    optimizer = optax.adam(lr)
-    opt_state = optimizer.init(params)
-    step = make_step(k, optimizer, transcoder)
 
     recent_err, recent_total, fired_steps = [], [], []
     start = time.perf_counter()
@@ -273,9 +264,17 @@ def train(
         host = paired_batches(path, layer, batch_size, shuffle_buffer, seed, source, target, max_norm_ratio)
     else:
         host = batches(path, layer, batch_size, reader, shuffle_buffer, seed, hook, max_norm_ratio)
+    # b_dec starts at the mean of the first batch of what is trained on: the stored all-token mean
+    # is pulled towards the sinks and massive activations that the delivered tokens leave out.
+    first = next(host)
+    b_dec = np.mean(first[1] if transcoder else first, axis=0)
+    params = init_params(jax.random.PRNGKey(seed), spec_in.hidden_size, latents, b_dec, spec_out.hidden_size)
+    optimizer = optax.adam(lr)
+    opt_state = optimizer.init(params)
+    step = make_step(k, optimizer, transcoder)
     # On the device one batch ahead of the step (double-buffered device_put): the trainer never
     # waits for a host-to-device copy.
-    data = prefetch_to_device(host)
+    data = prefetch_to_device(itertools.chain([first], host))
     fve = dead = float("nan")
     for i in range(1, steps + 1):
         x, y = next(data) if transcoder else (next(data),) * 2
