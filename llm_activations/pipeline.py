@@ -302,7 +302,8 @@ def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resume
             if AcceleratorBusy.MARK in text:
                 raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
             if DataFault.MARK in text:
-                raise DataFault(text[text.index(DataFault.MARK):].splitlines()[0]) from None
+                line = text[text.index(DataFault.MARK):].splitlines()[0]
+                raise DataFault(line.split(" [while running")[0]) from None  # Beam's step suffix
             raise
 
 

@@ -42,7 +42,7 @@ def test_float16_overflow_is_refused_with_one_line(loud_model, corpus, tmp_path,
     assert code == 1
     assert len(err) >= 1 and "error:" in err[-1]
     line = err[-1]
-    assert "resid_post at layer 1" in line and "float16" in line and "--dtype bfloat16" in line
+    assert "resid_post at layer 1" in line and "float16" in line and line.endswith("extract with --dtype bfloat16 (or float32)")
     assert not os.path.exists(os.path.join(out, "metadata.json"))  # nothing a reader would open
 
 
