@@ -31,6 +31,7 @@ from llm_activations.cli import main
 from llm_activations.format import metadata as md
 from llm_activations.format import norms as nm
 from llm_activations.format import records
+from llm_activations.format.dtypes import numpy_dtype
 from llm_activations.model import smollm2
 
 LAYERS = (3, 15, 27)
@@ -48,10 +49,7 @@ def extract(model: str, out: str, prepend: str, max_docs: int, seq_len: int) -> 
 
 def tokens(out: str, meta: dict, layer: int):
     """(norms [n] float64, positions [n]) of every stored token of a layer."""
-    w = meta["hidden_size"]
-    from llm_activations.format.dtypes import numpy_dtype
-
-    dt = numpy_dtype(meta["dtype"])
+    w, dt = meta["hidden_size"], numpy_dtype(meta["dtype"])
     n, p = [], []
     for rel in md.layer_files(meta, layer):
         for data in records.read_shard(md.shard_path(out, rel)):
