@@ -5,8 +5,11 @@ dataset, or a TopK transcoder from a layer's MLP input to its MLP output.
     python examples/train_sae.py OUT --layer 3 --hook attn_out
     python examples/train_sae.py OUT --layer 3 --transcoder      # needs --hooks mlp_in mlp_out
 
-Inputs come from llm_activations.reader, normalised by the dataset's stored scaling factor (mean
-token norm sqrt(hidden)), shuffled at token level. The SAE is pure JAX over a params dict:
+Inputs come from llm_activations.reader, shuffled at token level. By default they are the tokens the
+readers deliver (norms.py's policy): tokens whose norm exceeds --max-norm-ratio (10) x the layer's
+median norm (attention sinks, massive activations) are left out, and the rest are scaled by the
+dataset's delivered scaling factor (their mean norm becomes sqrt(hidden)); explained variance is
+over those tokens. --max-norm-ratio none keeps every token, scaled by the all-token factor. The SAE is pure JAX over a params dict:
 
     pre  = (x - b_dec) @ W_enc + b_enc            # [B, L]
     z    = ReLU(TopK(pre, k))                     # k nonzeros per token
@@ -29,6 +32,9 @@ jax_reader.prefetch_to_device: on the device, one transfer ahead of the trainer.
 from __future__ import annotations
 
 import argparse
+import inspect
+import itertools
+import math
 import os
 import sys
 import time
@@ -38,19 +44,63 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int, hook: str = "resid_post"):
-    """Endless float32 [batch_size, H] host batches of one hook, a freshly seeded shuffle per pass."""
+def delivery(path: str, layer: int, hook: str, max_norm_ratio: float | None):
+    """(reader keyword arguments, threshold, scale): what to ask the reader for so that batches hold
+    the delivered tokens scaled to mean norm sqrt(width). A reader that takes max_norm_ratio does
+    both itself; with an older reader the example filters by norms.policy's threshold and scales
+    by the delivered scaling factor (threshold and scale None: nothing left to do here)."""
+    from llm_activations import reader as rd
+    from llm_activations.format import hooks as hk
+    from llm_activations.format import metadata as md
+    from llm_activations.format import norms as nm
+
+    if "max_norm_ratio" in inspect.signature(rd.iter_numpy_batches).parameters:
+        return {"normalize": True, "max_norm_ratio": max_norm_ratio}, None, None
+    stats = md.read_metadata(path)["stats"][hk.key(hook, layer)]
+    if max_norm_ratio is None or "norms" not in stats:
+        return {"normalize": True}, None, None
+    p = nm.policy(nm.NormHistogram.from_json(stats["norms"]), max_norm_ratio)
+    return {"normalize": False}, p.threshold, p.scaling_factor(len(stats["mean"])) or 1.0
+
+
+def rebatch(it, batch_size: int, keep):
+    """Full [batch_size, ...] batches of the rows where keep(batch) is true (dicts: every field)."""
+    parts, have = [], 0
+    for b in it:
+        mask = keep(b)
+        sel = {k: v[mask] for k, v in b.items()} if isinstance(b, dict) else b[mask]
+        parts.append(sel)
+        have += len(mask.nonzero()[0])
+        while have >= batch_size:
+            if isinstance(parts[0], dict):
+                cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                yield {k: v[:batch_size] for k, v in cat.items()}
+                parts = [{k: v[batch_size:] for k, v in cat.items()}]
+            else:
+                cat = np.concatenate(parts)
+                yield cat[:batch_size]
+                parts = [cat[batch_size:]]
+            have -= batch_size
+
+
+def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int, hook: str = "resid_post",
+            max_norm_ratio: float | None = None):
+    """Endless float32 [batch_size, H] host batches of one hook's delivered tokens, a freshly seeded
+    shuffle per pass."""
     from llm_activations import reader as rd
 
+    kw, threshold, scale = delivery(path, layer, hook, max_norm_ratio)
     epoch = 0
     while True:
         if reader == "tf":
             ds = rd.activation_dataset(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
-                                       normalize=True, hook=hook)
+                                       hook=hook, **kw)
             it = ds.as_numpy_iterator()
         else:
             it = rd.iter_numpy_batches(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
-                                       normalize=True, hook=hook)
+                                       hook=hook, **kw)
+        if threshold is not None:
+            it = (b * scale for b in rebatch(it, batch_size, lambda b: np.linalg.norm(b, axis=1) <= threshold))
         got = False
         for b in it:
             got = True
@@ -61,7 +111,7 @@ def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer:
 
 
 def paired_batches(path: str, layer: int, batch_size: int, shuffle_buffer: int, seed: int,
-                   source: str = "mlp_in", target: str = "mlp_out"):
+                   source: str = "mlp_in", target: str = "mlp_out", max_norm_ratio: float | None = None):
     """Endless aligned (x [B, H_source], y [B, H_target]) batches of two hooks of one layer.
 
     Both hooks are read with the same seed and arguments, which the NumPy reader shuffles identically
@@ -69,12 +119,23 @@ def paired_batches(path: str, layer: int, batch_size: int, shuffle_buffer: int, 
     """
     from llm_activations import reader as rd
 
+    (kw_in, t_in, s_in), (kw_out, t_out, s_out) = (delivery(path, layer, h, max_norm_ratio) for h in (source, target))
     epoch = 0
     while True:
-        kw = dict(shuffle_buffer=shuffle_buffer, seed=seed + epoch, normalize=True, with_metadata=True)
+        kw = dict(shuffle_buffer=shuffle_buffer, seed=seed + epoch, with_metadata=True)
+        pairs = zip(rd.iter_numpy_batches(path, layer, batch_size, hook=source, **kw, **kw_in),
+                    rd.iter_numpy_batches(path, layer, batch_size, hook=target, **kw, **kw_out))
+        if t_in is not None or t_out is not None:  # a pair is delivered when both of its tokens are
+            t_in, t_out = (math.inf if t is None else t for t in (t_in, t_out))
+            s_in, s_out = (1.0 if s is None else s for s in (s_in, s_out))
+            merged = ({**{f"a_{k}": v for k, v in a.items()}, **{f"b_{k}": v for k, v in b.items()}} for a, b in pairs)
+            kept = rebatch(merged, batch_size, lambda m: (np.linalg.norm(m["a_activations"], axis=1) <= t_in)
+                           & (np.linalg.norm(m["b_activations"], axis=1) <= t_out))
+            pairs = (({k[2:]: v * (s_in if k == "a_activations" else 1) for k, v in m.items() if k.startswith("a_")},
+                      {k[2:]: v * (s_out if k == "b_activations" else 1) for k, v in m.items() if k.startswith("b_")})
+                     for m in kept)
         got = False
-        for a, b in zip(rd.iter_numpy_batches(path, layer, batch_size, hook=source, **kw),
-                        rd.iter_numpy_batches(path, layer, batch_size, hook=target, **kw)):
+        for a, b in pairs:
             if not (np.array_equal(a["doc_index"], b["doc_index"]) and np.array_equal(a["token_index"], b["token_index"])):
                 raise SystemExit(f"{path}: {source} and {target} of layer {layer} are not aligned token for token")
             got = True
@@ -158,44 +219,62 @@ def train(
     log=print,
     hook: str = "resid_post",
     transcoder: bool = False,
+    max_norm_ratio: float | None = 10.0,
 ) -> dict:
     """Train and return {"fve", "dead_fraction", "steps", "tokens", "seconds", "params", "layer", "hook"}.
 
     transcoder: map mlp_in to mlp_out of `layer` (hook is then "mlp_in->mlp_out"); fve is the
-    fraction of mlp_out's variance explained.
+    fraction of mlp_out's variance explained. max_norm_ratio: tokens above that multiple of the
+    median norm are left out (None: every token is trained on); fve is over the delivered tokens.
     """
     import jax
     import optax
 
-    from llm_activations.format import hooks as hk
-    from llm_activations.format import metadata as md
     from llm_activations import reader as rd
+    from llm_activations.errors import UsageError
+    from llm_activations.format import metadata as md
+    from llm_activations.format import norms as nm
     from llm_activations.jax_reader import prefetch_to_device
 
+    if not (1 <= k <= latents):
+        raise UsageError(f"--k {k} must be between 1 and --latents ({latents}): k latents fire per token")
+    if steps < 1 or batch_size < 1:
+        raise UsageError(f"--steps ({steps}) and --batch-size ({batch_size}) must be positive")
+    try:
+        nm.check_ratio(max_norm_ratio)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     meta = md.read_metadata(path)
     source, target = ("mlp_in", "mlp_out") if transcoder else (hook, hook)
+    have = md.entries(meta)
+    for h in dict.fromkeys((source, target)):
+        if not any(hh == h for hh, _ in have):
+            raise UsageError(f"{path} has no {h} activations (it has hooks {', '.join(md.hooks_of(meta))}); "
+                             + ("extract with --hooks mlp_in mlp_out for --transcoder" if transcoder else "choose one with --hook"))
     if layer is None:
-        layer = min(l for h, l in md.entries(meta) if h == target)
+        layer = min(l for h, l in have if h == target)
     spec_out = rd.layer_spec(path, layer, hook=target)
     spec_in = spec_out if source == target else rd.layer_spec(path, layer, hook=source)
-    stats = meta.get("stats", {}).get(hk.key(target, layer), {})
-    b_dec = np.asarray(stats.get("mean", np.zeros(spec_out.hidden_size)), np.float32) * float(spec_out.scaling_factor or 1.0)
-    params = init_params(jax.random.PRNGKey(seed), spec_in.hidden_size, latents, b_dec, spec_out.hidden_size)
-    optimizer = optax.adam(lr)
-    opt_state = optimizer.init(params)
-    step = make_step(k, optimizer, transcoder)
 
     recent_err, recent_total, fired_steps = [], [], []
     start = time.perf_counter()
     if transcoder:
         if reader != "numpy":
             raise SystemExit("--transcoder reads its aligned pairs with --reader numpy")
-        host = paired_batches(path, layer, batch_size, shuffle_buffer, seed, source, target)
+        host = paired_batches(path, layer, batch_size, shuffle_buffer, seed, source, target, max_norm_ratio)
     else:
-        host = batches(path, layer, batch_size, reader, shuffle_buffer, seed, hook)
+        host = batches(path, layer, batch_size, reader, shuffle_buffer, seed, hook, max_norm_ratio)
+    # b_dec starts at the mean of the first batch of what is trained on: the stored all-token mean
+    # is pulled towards the sinks and massive activations that the delivered tokens leave out.
+    first = next(host)
+    b_dec = np.mean(first[1] if transcoder else first, axis=0)
+    params = init_params(jax.random.PRNGKey(seed), spec_in.hidden_size, latents, b_dec, spec_out.hidden_size)
+    optimizer = optax.adam(lr)
+    opt_state = optimizer.init(params)
+    step = make_step(k, optimizer, transcoder)
     # On the device one batch ahead of the step (double-buffered device_put): the trainer never
     # waits for a host-to-device copy.
-    data = prefetch_to_device(host)
+    data = prefetch_to_device(itertools.chain([first], host))
     fve = dead = float("nan")
     for i in range(1, steps + 1):
         x, y = next(data) if transcoder else (next(data),) * 2
@@ -218,7 +297,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train a TopK SAE on an activation dataset (JAX + optax).")
     p.add_argument("dataset", help="dataset folder (metadata.json + shards)")
     p.add_argument("--layer", type=int, help="layer to train on (default: the first in the dataset)")
-    p.add_argument("--hook", default="resid_post", help="hook point to train on (default: resid_post)")
+    p.add_argument("--hook", help="hook point to train on (default: resid_post)")
     p.add_argument("--transcoder", action="store_true",
                    help="train a transcoder from mlp_in to mlp_out of --layer (extract with --hooks mlp_in mlp_out)")
     p.add_argument("--latents", type=int, default=512)
@@ -230,14 +309,23 @@ def main(argv=None) -> int:
     p.add_argument("--reader", choices=["numpy", "tf"], default="numpy")
     p.add_argument("--shuffle-buffer", type=int, default=1 << 15, help="tokens")
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--max-norm-ratio", default="10",
+                   help="leave out tokens whose norm exceeds this multiple of the layer's median norm (attention "
+                        "sinks, massive activations), as the readers do by default; 'none' keeps every token (default: 10)")
     args = p.parse_args(argv)
     from llm_activations.errors import UsageError
 
     try:
+        if args.transcoder and args.hook is not None:
+            raise UsageError(f"--transcoder maps mlp_in to mlp_out; --hook {args.hook} cannot be combined with it")
+        try:
+            ratio = None if args.max_norm_ratio.lower() == "none" else float(args.max_norm_ratio)
+        except ValueError:
+            raise UsageError(f"--max-norm-ratio {args.max_norm_ratio!r}: give a number above 1, or none") from None
         out = train(
             args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,
-            hook=args.hook, transcoder=args.transcoder,
+            hook=args.hook or "resid_post", transcoder=args.transcoder, max_norm_ratio=ratio,
         )
     except UsageError as e:  # e.g. a --layer the dataset does not have: one line, exit 2
         print(f"train_sae.py: error: {e}", file=sys.stderr)

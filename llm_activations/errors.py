@@ -57,8 +57,13 @@ def fault_line(exc: BaseException) -> str | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     text = str(exc)
-    for kind in (CorruptData, StorageUnavailable, AcceleratorBusy):
+    for kind in (CorruptData, StorageUnavailable, AcceleratorBusy, DataFault):
         at = text.find(kind.MARK)
         if at >= 0:
             return text[at:].splitlines()[0]
     return None
+class DataFault(Fault):
+    """Data that must not be stored or delivered (e.g. activations that overflow the storage dtype):
+    printed as one line, exit 1. MARK finds the line again inside a runner's wrapped worker error."""
+
+    MARK = "data fault:"

@@ -15,6 +15,7 @@ from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 
 MODES = ("pack", "pad")
+PREPEND_DEFAULT = "auto"  # docs/FORMAT.md "Context token (--prepend)": why, measured on SmolLM2
 COMPRESSIONS = ("none", "gzip")
 DOCS_PER_UNIT = 4096
 
@@ -44,6 +45,8 @@ class ExtractConfig:
     is_demo: bool = False
     resume: bool = False
     compilation_cache: str | None = None  # persistent XLA cache folder, "none", or None for the default
+    prepend: str = PREPEND_DEFAULT  # --prepend: auto, none or a token
+    prepend_token_id: int | None = None  # what check_config resolved --prepend to (None: nothing prepended)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -82,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--compilation-cache", metavar="DIR",
       help="persistent XLA compilation cache, local or gs://, shared by runs and hosts; 'none' turns it off "
            "(default: $LLM_ACTIVATIONS_COMPILATION_CACHE, else ~/.cache/llm_activations/jax under $XDG_CACHE_HOME if set)")
+    a("--prepend", default=PREPEND_DEFAULT, metavar="{auto,none,TOKEN}",
+      help="a context token the model sees before every segment (continuations of long documents included), "
+           "computed but never stored: auto = the tokenizer's BOS, else its EOS; none; or a token of the "
+           f"vocabulary (default: {PREPEND_DEFAULT})")
     a("--docs-per-unit", type=integer(1), default=DOCS_PER_UNIT, help=argparse.SUPPRESS)
 
 
@@ -114,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         is_demo=is_demo,
         resume=args.resume,
         compilation_cache=args.compilation_cache,
+        prepend=args.prepend,
     )
 
 
@@ -166,6 +174,7 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     if cfg.num_shards > 1 and any(i.startswith("hf://") for i in cfg.inputs):
         raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
                          "leave --num-shards out, or save the split as parquet files to shard it")
+    prepend_token_id = resolve_prepend(cfg.prepend, folder, cfg.seq_len)
     if check_weights:
         from llm_activations.model.checkpoint import check_complete
 
@@ -173,8 +182,40 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     # A hub id stays a hub id: the workers of a distributed runner (Dataflow, Flink, Spark) have no
     # access to the launcher's download folder, so each resolves the id into its own hub cache.
     model = cfg.model if source.is_hub_id(cfg.model) and not os.path.isdir(cfg.model) else folder
-    return (ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks, "compilation_cache": cache}),
-            model_cfg, hf)
+    return (ExtractConfig(**{**asdict(cfg), "model": model, "layers": layers, "hooks": hooks, "compilation_cache": cache,
+                             "prepend_token_id": prepend_token_id}), model_cfg, hf)
+
+
+def resolve_prepend(value: str, folder: str, seq_len: int) -> int | None:
+    """--prepend's token id (None for none), from the checkpoint's tokenizer."""
+    if value == "none":
+        return None
+    if seq_len < 2:
+        raise UsageError(f"--prepend {value} needs --seq-len 2 or more (the prepended token takes one position)")
+    from llm_activations.units import load_tokenizer
+
+    try:
+        tok = load_tokenizer(folder)
+    except Exception as e:  # no tokenizer files, or one transformers cannot read: the model's own problem
+        raise UsageError(f"--prepend {value}: cannot load the tokenizer of {folder} ({type(e).__name__}); "
+                         "pass --prepend none") from None
+    return prepend_token_id(value, tok)
+
+
+def prepend_token_id(value: str, tok) -> int:
+    """auto: BOS, else EOS (the document separator); otherwise the token itself, which must be in the vocabulary."""
+    if value == "auto":
+        for name in ("bos_token_id", "eos_token_id"):
+            tid = getattr(tok, name, None)
+            if tid is not None:
+                return int(tid)
+        raise UsageError("--prepend auto: the tokenizer has neither a BOS nor an EOS token; "
+                         "use --prepend none, or --prepend TOKEN with a token of its vocabulary")
+    tid = tok.get_vocab().get(value)
+    if tid is None:
+        raise UsageError(f"--prepend {value!r} is not a token of the tokenizer's vocabulary "
+                         "(give auto, none, or one token as the tokenizer spells it, e.g. <|endoftext|>)")
+    return int(tid)
 
 
 def check_cache_folder(folder: str | None) -> str | None:

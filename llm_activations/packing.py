@@ -7,6 +7,12 @@ consecutive segments of at most seq_len tokens; every segment is an independent 
 very little padding without cutting any segment at a row boundary; `pad` mode gives each segment a
 row of its own. Rows are grouped into batches of exactly batch_size rows; the last batch of a unit
 is completed with empty rows, so the model sees one shape only.
+
+With `--prepend`, every segment (a long document's continuation segments included) starts with a
+context token the model sees at position 0 but that is never stored: a segment then holds at most
+seq_len - 1 document tokens. A Batch keeps two layouts of its rows: `model_inputs`, what the model
+runs on (prepended tokens in place), and its own arrays, the stored tokens only, a prefix of each
+row, which the extractor's outputs follow (model/extractor.py compacts them the same way).
 """
 
 from __future__ import annotations
@@ -22,30 +28,46 @@ import numpy as np
 class Segment:
     doc_index: int
     start: int  # index of the first token in the document's token list
-    tokens: np.ndarray  # int32 [n], n <= seq_len
+    tokens: np.ndarray  # int32 [n], the stored tokens; n + (prepend is not None) <= seq_len
+    prepend: int | None = None  # context token id the model sees first (position 0), never stored
+
+    @property
+    def row_length(self) -> int:
+        """Row positions the segment takes: its tokens plus its prepended token."""
+        return len(self.tokens) + (self.prepend is not None)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One fixed-shape model step. All arrays [batch_size, seq_len] int32 unless noted."""
+    """One fixed-shape model step. All arrays [batch_size, seq_len] int32 unless noted; they describe
+    the stored tokens (a prefix of each row), and model_inputs what the model runs on."""
 
     tokens: np.ndarray
     segment_ids: np.ndarray  # 1.. per segment within a row; 0 = padding
-    positions: np.ndarray
+    positions: np.ndarray  # the position id the model gave each stored token
     doc_index: np.ndarray  # int64
     token_index: np.ndarray  # int64
     lengths: np.ndarray  # [batch_size] real tokens per row (a prefix of the row)
     unit: int = 0
     index: int = 0  # batch number within the unit
+    # (tokens, segment_ids, positions) with the prepended tokens in place; None: the arrays above
+    model_inputs: tuple | None = None
 
     @property
     def real_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    @property
+    def inputs(self) -> tuple:
+        """(tokens, segment_ids, positions) for Extractor.dispatch."""
+        return self.model_inputs if self.model_inputs is not None else (self.tokens, self.segment_ids, self.positions)
 
-def split_document(doc_index: int, tokens: np.ndarray, seq_len: int) -> list[Segment]:
-    """Consecutive segments of at most seq_len tokens; nothing is dropped."""
-    return [Segment(doc_index, s, tokens[s : s + seq_len]) for s in range(0, len(tokens), seq_len)]
+
+def split_document(doc_index: int, tokens: np.ndarray, seq_len: int, prepend: int | None = None) -> list[Segment]:
+    """Consecutive segments of at most seq_len tokens (seq_len - 1 and the prepended token each,
+    with prepend); nothing is dropped."""
+    step = seq_len - (prepend is not None)
+    return [Segment(doc_index, s, tokens[s : s + step], prepend) for s in range(0, len(tokens), step)]
 
 
 def pack_rows(lengths: list[int], seq_len: int, mode: str) -> list[list[int]]:
@@ -86,17 +108,26 @@ def make_batches(segments: list[Segment], rows: list[list[int]], batch_size: int
         doc_index = np.zeros(shape, np.int64)
         token_index = np.zeros(shape, np.int64)
         lengths = np.zeros(batch_size, np.int64)
-        for r, row in enumerate(rows[first : first + batch_size]):
-            at = 0
+        batch_rows = rows[first : first + batch_size]
+        prepends = any(segments[i].prepend is not None for row in batch_rows for i in row)
+        model = tuple(np.zeros(shape, np.int32) for _ in range(3)) if prepends else None
+        for r, row in enumerate(batch_rows):
+            at = m = 0  # next stored column, next model column
             for sid, i in enumerate(row, start=1):
                 seg = segments[i]
-                n = len(seg.tokens)
+                n, first_pos = len(seg.tokens), int(seg.prepend is not None)
                 sl = slice(at, at + n)
                 tokens[r, sl] = seg.tokens
                 seg_ids[r, sl] = sid
-                positions[r, sl] = np.arange(n)
+                positions[r, sl] = np.arange(first_pos, first_pos + n)
                 doc_index[r, sl] = seg.doc_index
                 token_index[r, sl] = np.arange(seg.start, seg.start + n)
                 at += n
+                if model is not None:
+                    ml = slice(m, m + seg.row_length)
+                    model[0][r, ml] = ([seg.prepend] if first_pos else []) + list(seg.tokens)
+                    model[1][r, ml] = sid
+                    model[2][r, ml] = np.arange(seg.row_length)
+                    m += seg.row_length
             lengths[r] = at
-        yield Batch(tokens, seg_ids, positions, doc_index, token_index, lengths, unit, b)
+        yield Batch(tokens, seg_ids, positions, doc_index, token_index, lengths, unit, b, model)

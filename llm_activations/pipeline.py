@@ -25,7 +25,7 @@ import threading
 import time
 
 from llm_activations import __version__, inputs
-from llm_activations.errors import AcceleratorBusy, UsageError
+from llm_activations.errors import AcceleratorBusy, DataFault, UsageError
 from llm_activations.format import fileio, manifests, rewrite
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
@@ -210,6 +210,8 @@ def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_do
                 "num_hosts": cfg.num_hosts, "sources": [(s.path, s.num_records) for s in sources]}
     if tuple(cfg.hooks) != hk.DEFAULT_HOOKS:  # resid_post alone keeps its fingerprint: older runs stay resumable
         settings["hooks"] = list(cfg.hooks)
+    if cfg.prepend_token_id is not None:  # likewise for runs without --prepend
+        settings["prepend_token_id"] = cfg.prepend_token_id
     return settings
 
 
@@ -226,7 +228,8 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
     from llm_activations import transforms as T
 
     spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
-                       hooks=tuple(cfg.hooks), compilation_cache=cfg.compilation_cache, factory=extractor_factory)
+                       hooks=tuple(cfg.hooks), compilation_cache=cfg.compilation_cache,
+                       prepend=cfg.prepend_token_id is not None, factory=extractor_factory)
     out = (
         p
         | "PlanUnits" >> beam.Create(units)
@@ -299,6 +302,9 @@ def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resume
             text = str(e)
             if AcceleratorBusy.MARK in text:
                 raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
+            if DataFault.MARK in text:
+                line = text[text.index(DataFault.MARK):].splitlines()[0]
+                raise DataFault(line.split(" [while running")[0]) from None  # Beam's step suffix
             raise
 
 
@@ -381,6 +387,7 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
                   "doc_index_range": list(host_docs)},
         "extraction": {"layers": list(cfg.layers), **hk.extraction_fields(cfg.hooks), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                        "mode": cfg.mode, "compute_dtype": cfg.compute_dtype,
+                       "prepend_token_id": cfg.prepend_token_id,  # seen by the model before every segment, not stored
                        "mesh": {"data": cfg.mesh[0], "model": cfg.mesh[1]} if cfg.mesh else "auto",
                        # files per layer actually written (--num-shards 0 lets the planner choose;
                        # an hf:// split is one stream, one file)

@@ -180,7 +180,7 @@ class ExtractActivations(beam.DoFn):
         if isinstance(element, UnitEnd):
             self._queue.append(element)
         else:
-            self._queue.append((element, self._extractor.dispatch(element.tokens, element.segment_ids, element.positions)))
+            self._queue.append((element, self._extractor.dispatch(*element.inputs)))
             self._pending_batches += 1
         yield from self._drain(keep=IN_FLIGHT)
 
@@ -437,7 +437,8 @@ class ExtractUnits(beam.PTransform):
         extracted = (
             units
             | "ReadTokenizePack" >> beam.ParDo(PrepareUnits(PrepareSpec(cfg.text_field, cfg.model, cfg.seq_len, cfg.mode,
-                                                                       cfg.num_hosts, cfg.host_index)))
+                                                                       cfg.num_hosts, cfg.host_index,
+                                                                       cfg.prepend_token_id)))
             | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len))
             | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
         )

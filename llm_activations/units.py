@@ -70,6 +70,7 @@ class PrepareSpec:
     mode: str
     num_hosts: int = 1
     host_index: int = 0
+    prepend: int | None = None  # token id before every segment (--prepend), never stored
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ModelSpec:
     mesh_shape: tuple | None
     hooks: tuple = hk.DEFAULT_HOOKS
     compilation_cache: str | None = None  # folder, "none", or None for the default
+    prepend: bool = False  # rows start each segment with a token that is not stored (--prepend)
     factory: object = None  # callable(ModelSpec) -> Extractor-like; None = load the checkpoint
 
 
@@ -144,23 +146,24 @@ def tokenize_unit(data: UnitData, tokenizer) -> UnitData:
     return data
 
 
-def segment_unit(data: UnitData, seq_len: int) -> UnitData:
-    """Split every document into consecutive segments of at most seq_len tokens."""
-    segments = [s for doc_index, tok in data.tokens for s in packing.split_document(doc_index, tok, seq_len)]
+def segment_unit(data: UnitData, seq_len: int, prepend: int | None = None) -> UnitData:
+    """Split every document into consecutive segments of at most seq_len tokens (with prepend, each
+    segment gets that token before it and holds seq_len - 1)."""
+    segments = [s for doc_index, tok in data.tokens for s in packing.split_document(doc_index, tok, seq_len, prepend)]
     data.counts["segments"] += len(segments)
     return replace(data, tokens=[], segments=segments)
 
 
 def pack_unit(data: UnitData, seq_len: int, mode: str) -> UnitData:
     """Place the unit's segments into rows (best-fit decreasing in pack mode, one per row in pad)."""
-    rows = packing.pack_rows([len(s.tokens) for s in data.segments], seq_len, mode)
+    rows = packing.pack_rows([s.row_length for s in data.segments], seq_len, mode)
     return replace(data, rows=rows)
 
 
 def prepare_unit(unit: inputs.WorkUnit, spec: PrepareSpec, tokenizer) -> UnitData:
     """read -> tokenize -> segment -> pack: a unit ready to be cut into batches."""
     data = read_documents(unit, spec.text_field, spec.num_hosts, spec.host_index)
-    return pack_unit(segment_unit(tokenize_unit(data, tokenizer), spec.seq_len), spec.seq_len, spec.mode)
+    return pack_unit(segment_unit(tokenize_unit(data, tokenizer), spec.seq_len, spec.prepend), spec.seq_len, spec.mode)
 
 
 def unit_batches(data: UnitData, batch_size: int, seq_len: int) -> Iterator[packing.Batch]:
@@ -170,7 +173,7 @@ def unit_batches(data: UnitData, batch_size: int, seq_len: int) -> Iterator[pack
         counts["batches"] += 1
         counts["sequences"] += int((batch.lengths > 0).sum())
         counts["tokens"] += batch.real_tokens
-        counts["padding_tokens"] += batch.tokens.size - batch.real_tokens
+        counts["padding_tokens"] += batch.tokens.size - batch.real_tokens  # prepended tokens count here too
         yield batch
 
 
@@ -184,7 +187,7 @@ def load_extractor(spec: ModelSpec):
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,
                      compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype, mesh_shape=spec.mesh_shape,
-                     hooks=spec.hooks, compilation_cache=spec.compilation_cache)
+                     hooks=spec.hooks, compilation_cache=spec.compilation_cache, prepend=spec.prepend)
 
 
 def progress_bar():

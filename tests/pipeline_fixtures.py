@@ -39,9 +39,11 @@ def write_jsonl(path: str, records: list) -> str:
 
 
 def extract_args(model: str, inputs: list[str], output: str, *extra: str) -> list[str]:
-    """CLI arguments for a fast test run: one device, float32 compute, short rows."""
+    """CLI arguments for a fast test run: one device, float32 compute, short rows, and no context
+    token (--prepend none: segments as the reference sees them alone; tests/test_prepend.py covers
+    the default, auto)."""
     return ["extract", "--model", model, "--input", *inputs, "--output", output, "--seq-len", "64",
-            "--batch-size", "4", "--compute-dtype", "float32", "--mesh", "1,1", *extra]
+            "--batch-size", "4", "--compute-dtype", "float32", "--mesh", "1,1", "--prepend", "none", *extra]
 
 
 os.environ.setdefault("LLM_ACTIVATIONS_NO_PROGRESS", "1")

@@ -68,6 +68,7 @@ def make_dataset(
     hooks=hk.DEFAULT_HOOKS,
     z_width: int | None = None,
     pairs: tuple = (),
+    scale: float = 1.0,
 ) -> dict:
     """Write a finished dataset folder at root and return its metadata dict.
 
@@ -75,7 +76,8 @@ def make_dataset(
     benchmarks at large hidden sizes). hooks: hook points written at every layer (each its own
     data; z is z_width wide, default 2 x hidden_size); any hook besides resid_post makes a
     format_version 2 dataset. pairs: (source, target) hooks where target = tanh(source @ W) with a
-    fixed W per layer (a learnable map, as a transcoder's MLP).
+    fixed W per layer (a learnable map, as a transcoder's MLP). scale multiplies every value before
+    the cast (e.g. past float16's 65504, as an overflowing model would).
     """
     rng = np.random.default_rng(seed)
     np_dtype = numpy_dtype(dtype)
@@ -131,7 +133,7 @@ def make_dataset(
                     x += noise * rng.standard_normal((n, w), dtype=np.float32)
                 else:
                     x = rng.standard_normal((n, w), dtype=np.float32)
-                stored = row_values[(hook, layer)] = x.astype(np_dtype)
+                stored = row_values[(hook, layer)] = (x * scale).astype(np_dtype)
                 moments[(hook, layer)] = moments[(hook, layer)].merge(Moments.of(stored.astype(np.float32)))
                 writers[(hook, layer)].write(records.encode_example(stored, **ints), n)
         for hook, layer in keys:

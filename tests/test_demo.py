@@ -24,6 +24,7 @@ def test_no_argument_demo(tmp_path):
     assert c["tokens"] / (c["tokens"] + c["padding_tokens"]) >= 0.98  # packing goal on the demo corpus
     assert meta["run"]["compilations"] == 1
     assert meta["extraction"]["layers"] == [2] and meta["model"]["architecture"] == "Qwen2ForCausalLM"
+    assert meta["extraction"]["prepend_token_id"] == 0  # --prepend auto (the default): the demo tokenizer's EOS
     # a second run refuses to overwrite the finished dataset (exit 2, one line)
     again = subprocess.run([sys.executable, "-m", "llm_activations", "extract"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)

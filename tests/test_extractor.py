@@ -71,9 +71,15 @@ def test_moments_over_real_tokens(f32):
         np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.m2, want.m2, rtol=1e-4)
         assert got.norm_sum == pytest.approx(want.norm_sum, rel=1e-5)
+        # the norm histogram holds exactly the real tokens, binned like norms.NormHistogram.of
+        assert got.norms.count == 58 and got.norms.nonfinite == 0
+        np.testing.assert_array_equal(got.norms.counts, want.norms.counts)
+        np.testing.assert_allclose(got.norms.sumsq, want.norms.sumsq, rtol=1e-5)
     # an all-padding batch contributes nothing and merges cleanly
     empty = f32(tokens, np.zeros_like(segs), pos).moments[("resid_post", 0)]
-    assert empty.count == 0 and merge_all([empty, out.moments[("resid_post", 0)]], 64).count == 58
+    assert empty.count == 0 and empty.norms.count == 0
+    merged = merge_all([empty, out.moments[("resid_post", 0)]], 64)
+    assert merged.count == 58 and merged.norms.count == 58
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
@@ -86,8 +92,12 @@ def test_storage_dtype_is_a_cast_of_the_compute_result(qwen3, f32, storage):
     a, b = ex(*batch), f32(*batch)
     assert a.activations[("resid_post", 2)].dtype == want
     np.testing.assert_array_equal(a.activations[("resid_post", 2)], b.activations[("resid_post", 2)].astype(want))
-    # moments come from the compute dtype, before the storage cast
-    np.testing.assert_allclose(a.moments[("resid_post", 2)].mean, b.moments[("resid_post", 2)].mean, rtol=1e-6)
+    # statistics describe the stored (rounded) values, not the compute dtype's (issue 22)
+    stored = a.activations[("resid_post", 2)][batch[1] > 0].astype(np.float32)
+    want_m = Moments.of(stored)
+    np.testing.assert_allclose(a.moments[("resid_post", 2)].mean, want_m.mean, rtol=1e-5, atol=1e-6)
+    assert a.moments[("resid_post", 2)].norm_sum == pytest.approx(want_m.norm_sum, rel=1e-6)
+    np.testing.assert_array_equal(a.moments[("resid_post", 2)].norms.counts, want_m.norms.counts)
 
 
 def test_bad_inputs(f32):

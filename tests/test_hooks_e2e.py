@@ -24,8 +24,9 @@ IN_BLOCK_ORDER = ["attn_out", "z", "mlp_in", "mlp_out", "resid_post"]  # as meta
 # level compared as a set: extract and merge assemble them in different orders).
 V1_TOP = ["format", "format_version", "model", "tokenizer", "input", "extraction", "dtype", "hidden_size",
           "compression", "files", "shards", "counts", "stats", "run"]
-V1_EXTRACTION = ["layers", "hook", "seq_len", "batch_size", "mode", "compute_dtype", "mesh", "num_shards",
-                  "num_shards_requested", "num_units"]
+# prepend_token_id (issue 21) is a key version-1 readers ignore (docs/FORMAT.md: more keys may appear)
+V1_EXTRACTION = ["layers", "hook", "seq_len", "batch_size", "mode", "compute_dtype", "prepend_token_id", "mesh",
+                 "num_shards", "num_shards_requested", "num_units"]
 V1_SHARD = ["path", "layer", "records", "tokens", "bytes", "sha256"]
 
 

@@ -58,3 +58,39 @@ def test_sampled_norms_match_stats_and_missing_tokenizer(tmp_path, capsys):
 def test_refuses_non_dataset(tmp_path, capsys):
     (tmp_path / "metadata.json").write_text(json.dumps({"format": "other"}))
     assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_bad_plot_folder_and_sample_records_are_one_line_exit_2(tmp_path, capsys):
+    make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=5, seq_len=16)
+    for argv, needle in ((["--plot", "/nonexistent/dir/x.png"], "--plot /nonexistent/dir/x.png: folder /nonexistent/dir does not exist"),
+                         (["--sample-records", "-1"], "--sample-records -1: must be 1 or more")):
+        assert main(["inspect", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_columns_stay_apart_near_1e5_and_delivered_follows_the_histogram(tmp_path, capsys):
+    from llm_activations.format import norms
+
+    meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=20, seq_len=32, dtype="float32", scale=4e4)
+    assert main(["inspect", str(tmp_path), "--plot", str(tmp_path / "n.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    (row,) = [line for line in out if line.split()[:1] == ["0"] and "|" in line]
+    fields = row.split()
+    assert len(fields) == 9, row  # key, mean, scale, |, tokens, p5, p50, p95, max: none ran together
+    assert float(fields[1]) == pytest.approx(meta["stats"]["0"]["mean_norm"], rel=1e-3)
+    assert float(fields[2]) == pytest.approx(meta["stats"]["0"]["scaling_factor"], rel=1e-3)  # not 0.0000
+    assert float(fields[8]) > 1e5
+    (drow,) = [line for line in out if line.split()[:1] == ["0"] and "|" not in line and ":" not in line]
+    p = norms.policy(norms.NormHistogram.from_json(meta["stats"]["0"]["norms"]), 10)
+    assert drow.split()[3] == f"{p.dropped:,}" and drow.split()[-1] == "0"
+    assert any(line.startswith("by position") for line in out)
+
+
+def test_nonfinite_tokens_are_shown_loudly(tmp_path, capsys):
+    meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=10, seq_len=16, dtype="float16", scale=3e4)
+    bad = meta["stats"]["0"]["norms"]["nonfinite"]
+    assert bad > 0
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING      tokens holding inf or nan (float16 overflow? re-extract with --dtype bfloat16): 0: {bad:,}" in out

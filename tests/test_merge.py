@@ -179,6 +179,11 @@ def _check_merged(meta, docs):
         assert got["norm_sum"] == pytest.approx(want.norm_sum, rel=1e-12)
         assert got["mean_norm"] == pytest.approx(want.mean_norm, rel=1e-12)
         assert got["scaling_factor"] == pytest.approx(np.sqrt(HIDDEN) / want.mean_norm, rel=1e-12)
+        # the norm histograms merge exactly (counts added), and what readers deliver follows from them
+        assert got["norms"]["counts"] == want.norms.counts.tolist() and sum(got["norms"]["counts"]) == all_tokens
+        np.testing.assert_allclose(got["norms"]["sumsq"], want.norms.sumsq, rtol=1e-12)
+        assert got["median_norm"] == pytest.approx(want.norms.median(), rel=1e-12)
+        assert got["delivered"]["count"] + got["delivered"]["dropped"] == all_tokens
         # The parallel merge is not a no-op: per-host stats differ from the whole.
         assert not np.allclose(Moments.of(docs[0]["acts"][layer]).mean, want.mean)
     run = meta["run"]

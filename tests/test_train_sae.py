@@ -63,3 +63,34 @@ def test_transcoder_learns_mlp_in_to_mlp_out(tmp_path, train_sae, capsys, paired
     assert train_sae.main([str(tmp_path), "--layer", "2", "--transcoder", "--steps", "20", "--batch-size", "128",
                            "--log-every", "10", "--shuffle-buffer", "1024"]) == 0
     assert "layer 2 mlp_in->mlp_out: explained variance" in capsys.readouterr().out
+
+
+def test_batches_hold_only_the_delivered_tokens_scaled_to_sqrt_width(tmp_path, train_sae):
+    """With an older reader (no max_norm_ratio), the example applies norms.policy itself."""
+    import json
+
+    from llm_activations.format import norms
+
+    make_dataset(str(tmp_path), layers=(2,), hidden_size=16, num_docs=100, seq_len=64)
+    stats = json.load(open(tmp_path / "metadata.json"))["stats"]["2"]
+    p = norms.policy(norms.NormHistogram.from_json(stats["norms"]), 1.2)  # drops a good share: visible
+    assert 0 < p.dropped < p.count
+    got = np.concatenate([b for b, _ in zip(train_sae.batches(str(tmp_path), 2, 128, "numpy", 4096, 0, max_norm_ratio=1.2),
+                                            range(p.count // 128))])
+    n = np.linalg.norm(got, axis=1)
+    assert n.max() <= p.threshold * p.scaling_factor(16) * (1 + 1e-5)
+    assert n.mean() == pytest.approx(4.0, rel=0.02)  # sqrt(16) over the delivered tokens
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--k", "600", "--latents", "512"], "--k 600 must be between 1 and --latents (512)"),
+    (["--transcoder"], "has no mlp_in activations (it has hooks resid_post); extract with --hooks mlp_in mlp_out"),
+    (["--hook", "z"], "has no z activations (it has hooks resid_post); choose one with --hook"),
+    (["--transcoder", "--hook", "z"], "--transcoder maps mlp_in to mlp_out; --hook z cannot be combined with it"),
+    (["--max-norm-ratio", "1"], "max_norm_ratio must be a number above 1"),
+])
+def test_bad_options_are_one_line_exit_2(tmp_path, train_sae, capsys, argv, needle):
+    make_dataset(str(tmp_path), layers=(1,), hidden_size=8, num_docs=20, seq_len=16)
+    assert train_sae.main([str(tmp_path), "--steps", "2", "--batch-size", "16", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

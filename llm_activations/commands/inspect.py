@@ -1,21 +1,28 @@
 """`python -m llm_activations inspect OUT [--plot FILE.png]`: what is in an activation dataset.
 
 The summary comes from metadata.json (model, hooks, layers, dtype, counts, sizes, stored norm
-statistics) plus a sample of records read from the shards: activation-norm quantiles per hook and
-layer, and the first
-record decoded back to text with the dataset's tokenizer (when transformers can load it; else the
-token ids and the reason). --plot writes per-layer histograms of the sampled norms (matplotlib,
-Agg backend, so no display is needed).
+statistics; from the norm histograms (format/norms.py): the median norm, what the readers deliver
+by default and the share of energy in the tokens they drop, and the tokens holding inf or nan) plus
+a sample of records read from the shards: activation-norm quantiles per hook and layer, the mean
+norm by position in the segment (where attention sinks show), and the first record decoded back to
+text with the dataset's tokenizer (when transformers can load it; else the token ids and the
+reason). --plot writes, per hook and layer, the norm distribution of all tokens (the histogram,
+with the default threshold) and the sampled norm by position (matplotlib, Agg backend, so no
+display is needed).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import numpy as np
 
+from llm_activations.errors import UsageError
+from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
+from llm_activations.format import norms as nm
 from llm_activations.format import metadata as md
 from llm_activations.format import records
 from llm_activations.format.dtypes import numpy_dtype
@@ -34,16 +41,43 @@ def sample_records(root: str, meta: dict, layer: int, max_records: int, hook: st
     return out
 
 
-def sample_norms(root: str, meta: dict, max_records: int) -> dict[tuple[str, int], np.ndarray]:
-    """{(hook, layer): L2 norms of the sampled tokens' activation vectors (float32)}."""
+def sample_norms(root: str, meta: dict, max_records: int, with_positions: bool = False) -> dict:
+    """{(hook, layer): L2 norms of the sampled tokens' activation vectors (float32)}; with_positions:
+    {(hook, layer): (norms, the position id the model gave each token)}."""
     dt = numpy_dtype(meta["dtype"])
     norms = {}
     for hook, layer in md.entries(meta):
         w = md.hook_width(meta, hook)
-        rows = [records.decode_activations(ex, dt, w).astype(np.float32)
-                for ex in sample_records(root, meta, layer, max_records, hook)]
-        norms[(hook, layer)] = np.linalg.norm(np.concatenate(rows), axis=1) if rows else np.zeros(0, np.float32)
+        sample = sample_records(root, meta, layer, max_records, hook)
+        rows = [records.decode_activations(ex, dt, w).astype(np.float32) for ex in sample]
+        n = np.linalg.norm(np.concatenate(rows), axis=1) if rows else np.zeros(0, np.float32)
+        pos = np.concatenate([np.asarray(ex["position"], np.int64) for ex in sample]) if rows else np.zeros(0, np.int64)
+        norms[(hook, layer)] = (n, pos) if with_positions else n
     return norms
+
+
+def norm_by_position(norms: np.ndarray, positions: np.ndarray, first: int = 4) -> list[tuple[str, float, int]]:
+    """[(label, mean norm, tokens)] at positions 0..first-1 and beyond: the sink, if any, is the
+    first position's outsized mean."""
+    out = []
+    for p in range(first + 1):
+        sel = positions == p if p < first else positions >= first
+        if sel.any():
+            out.append((str(p) if p < first else f">={first}", float(np.mean(norms[sel])), int(sel.sum())))
+    return out
+
+
+def _col(value, width: int, fmt: str) -> str:
+    """value right-aligned in width with at least one space before it; falls back to 4 significant
+    digits where fmt would fill the column (norms of 1e5 and more ran into the next column) or
+    round a nonzero value to 0."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        text = "-"
+    else:
+        text = format(value, fmt)
+        if len(text) >= width or (value and fmt[-1] == "f" and not float(text.replace(",", "").rstrip("%"))):
+            text = format(value, ".4g")
+    return " " + text.rjust(width - 1)
 
 
 def decode_text(
@@ -75,7 +109,14 @@ def _segments(ex: dict) -> list[str]:
     return [f"doc {doc[s]} tokens {tok[s]}..{tok[e - 1]} (positions {pos[s]}..{pos[e - 1]})" for s, e in zip(starts, ends)]
 
 
-def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray]) -> str:
+def histogram(stats: dict) -> nm.NormHistogram | None:
+    try:
+        return nm.NormHistogram.from_json(stats["norms"]) if "norms" in stats else None
+    except ValueError:
+        return None
+
+
+def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray], positions: dict | None = None) -> str:
     counts, stats = meta.get("counts", {}), meta.get("stats", {})
     keys = md.entries(meta)
     layers = sorted({layer for _, layer in keys})
@@ -102,17 +143,52 @@ def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray]) -> 
            if tokens and keys else ""),
         # rows are labelled by their metadata key: "3" (resid_post), "mlp_out/3"
         f"norms        {'layer' if len(hooks) == 1 else 'hook/layer':>{label}}   stored mean  scale factor | "
-        "sampled: tokens      p5     p50     p95     max",
+        "sampled: tokens        p5       p50       p95       max",
     ]
     for hook, layer in keys:
         st, n = stats.get(hk.key(hook, layer), {}), norms.get((hook, layer), np.zeros(0))
-        q = np.percentile(n, [5, 50, 95, 100]) if n.size else [math.nan] * 4
-        scale = st.get("scaling_factor")
-        lines.append(
-            f"             {hk.key(hook, layer):>{label}}  {st.get('mean_norm', math.nan):>12.3f}  {scale if scale is not None else math.nan:>12.4f} | "
-            f"{n.size:>15,}" + "".join(f"{v:>8.2f}" for v in q)
-        )
+        finite = n[np.isfinite(n)]
+        q = np.percentile(finite, [5, 50, 95, 100]) if finite.size else [math.nan] * 4
+        lines.append(f"             {hk.key(hook, layer):>{label}} " + _col(st.get("mean_norm", math.nan), 13, ".3f")
+                     + _col(st.get("scaling_factor"), 14, ".4f") + " | " + _col(n.size, 15, ",")
+                     + "".join(_col(float(v), 10, ".2f") for v in q))
+    lines.extend(_delivered_lines(keys, stats, label))
+    if positions:
+        lines.append(f"by position  {'layer' if len(hooks) == 1 else 'hook/layer':>{label}}   sampled mean norm at "
+                     "position (tokens): the first position's sink, if any")
+        for key in keys:
+            n, pos = positions.get(key, (np.zeros(0), np.zeros(0, np.int64)))
+            cells = [f"{lab}: {_col(v, 10, '.2f').strip()} ({c:,})" for lab, v, c in norm_by_position(n, pos)]
+            lines.append(f"             {hk.key(*key):>{label}}   " + "; ".join(cells))
     return "\n".join(lines)
+
+
+def _delivered_lines(keys, stats: dict, label: int) -> list[str]:
+    """What the readers deliver by default, from each (hook, layer)'s norm histogram; and a loud line
+    for tokens holding inf or nan."""
+    hists = {key: histogram(stats.get(hk.key(*key), {})) for key in keys}
+    if not any(h is not None for h in hists.values()):
+        return ["delivered    (no norm histograms in this metadata: written before they existed)"]
+    lines = [f"delivered    {'':>{label}}  median norm  threshold  dropped    share  energy dropped  delivered mean"
+             f"  scale factor  inf/nan   (max_norm_ratio {nm.DEFAULT_MAX_NORM_RATIO:g}, the readers' default)"]
+    bad = []
+    for key, h in hists.items():
+        if h is None:
+            lines.append(f"             {hk.key(*key):>{label}}   (no histogram)")
+            continue
+        st = stats[hk.key(*key)]
+        p = nm.policy(h, nm.DEFAULT_MAX_NORM_RATIO)
+        total = p.count + p.dropped
+        lines.append(f"             {hk.key(*key):>{label}} " + _col(h.median(), 12, ".3f") + _col(p.threshold, 11, ".2f")
+                     + _col(p.dropped, 9, ",") + _col(p.dropped / total if total else 0.0, 9, ".2%")
+                     + _col(p.energy_share_dropped, 16, ".1%") + _col(p.mean_norm, 16, ".3f")
+                     + _col(p.scaling_factor(len(st.get("mean", ())) or 1), 14, ".4f") + _col(h.nonfinite, 9, ","))
+        if h.nonfinite:
+            bad.append(f"{hk.key(*key)}: {h.nonfinite:,}")
+    if bad:
+        lines.append("WARNING      tokens holding inf or nan (float16 overflow? re-extract with --dtype bfloat16): "
+                     + ", ".join(bad))
+    return lines
 
 
 def record_text(root: str, meta: dict, max_tokens: int = 200, tokenizer: str | None = None, allow_download: bool = False) -> str:
@@ -133,38 +209,82 @@ def record_text(root: str, meta: dict, max_tokens: int = 200, tokenizer: str | N
     return "\n".join(lines)
 
 
-def plot_norms(norms: dict[tuple[str, int], np.ndarray], path: str, title: str) -> None:
+def plot_norms(meta: dict, positions: dict, path: str, title: str) -> None:
+    """Per (hook, layer): the norm distribution of every stored token (its histogram, log x, with the
+    readers' default threshold) and the sampled mean and max norm by position (log y)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(norms)
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys) + 0.6), squeeze=False)
-    for ax, (hook, layer) in zip(axes[:, 0], keys):
-        ax.hist(norms[(hook, layer)], bins=60, color="tab:blue")
-        ax.set_ylabel(f"layer {layer}" if hook == hk.DEFAULT else f"{hook} {layer}")
-    axes[-1, 0].set_xlabel("activation L2 norm (sampled tokens)")
+    keys = list(positions)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 2.4 * len(keys) + 0.6), squeeze=False)
+    for (left, right), key in zip(axes, keys):
+        name = f"layer {key[1]}" if key[0] == hk.DEFAULT else f"{key[0]} {key[1]}"
+        h = histogram(meta.get("stats", {}).get(hk.key(*key), {}))
+        n, pos = positions[key]
+        if h is not None and h.count:
+            used = np.flatnonzero(h.counts)
+            lo, hi = used[0], used[-1] + 1
+            edges = [max(nm.lower_edge(i), 10 ** (nm.LOG10_MIN - 1)) for i in range(lo, hi)] + [nm.upper_edge(hi - 1)]
+            if not math.isfinite(edges[-1]):
+                edges[-1] = edges[-2] * 10
+            left.stairs(h.counts[lo:hi], edges, fill=True, color="tab:blue")
+            p = nm.policy(h, nm.DEFAULT_MAX_NORM_RATIO)
+            left.axvline(p.threshold, color="tab:red", lw=1,
+                         label=f"{nm.DEFAULT_MAX_NORM_RATIO:g}x median: {p.dropped:,} dropped, {p.energy_share_dropped:.0%} of energy")
+            left.set_xscale("log")
+            left.set_yscale("log")
+            left.legend(fontsize=7)
+        else:
+            left.hist(n[np.isfinite(n)], bins=60, color="tab:blue")
+        left.set_ylabel(name)
+        if n.size:
+            top = int(min(pos.max(), 255))
+            at = np.arange(top + 1)
+            mean = np.array([n[pos == q].mean() if (pos == q).any() else np.nan for q in at])
+            peak = np.array([n[pos == q].max() if (pos == q).any() else np.nan for q in at])
+            right.plot(at, peak, ".", ms=2, color="tab:orange", label="max")
+            right.plot(at, mean, "-", color="tab:blue", label="mean")
+            right.set_yscale("log")
+            right.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("token L2 norm (every stored token)")
+    axes[-1, 1].set_xlabel("position in the segment (sampled tokens)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
+def check_plot_path(path: str) -> None:
+    """--plot's folder must exist before minutes of sampling are spent (a missing one was a traceback)."""
+    folder = os.path.dirname(path) or "."
+    if not fileio.is_url(path) and not os.path.isdir(folder):
+        raise UsageError(f"--plot {path}: folder {folder} does not exist")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="dataset folder")
     parser.add_argument("--plot", metavar="FILE.png", help="write per-layer activation-norm histograms")
-    parser.add_argument("--sample-records", type=int, default=64, help="records per hook and layer sampled for norms")
+    parser.add_argument("--sample-records", type=int, default=64, help="records per hook and layer sampled for norms (1 or more)")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the one in metadata.json)")
     parser.add_argument("--allow-download", action="store_true", help="let transformers download the tokenizer")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sample_records < 1:
+        raise UsageError(f"--sample-records {args.sample_records}: must be 1 or more")
+    if args.plot:
+        check_plot_path(args.plot)
     meta = md.read_metadata(args.out)
-    norms = sample_norms(args.out, meta, args.sample_records)
-    print(summary(args.out, meta, norms))
+    positions = sample_norms(args.out, meta, args.sample_records, with_positions=True)
+    norms = {k: n for k, (n, _) in positions.items()}
+    print(summary(args.out, meta, norms, positions))
     print(record_text(args.out, meta, tokenizer=args.tokenizer, allow_download=args.allow_download))
     if args.plot:
-        plot_norms(norms, args.plot, f"{meta.get('model', {}).get('name_or_path')}: activation norms")
+        try:
+            plot_norms(meta, positions, args.plot, f"{meta.get('model', {}).get('name_or_path')}: activation norms")
+        except OSError as e:
+            raise UsageError(f"--plot {args.plot}: cannot write it ({e.strerror or e})") from None
         print(f"plot         {args.plot}")
     return 0

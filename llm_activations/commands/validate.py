@@ -4,7 +4,8 @@ Per file, in one streaming pass: it exists; its size and sha256 match its `shard
 TFRecord's length and data CRC32C are right; every record decodes as an Example with docs/FORMAT.md's
 features, equally long int64 lists and exactly tokens x width x dtype-size activation bytes
 (width: hidden_size, or the hook's hook_widths entry); the records and tokens counted match the
-entry. Per hook and layer: the files listed under `files` and the `shards` entries agree, and the
+entry; no stored value is inf or nan (float16 overflow; tokens holding one are counted per file, and
+per hook and layer in the summary). Per hook and layer: the files listed under `files` and the `shards` entries agree, and the
 tokens and records add up to `counts`.
 
 Exit 0 when all is well; 1 naming each bad file (and the record index when known); 2 (one line,
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llm_activations.argtypes import integer
+import numpy as np
+
 from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
@@ -38,6 +41,7 @@ class FileReport:
     records: int = 0
     tokens: int = 0
     bytes: int = 0
+    nonfinite: int = 0  # tokens with an inf or nan value
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -93,6 +97,7 @@ def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
                 if len(set(lengths.values())) != 1:
                     raise ValueError(f"feature lengths differ: {lengths}")
                 report.tokens += acts.shape[0]
+                report.nonfinite += int((~np.isfinite(acts)).any(axis=1).sum())
             except ValueError as e:
                 report.problems.append(f"record {index}: undecodable ({e})")
                 if len(report.problems) >= 5:
@@ -108,6 +113,9 @@ def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
     finally:
         stream.close()
     report.bytes = hashing.size
+    if report.nonfinite:
+        report.problems.append(f"{report.nonfinite} tokens hold inf or nan values"
+                               + (" (float16 overflow: extract with --dtype bfloat16)" if dtype == np.float16 else ""))
     counted = (("bytes", report.bytes),) + ((("records", report.records), ("tokens", report.tokens)) if complete else ())
     for key, got in counted:  # record and token counts only mean something for a fully read file
         if key in entry and int(entry[key]) != got:
@@ -144,6 +152,9 @@ def validate(root: str, workers: int = 4) -> tuple[list[FileReport], list[str]]:
     for key in meta.get("files", {}):
         hook, layer = hk.parse_key(key)
         mine = [r for r in reports if (r.hook, r.layer) == (hook, layer)]
+        bad_tokens = sum(r.nonfinite for r in mine)
+        if bad_tokens:
+            problems.append(f"{hook} layer {layer}: {bad_tokens} of {sum(r.tokens for r in mine)} tokens hold inf or nan")
         for what, count_key in (("tokens", "tokens"), ("records", "sequences")):
             if count_key in counts and all(r.ok for r in mine):
                 total = sum(getattr(r, what) for r in mine)

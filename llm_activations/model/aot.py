@@ -104,7 +104,9 @@ def compile_step(config: ModelConfig, devices: Sequence, *, layers: Sequence[int
     mesh = sharding.make_mesh(mesh_shape, config, batch_size, compute, blocks, devices=devices)
     backend = backend_for(mesh.devices.flat, compute, attention)
     params = abstract_params(config, blocks, mesh, compute)
-    jitted, inputs = jit_step(config, layers, tuple(hooks), mesh, storage, backend, params, batch_size, seq_len)
+    # prepend=True: extract's default (--prepend auto) moves the stored tokens to the row's front on device
+    jitted, inputs = jit_step(config, layers, tuple(hooks), mesh, storage, backend, params, batch_size, seq_len,
+                              prepend=True)
     start = time.perf_counter()
     try:
         compiled = jitted.lower(params, *inputs).compile()
