@@ -32,9 +32,7 @@ jax_reader.prefetch_to_device: on the device, one transfer ahead of the trainer.
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
-import math
 import os
 import sys
 import time
@@ -44,63 +42,20 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def delivery(path: str, layer: int, hook: str, max_norm_ratio: float | None):
-    """(reader keyword arguments, threshold, scale): what to ask the reader for so that batches hold
-    the delivered tokens scaled to mean norm sqrt(width). A reader that takes max_norm_ratio does
-    both itself; with an older reader the example filters by norms.policy's threshold and scales
-    by the delivered scaling factor (threshold and scale None: nothing left to do here)."""
-    from llm_activations import reader as rd
-    from llm_activations.format import hooks as hk
-    from llm_activations.format import metadata as md
-    from llm_activations.format import norms as nm
-
-    if "max_norm_ratio" in inspect.signature(rd.iter_numpy_batches).parameters:
-        return {"normalize": True, "max_norm_ratio": max_norm_ratio}, None, None
-    stats = md.read_metadata(path)["stats"][hk.key(hook, layer)]
-    if max_norm_ratio is None or "norms" not in stats:
-        return {"normalize": True}, None, None
-    p = nm.policy(nm.NormHistogram.from_json(stats["norms"]), max_norm_ratio)
-    return {"normalize": False}, p.threshold, p.scaling_factor(len(stats["mean"])) or 1.0
-
-
-def rebatch(it, batch_size: int, keep):
-    """Full [batch_size, ...] batches of the rows where keep(batch) is true (dicts: every field)."""
-    parts, have = [], 0
-    for b in it:
-        mask = keep(b)
-        sel = {k: v[mask] for k, v in b.items()} if isinstance(b, dict) else b[mask]
-        parts.append(sel)
-        have += len(mask.nonzero()[0])
-        while have >= batch_size:
-            if isinstance(parts[0], dict):
-                cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                yield {k: v[:batch_size] for k, v in cat.items()}
-                parts = [{k: v[batch_size:] for k, v in cat.items()}]
-            else:
-                cat = np.concatenate(parts)
-                yield cat[:batch_size]
-                parts = [cat[batch_size:]]
-            have -= batch_size
-
-
 def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer: int, seed: int, hook: str = "resid_post",
             max_norm_ratio: float | None = None):
-    """Endless float32 [batch_size, H] host batches of one hook's delivered tokens, a freshly seeded
-    shuffle per pass."""
+    """Endless float32 [batch_size, H] host batches of one hook's delivered tokens (the reader drops
+    tokens above max_norm_ratio x the median norm and scales the rest to mean norm sqrt(H)), a
+    freshly seeded shuffle per pass."""
     from llm_activations import reader as rd
 
-    kw, threshold, scale = delivery(path, layer, hook, max_norm_ratio)
+    kw = dict(shuffle_buffer=shuffle_buffer, hook=hook, normalize=True, max_norm_ratio=max_norm_ratio)
     epoch = 0
     while True:
         if reader == "tf":
-            ds = rd.activation_dataset(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
-                                       hook=hook, **kw)
-            it = ds.as_numpy_iterator()
+            it = rd.activation_dataset(path, layer, batch_size, seed=seed + epoch, **kw).as_numpy_iterator()
         else:
-            it = rd.iter_numpy_batches(path, layer, batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
-                                       hook=hook, **kw)
-        if threshold is not None:
-            it = (b * scale for b in rebatch(it, batch_size, lambda b: np.linalg.norm(b, axis=1) <= threshold))
+            it = rd.iter_numpy_batches(path, layer, batch_size, seed=seed + epoch, **kw)
         got = False
         for b in it:
             got = True
@@ -112,34 +67,18 @@ def batches(path: str, layer: int, batch_size: int, reader: str, shuffle_buffer:
 
 def paired_batches(path: str, layer: int, batch_size: int, shuffle_buffer: int, seed: int,
                    source: str = "mlp_in", target: str = "mlp_out", max_norm_ratio: float | None = None):
-    """Endless aligned (x [B, H_source], y [B, H_target]) batches of two hooks of one layer.
-
-    Both hooks are read with the same seed and arguments, which the NumPy reader shuffles identically
-    (reader module doc); each batch's token identities are compared, so a misaligned pair stops here.
-    """
+    """Endless aligned (x [B, H_source], y [B, H_target]) batches of two hooks of one layer, read
+    together token for token (reader.iter_numpy_pairs: a pair is dropped when either side is above
+    its own threshold; each side is scaled by its own factor)."""
     from llm_activations import reader as rd
 
-    (kw_in, t_in, s_in), (kw_out, t_out, s_out) = (delivery(path, layer, h, max_norm_ratio) for h in (source, target))
     epoch = 0
     while True:
-        kw = dict(shuffle_buffer=shuffle_buffer, seed=seed + epoch, with_metadata=True)
-        pairs = zip(rd.iter_numpy_batches(path, layer, batch_size, hook=source, **kw, **kw_in),
-                    rd.iter_numpy_batches(path, layer, batch_size, hook=target, **kw, **kw_out))
-        if t_in is not None or t_out is not None:  # a pair is delivered when both of its tokens are
-            t_in, t_out = (math.inf if t is None else t for t in (t_in, t_out))
-            s_in, s_out = (1.0 if s is None else s for s in (s_in, s_out))
-            merged = ({**{f"a_{k}": v for k, v in a.items()}, **{f"b_{k}": v for k, v in b.items()}} for a, b in pairs)
-            kept = rebatch(merged, batch_size, lambda m: (np.linalg.norm(m["a_activations"], axis=1) <= t_in)
-                           & (np.linalg.norm(m["b_activations"], axis=1) <= t_out))
-            pairs = (({k[2:]: v * (s_in if k == "a_activations" else 1) for k, v in m.items() if k.startswith("a_")},
-                      {k[2:]: v * (s_out if k == "b_activations" else 1) for k, v in m.items() if k.startswith("b_")})
-                     for m in kept)
         got = False
-        for a, b in pairs:
-            if not (np.array_equal(a["doc_index"], b["doc_index"]) and np.array_equal(a["token_index"], b["token_index"])):
-                raise SystemExit(f"{path}: {source} and {target} of layer {layer} are not aligned token for token")
+        for x, y in rd.iter_numpy_pairs(path, layer, batch_size, hooks=(source, target), shuffle_buffer=shuffle_buffer,
+                                        seed=seed + epoch, normalize=True, max_norm_ratio=max_norm_ratio):
             got = True
-            yield a["activations"], b["activations"]
+            yield x, y
         if not got:
             raise SystemExit(f"{path} layer {layer} has fewer than --batch-size {batch_size} tokens")
         epoch += 1

@@ -42,8 +42,12 @@ def _rewrite(root: str, meta: dict, hook: str, scale_tokens: set, *, histogram: 
             all_norms.append(np.linalg.norm(stored.astype(np.float32), axis=1))
             writer.write(records.encode_example(stored, **{k: ex[k] for k in records.INT_FEATURES}), len(stored))
         entries[rel].update(writer.close())
+    entry = meta["stats"][hk.key(hook, LAYER)]
     if histogram:
-        meta["stats"][hk.key(hook, LAYER)]["norms"] = norms.NormHistogram.of(np.concatenate(all_norms)).to_json()
+        entry["norms"] = norms.NormHistogram.of(np.concatenate(all_norms)).to_json()
+    else:  # a dataset written before the histogram existed
+        for field in ("norms", "median_norm", "delivered"):
+            entry.pop(field, None)
 
 
 @pytest.fixture(scope="module")
