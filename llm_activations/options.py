@@ -42,6 +42,7 @@ class ExtractConfig:
     beam_args: tuple = field(default_factory=tuple)
     is_demo: bool = False
     resume: bool = False
+    verify: bool = False  # --resume --verify: also compare each kept shard's sha256 (reads every shard)
     compilation_cache: str | None = None  # persistent XLA cache folder, "none", or None for the default
 
 
@@ -74,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
     a("--resume", action="store_true", help="continue an interrupted run in --output: units already finished by the same configuration are kept, the rest are extracted")
+    a("--verify", action="store_true", help="with --resume: also check each kept shard's sha256 (reads every shard back; "
+      "without it a shard is checked by the size and identity a listing gives)")
     a("--max-docs", type=int, help="use only the first N input records (default: all)")
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
     a("--num-hosts", type=int, default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         beam_args=tuple(getattr(args, "beam_args", ()) or ()),
         is_demo=is_demo,
         resume=args.resume,
+        verify=args.verify,
         compilation_cache=args.compilation_cache,
     )
 
@@ -145,6 +149,8 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     if cfg.seq_len < 1 or cfg.batch_size < 1:
         raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
     hooks = hk.check_hooks(cfg.hooks)
+    if cfg.verify and not cfg.resume:
+        raise UsageError("--verify checks the shards a --resume keeps: pass it with --resume (`validate` checks a finished dataset)")
     if cfg.num_shards < 0:
         raise UsageError(f"--num-shards {cfg.num_shards}: must be 0 (automatic) or positive")
     if cfg.max_docs is not None and cfg.max_docs < 1:

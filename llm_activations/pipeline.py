@@ -19,17 +19,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 
 from llm_activations import __version__, inputs
+from llm_activations import output_folder as out
 from llm_activations.errors import AcceleratorBusy, UsageError
 from llm_activations.format import fileio, manifests
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
-from llm_activations.format.manifests import MANIFEST_DIR
 from llm_activations.format.fileio import join
 from llm_activations.format.metadata import METADATA_FILE, read_metadata, write_metadata
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
@@ -44,145 +43,6 @@ def run(args: argparse.Namespace) -> int:
     meta = run_extract(cfg)
     print_summary(cfg, meta)
     return 0
-
-
-# ----------------------------------------------------------------------------- output folder
-
-LOCK_FILE = "_lock.json"  # {"pid", "host", "started"} of the extract writing into the folder
-
-
-def _ours(name: str) -> bool:
-    """An entry a previous extraction wrote (and --overwrite may remove)."""
-    return (name.startswith(METADATA_FILE) or name.startswith("layer_") or name in ("rejected", MANIFEST_DIR, *hk.HOOKS))
-
-
-def check_output(cfg: ExtractConfig) -> None:
-    """Refuse, before anything is written or deleted: a file as --output, a non-empty folder without
-    --overwrite or --resume, and --resume into a folder that holds files no extraction wrote."""
-    root = cfg.output.rstrip("/")
-    if not fileio.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
-        raise UsageError(f"--output {root} exists and is not a folder")
-    names = [os.path.basename(p.rstrip("/")) for p in fileio.entries(root)]
-    names = [n for n in names if n != LOCK_FILE]
-    if cfg.resume:
-        foreign = [n for n in names if not _ours(n)]
-        if foreign:
-            raise UsageError(f"--resume: {root} holds files that no extraction wrote ({foreign[0]}); "
-                             "give the output folder of the interrupted run")
-    elif names and not cfg.overwrite:
-        raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, --resume to "
-                         "finish an interrupted run into it, or choose another folder")
-
-
-class OutputLock:
-    """OUT/_lock.json while a run writes into OUT: a second extract into the same folder is refused
-    in one line. Creating it is also the probe that OUT is writable. A lock left by a dead process
-    on this host is taken over with a note; one from another host is refused (delete it by hand if
-    that run is gone). On object stores the check-then-write is not atomic (best effort)."""
-
-    def __init__(self, output: str):
-        self.path = join(output, LOCK_FILE)
-        self._held = False
-
-    def __enter__(self):
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        try:
-            if not self._create(json.dumps(me)):
-                holder = self._holder()
-                if not (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
-                    raise UsageError(
-                        f"--output {os.path.dirname(self.path)} is in use by another extract (pid {holder.get('pid')} "
-                        f"on {holder.get('host')}, since {holder.get('started')}); wait for it to finish, or delete "
-                        f"{self.path} if that run is gone")
-                print(f"note: taking over the lock of pid {holder.get('pid')}, which is no longer running", file=sys.stderr)
-                fileio.write_text_atomic(self.path, json.dumps(me))
-        except OSError as e:
-            raise UsageError(f"--output {os.path.dirname(self.path)} is not writable ({e.strerror or e})") from None
-        self._held = True
-        return self
-
-    def _create(self, text: str) -> bool:
-        """Create the lock file if absent; False if it exists."""
-        if fileio.is_url(self.path):
-            if fileio.exists(self.path):
-                return False
-            fileio.write_text_atomic(self.path, text)
-            return True
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:  # a full disk fails here, before any work
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def _holder(self) -> dict:
-        try:
-            return json.loads(fileio.read_text(self.path) or "{}")
-        except ValueError:  # a half-written lock: its writer died while writing it
-            return {}
-
-    def __exit__(self, *exc):
-        if self._held:
-            fileio.delete([self.path])
-            self._held = False
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def prepare_output(cfg: ExtractConfig, stale: list, num_units: int) -> None:
-    """Make the folder ready, after every launcher check has passed: with --resume remove the old
-    metadata.json and the units that cannot be kept (stale: their manifests); with --overwrite
-    remove the previous dataset."""
-    root = cfg.output.rstrip("/")
-    existing = [p for p in fileio.entries(root) if os.path.basename(p.rstrip("/")) != LOCK_FILE]
-    if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
-        fileio.delete([p for p in existing if os.path.basename(p).startswith(METADATA_FILE)])
-        for m in stale:  # the manifest first: from then on the unit is simply not finished
-            fileio.delete([join(root, manifests.manifest_relpath(m["unit"], num_units))])
-            # delete skips what is already gone: no existence check per file
-            fileio.delete([join(root, s["path"]) for s in m["shards"]]
-                          + ([join(root, m["rejected_file"])] if m.get("rejected_file") else []))
-        return
-    # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
-    # no longer claims to be a finished dataset.
-    ours = [p for p in existing if os.path.basename(p).startswith(METADATA_FILE)]
-    ours += [p for p in existing if _ours(os.path.basename(p)) and p not in ours]
-    fileio.delete(ours)
-
-
-def resume_plan(cfg: ExtractConfig, fp: str, units) -> tuple[dict, list]:
-    """({unit: manifest} kept, [manifests to redo]). A finished unit is kept only if its input is
-    byte-for-byte what it read and every file it names is there with its sha256."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    done = manifests.read_manifests(cfg.output, fp)  # refuses units of another configuration
-    by_index = {u.index: u for u in units}
-    found = [(by_index[i], m) for i, m in sorted(done.items()) if i in by_index]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        reasons = list(pool.map(lambda um: manifests.stale_reason(cfg.output, um[1], um[0].input_fingerprint()), found))
-    keep, stale = {}, []
-    for (unit, m), why in zip(found, reasons):
-        if why:
-            print(f"--resume: extracting unit {unit.index} again: {why}", file=sys.stderr)
-            stale.append(m)
-        else:
-            keep[unit.index] = m
-    return keep, stale
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -254,11 +114,13 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     cfg, model_cfg, hf = check_config(cfg, check_weights=extractor_factory is None)
     check_devices(cfg, options)
     sources, host_docs, units = plan(cfg)
-    check_output(cfg)
-    with OutputLock(cfg.output):
+    listing = out.list_output(cfg.output)  # the one listing of OUT this run makes
+    out.check_output(cfg, listing)
+    with out.OutputLock(cfg.output):
         fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
-        done, stale = resume_plan(cfg, fp, units) if cfg.resume else ({}, [])  # before anything is deleted
-        prepare_output(cfg, stale, len(units))
+        resume = out.resume_plan(cfg, fp, units, listing) if cfg.resume else out.ResumePlan()  # before anything is deleted
+        done = resume.keep
+        out.prepare_output(cfg, listing, resume, len(units))
         base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
         ok = False
         try:
@@ -267,7 +129,7 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
             ok = True
         finally:
             if not ok:  # failed or interrupted (Ctrl-C): no half-written file stays behind
-                remove_partial_shards(cfg.output)
+                out.remove_partial_shards(cfg.output)
         meta = read_metadata(cfg.output)
         if meta["counts"]["documents"] == 0:
             fileio.delete([join(cfg.output, METADATA_FILE)])  # not a dataset: readers must refuse it
@@ -433,15 +295,9 @@ def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resum
         "rejected_files": summary["rejected_files"],
     })
     meta = md.build_metadata(**parts, shards=summary["shards"], counts=summary["counts"], stats=summary["stats"])
-    remove_partial_shards(output)
+    out.remove_partial_shards(output)
     write_metadata(output, meta)
     return meta
-
-
-def remove_partial_shards(output: str) -> None:
-    """Delete temporary files that failed or retried writers left behind."""
-    folders = ("layer_*", "rejected", MANIFEST_DIR, *(f"{h}/layer_*" for h in hk.HOOKS))
-    fileio.delete(fileio.match([join(output, d, "*.inprogress-*") for d in folders]))
 
 
 def print_counters(result) -> None:

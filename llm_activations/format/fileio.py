@@ -18,13 +18,17 @@ with open_for_commit, so a reader sees a whole file or none:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import hashlib
 import os
 import posixpath
+import shutil
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from llm_activations.errors import UsageError
@@ -141,11 +145,77 @@ def checksum(path: str) -> str:
 
 
 def match(patterns: list[str]) -> list[str]:
-    """Paths matching glob patterns; a pattern that matches nothing contributes nothing."""
-    for p in patterns:
-        if is_url(p):
-            check_url_support(scheme(p))
-    return [m.path for r in _fs().match(list(patterns)) for m in r.metadata_list]
+    """Paths matching glob patterns; a pattern that matches nothing contributes nothing.
+
+    Local patterns go through glob (** spans folders), never through Beam: format/ stays usable
+    where Beam is not installed.
+    """
+    local = [p for p in patterns if not is_url(p)]
+    urls = [p for p in patterns if is_url(p)]
+    found = [f for p in local for f in sorted(glob.glob(p, recursive=True))]
+    for p in urls:
+        check_url_support(scheme(p))
+    if urls:
+        found += [m.path for r in _fs().match(urls) for m in r.metadata_list]
+    return found
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What one listing says about a file: its size and a cheap identity that changes whenever the
+    file is rewritten: "mtime_ns:..." locally; on GCS "crc32c:...", the store's checksum of the
+    content (computed by the store, so it survives a copy of the dataset, which a generation does
+    not); "" where the store lists none, so that only the size can be compared."""
+
+    size: int
+    identity: str
+
+
+def stat(path: str) -> Stat | None:
+    """Stat of one file, or None if it does not exist (one request on an object store)."""
+    if not is_url(path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return _local_stat(st)
+    return _listed(path).get(path)
+
+
+def stat_tree(root: str) -> dict[str, Stat]:
+    """{path relative to root ('/' separators): Stat} of every file below root, from one listing
+    (local: a directory walk and a stat per file, no file read); {} if root is absent."""
+    if not is_url(root):
+        out = {}
+        for d, _, fs in os.walk(root):
+            for f in fs:
+                full = os.path.join(d, f)
+                try:
+                    out[os.path.relpath(full, root).replace(os.sep, "/")] = _local_stat(os.stat(full))
+                except FileNotFoundError:  # removed while listed
+                    continue
+        return out
+    base = root.rstrip("/") + "/"
+    return {p[len(base):]: st for p, st in _listed(base).items() if p.startswith(base) and len(p) > len(base)}
+
+
+def _local_stat(st: os.stat_result) -> Stat:
+    return Stat(st.st_size, f"mtime_ns:{st.st_mtime_ns}")
+
+
+def _listed(prefix: str) -> dict[str, Stat]:
+    """{url: Stat} of the objects whose names start with prefix, in one (paged) listing. GCS lists
+    each object's crc32c; other stores' listings give sizes only."""
+    check_url_support(scheme(prefix))
+    if scheme(prefix) == "gs":
+        from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
+
+        client = GcsIO().client  # Beam's configured storage client; its listing carries each blob's crc32c
+        bucket, name = parse_gcs_path(prefix, object_optional=True)
+        return {f"gs://{bucket}/{b.name}": Stat(int(b.size), f"crc32c:{b.crc32c}")
+                for b in client.list_blobs(client.bucket(bucket), prefix=name)}
+    return {m.path: Stat(m.size_in_bytes, "") for r in _fs().match([prefix + "*" if prefix.endswith("/") else prefix])
+            for m in r.metadata_list}
 
 
 def entries(root: str) -> list[str]:
@@ -293,18 +363,27 @@ def rename(src: str, dst: str) -> None:
 
 def delete(paths: list[str]) -> None:
     """Delete files or folders (recursively); paths that do not exist are ignored."""
-    local = [p for p in paths if not is_url(p)]
-    if local:
-        _fs().delete([p for p in local if os.path.lexists(p)])
+    for p in paths:
+        if is_url(p):
+            continue
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
     urls = [p for p in paths if is_url(p)]
     if not urls:
         return
     # On an object store a "folder" is a name prefix: delete the object itself and all below it.
-    objects = match([q for p in urls for q in (p.rstrip("/"), p.rstrip("/") + "/**")])
-    gcs = [o for o in objects if scheme(o) == "gs"]
+    delete_objects(match([q for p in urls for q in (p.rstrip("/"), p.rstrip("/") + "/**")]))
+
+
+def delete_objects(urls: list[str]) -> None:
+    """Delete these exact objects (known from a listing: no further listing is made)."""
+    gcs = [o for o in urls if scheme(o) == "gs"]
     if gcs:
         _delete_gcs_objects(gcs)
-    other = [o for o in objects if scheme(o) != "gs"]
+    other = [o for o in urls if scheme(o) != "gs"]
     if other:
         _fs().delete(other)
 
