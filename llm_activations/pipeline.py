@@ -50,14 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
 def plan(cfg: ExtractConfig):
     """Sources, this host's doc_index range, and the work units."""
-    sources = inputs.plan_sources(list(cfg.inputs), cfg.text_field)
+    sources = inputs.plan_sources(list(cfg.inputs), cfg.text_field, inputs.ScanCache.default())
     if sources[0].kind == "hf":
         stop = cfg.max_docs if cfg.max_docs else -1
         return sources, (0, stop), [inputs.WorkUnit(0, 0, stop, ((sources[0], 0, stop),))]
     total = sum(s.num_records for s in sources)
     if cfg.max_docs:
         total = min(total, cfg.max_docs)
-    start, stop = inputs.host_range(total, cfg.num_hosts, cfg.host_index)
+    # hosts' shares begin where reading can begin, as units do (every host snaps the same edges)
+    start, stop = (min(total, inputs.snap(x, sources)) for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
     num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
     return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
 
