@@ -45,6 +45,9 @@ class SourceFile:
     compression: str = ""  # "" | gzip | zstd | bzip2
     digest: str = ""  # content fingerprint (content_digest); "" for hf://
     row_groups: tuple = ()  # parquet: the first row of each row group
+    # hf://: how many file shards `datasets` streams the split from (IterableDataset.num_shards);
+    # 0 when it is one stream (one file, or a builder that exposes no files)
+    num_shards: int = 0
     # Uncompressed JSON lines: ((line, byte offset), ...) for every k-th line, recorded by the
     # launcher's one scan, so that a unit seeks to its first line instead of reading from line 0.
     # Launcher-only: plan_units gives each unit the one offset it needs and drops the rest.
@@ -115,11 +118,16 @@ def _load_hf(spec: str):
     return datasets.load_dataset(name, config, split=split, streaming=True)
 
 
-def check_hf(spec: str, text_field: str) -> None:
+HF_SHARD_STRIDE = 1 << 32  # doc_index of record i of file shard j: j * stride + i (FORMAT.md, "Records")
+
+
+def check_hf(spec: str, text_field: str) -> int:
     """Open the split and read its first record on the launcher: a missing split, an unreachable hub
-    or a wrong --text-field is one line here, not a traceback from a worker."""
+    or a wrong --text-field is one line here, not a traceback from a worker. Returns the split's
+    number of file shards (0 if it is one stream)."""
     try:
-        first = next(iter(_load_hf(spec)), None)
+        dataset = _load_hf(spec)
+        first = next(iter(dataset), None)
     except UsageError:
         raise
     except Exception as e:  # datasets raises ValueError, FileNotFoundError, ConnectionError, ...
@@ -128,6 +136,8 @@ def check_hf(spec: str, text_field: str) -> None:
     if first is not None and not get_field(first, text_field)[0]:
         fields = ", ".join(list(first)[:8]) if isinstance(first, dict) else type(first).__name__
         raise UsageError(f"{spec}: its first record has no field {text_field!r} (fields: {fields}); pass --text-field")
+    shards = int(getattr(dataset, "num_shards", 1) or 1)
+    return shards if shards > 1 else 0
 
 
 # ----------------------------------------------------------------------------- planning
@@ -490,8 +500,7 @@ def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None =
     decompression release the GIL."""
     files = expand_patterns(patterns)
     if files[0].startswith("hf://"):
-        check_hf(files[0], text_field)
-        return [SourceFile(files[0], "hf", -1, 0)]
+        return [SourceFile(files[0], "hf", -1, 0, num_shards=check_hf(files[0], text_field))]
     with ThreadPoolExecutor(8) as pool:
         scans = list(pool.map(lambda f: scan_file(f, text_field, cache), files))
     sources, offset = [], 0
@@ -562,6 +571,17 @@ def _seek_point(src: SourceFile, first: int) -> tuple | None:
         return None
     i = bisect.bisect_right(src.checkpoints, (first, float("inf"))) - 1
     return tuple(src.checkpoints[i]) if i > 0 else None
+
+
+def plan_hf_units(src: SourceFile, *, first: int, stop: int, num_units: int) -> list[WorkUnit]:
+    """Units over an hf:// split's file shards [first, stop): each unit reads whole shards, so
+    workers and hosts read disjoint files. Its doc_index range is [first, stop) x HF_SHARD_STRIDE."""
+    units = []
+    for u in range(num_units):
+        lo = first + (stop - first) * u // num_units
+        hi = first + (stop - first) * (u + 1) // num_units
+        units.append(WorkUnit(u, lo * HF_SHARD_STRIDE, hi * HF_SHARD_STRIDE, ((src, lo, hi),)))
+    return units
 
 
 def auto_num_units(num_docs: int, docs_per_unit: int) -> int:
@@ -673,6 +693,19 @@ def _read_hf(src: SourceFile, lo: int, hi: int, text_field: str, num_hosts: int 
         yield _check_text(value, i, src.path, text_field)
 
 
+def _read_hf_shards(src: SourceFile, lo: int, hi: int, text_field: str):
+    """File shards [lo, hi) of an hf:// split (IterableDataset.shard: one data file each)."""
+    dataset = _load_hf(src.path)
+    for j in range(lo, hi):
+        for i, record in enumerate(dataset.shard(num_shards=src.num_shards, index=j)):
+            doc_index = j * HF_SHARD_STRIDE + i
+            found, value = get_field(record, text_field)
+            if not found:
+                yield Rejected(doc_index, src.path, f"record has no field {text_field!r}", _excerpt(record))
+                continue
+            yield _check_text(value, doc_index, src.path, text_field)
+
+
 READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}
 
 
@@ -680,7 +713,9 @@ def read_unit(unit: WorkUnit, text_field: str, num_hosts: int = 1, host_index: i
     """Every record of a work unit in doc_index order, as a Document or a Rejected."""
     starts = unit.starts or (None,) * len(unit.pieces)
     for (src, lo, hi), start in zip(unit.pieces, starts):
-        if src.kind == "hf":
+        if src.kind == "hf" and src.num_shards:
+            yield from _read_hf_shards(src, lo, hi, text_field)
+        elif src.kind == "hf":
             yield from _read_hf(src, unit.start, unit.stop, text_field, num_hosts, host_index)
         elif src.num_records == 0 and lo == 0:
             yield Rejected(None, src.path, "empty file", "")

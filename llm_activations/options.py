@@ -168,9 +168,6 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         from llm_activations.model.sharding import check_mesh_shape
 
         check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
-    if cfg.num_shards > 1 and any(i.startswith("hf://") for i in cfg.inputs):
-        raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
-                         "leave --num-shards out, or save the split as parquet files to shard it")
     if check_weights:
         from llm_activations.model.checkpoint import check_complete
 

@@ -52,8 +52,7 @@ def plan(cfg: ExtractConfig):
     """Sources, this host's doc_index range, and the work units."""
     sources = inputs.plan_sources(list(cfg.inputs), cfg.text_field, inputs.ScanCache.default())
     if sources[0].kind == "hf":
-        stop = cfg.max_docs if cfg.max_docs else -1
-        return sources, (0, stop), [inputs.WorkUnit(0, 0, stop, ((sources[0], 0, stop),))]
+        return plan_hf(cfg, sources[0])
     total = sum(s.num_records for s in sources)
     if cfg.max_docs:
         total = min(total, cfg.max_docs)
@@ -61,6 +60,22 @@ def plan(cfg: ExtractConfig):
     start, stop = (min(total, inputs.snap(x, sources)) for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
     num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
     return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
+
+
+def plan_hf(cfg: ExtractConfig, src):
+    """An hf:// split: units (and hosts) over its file shards, or one stream when it has none."""
+    if src.num_shards and not cfg.max_docs:
+        first, stop = inputs.host_range(src.num_shards, cfg.num_hosts, cfg.host_index)
+        units = inputs.plan_hf_units(src, first=first, stop=stop, num_units=cfg.num_shards or max(1, stop - first))
+        return [src], (first * inputs.HF_SHARD_STRIDE, stop * inputs.HF_SHARD_STRIDE), units
+    if cfg.num_shards > 1:
+        raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
+                         "leave --num-shards out, or save the split as parquet files to shard it")
+    why = "--max-docs counts records in split order" if src.num_shards else "the split exposes fewer than 2 file shards"
+    print(f"note: {src.path} is read as one stream into one unit ({why}); each host reads every record "
+          "and keeps its share", file=sys.stderr)
+    stop = cfg.max_docs if cfg.max_docs else -1
+    return [src], (0, stop), [inputs.WorkUnit(0, 0, stop, ((src, 0, stop),))]
 
 
 def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_docs) -> dict:

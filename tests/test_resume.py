@@ -134,3 +134,63 @@ def test_verify_without_resume_is_a_usage_error(model, corpus, tmp_path, capsys)
     assert main(extract_args(model, [corpus], str(tmp_path / "o"), "--verify")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--verify" in err[0] and "--resume" in err[0]
+
+
+# ----------------------------------------------------------------------------- hf:// by file shards
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("hf") / "ds"
+    (folder / "data").mkdir(parents=True)
+    texts = corpus_texts(12, seed=7)
+    for k in range(4):
+        pq.write_table(pa.table({"text": texts[3 * k:3 * k + 3]}), folder / "data" / f"train-{k:05d}-of-00004.parquet")
+    return str(folder), texts
+
+
+def _doc_indices(out: str) -> set:
+    from llm_activations.format import records
+
+    meta = read_metadata(out)
+    return {int(d) for rel in meta["files"]["0"] for data in records.read_shard(os.path.join(out, rel))
+            for d in records.decode_example(data)["doc_index"].tolist()}
+
+
+def test_hf_split_is_read_by_file_shards_hosts_disjoint_and_resumable(model, hf_folder, tmp_path, capsys):
+    from llm_activations.inputs import HF_SHARD_STRIDE
+
+    folder, texts = hf_folder
+    spec = f"hf://{folder}:train"
+    hosts = [str(tmp_path / f"host-{i}") for i in range(2)]
+    for i, host in enumerate(hosts):
+        assert main(extract_args(model, [spec], host, "--layers", "0", "--num-shards", "2",
+                                 "--num-hosts", "2", "--host-index", str(i))) == 0
+    files = [sorted({d // HF_SHARD_STRIDE for d in _doc_indices(h)}) for h in hosts]
+    assert files == [[0, 1], [2, 3]]  # each host read its own two parquet files, one per unit
+    metas = [read_metadata(h) for h in hosts]
+    assert [m["input"]["doc_index_range"] for m in metas] == [[0, 2 * HF_SHARD_STRIDE], [2 * HF_SHARD_STRIDE, 4 * HF_SHARD_STRIDE]]
+    assert sum(m["counts"]["documents"] for m in metas) == len(texts) and all(len(m["files"]["0"]) == 2 for m in metas)
+    assert main(["merge", "--output", str(tmp_path), *hosts]) == 0  # contiguous, disjoint host ranges
+    assert read_metadata(str(tmp_path))["counts"]["documents"] == len(texts)
+    before = shard_hashes(hosts[0])
+    os.remove(sorted(glob.glob(f"{hosts[0]}/_units/*.json"))[1])  # unit 1 lost its manifest
+    os.remove(os.path.join(hosts[0], "metadata.json"))
+    assert main(extract_args(model, [spec], hosts[0], "--layers", "0", "--num-shards", "2",
+                             "--num-hosts", "2", "--host-index", "0", "--resume")) == 0
+    assert read_metadata(hosts[0])["run"]["resumed_units"] == [0] and shard_hashes(hosts[0]) == before
+
+
+def test_hf_split_without_file_shards_is_one_unit_with_one_line(model, tmp_path, capsys):
+    (tmp_path / "ds").mkdir()
+    write_jsonl(str(tmp_path / "ds" / "train.jsonl"), [{"text": t} for t in corpus_texts(6, seed=1)])
+    spec = f"hf://{tmp_path / 'ds'}:train"
+    capsys.readouterr()
+    assert main(extract_args(model, [spec], str(tmp_path / "o"), "--layers", "0")) == 0
+    notes = [x for x in _err_lines(capsys) if x.startswith("note:")]
+    assert notes == [f"note: {spec} is read as one stream into one unit (the split exposes fewer than 2 file shards); "
+                     "each host reads every record and keeps its share"]
+    assert read_metadata(str(tmp_path / "o"))["counts"]["documents"] == 6
