@@ -372,9 +372,7 @@ def _scan_stream(path: str, kind: str, compression: str, text_field: str) -> Sca
     """Count lines (and record every k-th line's byte offset, uncompressed) while hashing the raw bytes."""
     import numpy as np
 
-    sha = hashlib.sha256()
-    with fileio.open_read(path) as raw:
-        hashed = _Hashed(raw, sha)
+    with fileio.HashingReader(fileio.open_read(path)) as hashed:
         stream = _decompressed(hashed, compression)
         every, points = CHECKPOINT_EVERY, [(0, 0)]
         try:
@@ -395,32 +393,13 @@ def _scan_stream(path: str, kind: str, compression: str, text_field: str) -> Sca
                 last = chunk[-1:]
         except (OSError, EOFError, ValueError) as e:  # gzip / zstd / bz2 errors
             raise UsageError(f"{path}: cannot be decompressed as {compression} ({e})") from None
-        while hashed.read(1 << 22):  # bytes after a compressed stream's end are part of the file too
-            pass
+        hashed.drain()  # bytes after a compressed stream's end are part of the file too
+        digest = "sha256:" + hashed.sha.hexdigest()
     _check_head(path, kind, compression, head, text_field)
-    digest = "sha256:" + sha.hexdigest()
     if kind == "txt":
         return Scan(1, digest)
     # a final line without a newline is a record
     return Scan(n + (last != b"\n"), digest, checkpoints=tuple(points) if not compression else ())
-
-
-class _Hashed:
-    """A read-through binary stream that passes the raw bytes it reads into a hash."""
-
-    def __init__(self, raw, sha):
-        self._raw, self._sha = raw, sha
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self._sha.update(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def _check_head(path: str, kind: str, compression: str, head: bytes, text_field: str) -> None:
@@ -506,8 +485,8 @@ def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None =
     sources, offset = [], 0
     for path, scan in zip(files, scans):
         kind, compression = file_type(path)
-        sources.append(SourceFile(path, kind, scan.num_records, offset, compression, scan.digest, scan.row_groups,
-                                  scan.checkpoints))
+        sources.append(SourceFile(path, kind, scan.num_records, offset, compression, scan.digest,
+                                  row_groups=scan.row_groups, checkpoints=scan.checkpoints))
         offset += scan.num_records
     return sources
 

@@ -1,8 +1,10 @@
 """File access for local paths and any Beam filesystem URL (gs://, s3://, ...), in one place.
 
 Inputs, shards, manifests, metadata and merged copies all live either on a local disk or behind a
-Beam filesystem. Local paths use the os module directly (fast, and errors a user recognises);
-URLs go through apache_beam.io.filesystems.FileSystems, imported only when a URL is used.
+Beam filesystem. Local paths use os, glob and shutil directly (fast, errors a user recognises, and
+no Beam: format/ is usable where Beam is not installed); URLs go through Beam's FileSystems by way
+of llm_activations.beam_fs, the one module outside format/ that does, imported only when a URL is
+used.
 
 Files that others read while a run is going on (shards, manifests, metadata.json) are written
 with open_for_commit, so a reader sees a whole file or none:
@@ -22,12 +24,12 @@ import contextlib
 import functools
 import glob
 import hashlib
+import io
 import os
 import posixpath
 import shutil
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -59,9 +61,10 @@ def join(root: str, *parts: str) -> str:
 
 
 def _fs():
-    from apache_beam.io.filesystems import FileSystems
+    """Beam's FileSystems (llm_activations.beam_fs, imported at the first URL)."""
+    from llm_activations import beam_fs
 
-    return FileSystems
+    return beam_fs.filesystems()
 
 
 # ----------------------------------------------------------------------------- URL support checks
@@ -75,9 +78,10 @@ def check_url_support(scheme_name: str) -> None:
     one line at its edge instead of in a traceback (or after Beam's credential retries) mid-run.
     """
     if scheme_name == "gs":
-        try:  # google-cloud-storage first: without it, importing Beam's io logs a warning of its own
-            import google.cloud.storage  # noqa: F401
-            import apache_beam.io.gcp.gcsfilesystem  # noqa: F401  (registers gs:// with FileSystems)
+        try:
+            from llm_activations import beam_fs
+
+            beam_fs.register_gcs()
         except ImportError:
             raise UsageError(f"gs:// paths need Beam's GCP extra: pip install '{BEAM_VERSION_HINT}'") from None
         check_gcs_credentials()
@@ -208,12 +212,9 @@ def _listed(prefix: str) -> dict[str, Stat]:
     each object's crc32c; other stores' listings give sizes only."""
     check_url_support(scheme(prefix))
     if scheme(prefix) == "gs":
-        from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
+        from llm_activations import beam_fs
 
-        client = GcsIO().client  # Beam's configured storage client; its listing carries each blob's crc32c
-        bucket, name = parse_gcs_path(prefix, object_optional=True)
-        return {f"gs://{bucket}/{b.name}": Stat(int(b.size), f"crc32c:{b.crc32c}")
-                for b in client.list_blobs(client.bucket(bucket), prefix=name)}
+        return {url: Stat(size, f"crc32c:{crc}") for url, size, crc in beam_fs.list_gcs(prefix)}
     return {m.path: Stat(m.size_in_bytes, "") for r in _fs().match([prefix + "*" if prefix.endswith("/") else prefix])
             for m in r.metadata_list}
 
@@ -249,14 +250,46 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+class HashingReader(io.RawIOBase):
+    """The one hash-while-streaming reader: passes a raw stream's bytes on and into a sha256 and a
+    byte count (validate, merge's verified copy, the launcher's input scan and sha256_file use it).
+    Wrap it in io.BufferedReader or a decompressor as needed; drain() hashes what is left."""
+
+    def __init__(self, raw):
+        self._raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._raw.read(len(b))
+        self.sha.update(data)
+        self.size += len(data)
+        b[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        data = self._raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 22):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def sha256_file(path: str) -> tuple[str, int]:
     """(sha256 hex digest, size in bytes) of a file, streamed."""
-    sha, nbytes = hashlib.sha256(), 0
-    with open_read(path) as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-            nbytes += len(chunk)
-    return sha.hexdigest(), nbytes
+    with HashingReader(open_read(path)) as f:
+        f.drain()
+        return f.sha.hexdigest(), f.size
 
 
 # ----------------------------------------------------------------------------- writing
@@ -389,10 +422,6 @@ def delete_objects(urls: list[str]) -> None:
 
 
 def _delete_gcs_objects(paths: list[str]) -> None:
-    """One DELETE request per object, 16 at a time, instead of Beam's batch API: the same on GCS,
-    and it also works against GCS emulators (fake-gcs-server), which cannot parse batch requests."""
-    from apache_beam.io.gcp.gcsio import GcsIO
+    from llm_activations import beam_fs
 
-    gcs = GcsIO()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(gcs.delete, sorted(set(paths))))
+    beam_fs.delete_gcs_objects(paths)
