@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 
-from llm_activations import __version__, inputs
+from llm_activations import __version__
 from llm_activations import output_folder as out
 from llm_activations.errors import AcceleratorBusy, UsageError
-from llm_activations.format import fileio, manifests
+from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format.fileio import join
@@ -34,6 +34,7 @@ from llm_activations.format.metadata import METADATA_FILE, read_metadata, write_
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
 from llm_activations.options import (ExtractConfig, add_arguments, check_config, check_devices,  # noqa: F401
                                      config_from_args, parse_beam_options)
+from llm_activations.run_plan import RunPlan, plan  # noqa: F401  (plan: bench/common.py plans units like extract)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -48,71 +49,27 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def plan(cfg: ExtractConfig):
-    """Sources, this host's doc_index range, and the work units."""
-    sources = inputs.plan_sources(list(cfg.inputs), cfg.text_field, inputs.ScanCache.default())
-    if sources[0].kind == "hf":
-        return plan_hf(cfg, sources[0])
-    total = sum(s.num_records for s in sources)
-    if cfg.max_docs:
-        total = min(total, cfg.max_docs)
-    # hosts' shares begin where reading can begin, as units do (every host snaps the same edges)
-    start, stop = (min(total, inputs.snap(x, sources)) for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
-    num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
-    return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
+def build_pipeline(p, plan: RunPlan, todo: list, metadata_base: dict, resumed: list, extractor_factory=None):
+    """Attach the extraction of units `todo` to Beam pipeline p. The whole job reads as this one screen.
 
-
-def plan_hf(cfg: ExtractConfig, src):
-    """An hf:// split: units (and hosts) over its file shards, or one stream when it has none."""
-    if src.num_shards and not cfg.max_docs:
-        first, stop = inputs.host_range(src.num_shards, cfg.num_hosts, cfg.host_index)
-        units = inputs.plan_hf_units(src, first=first, stop=stop, num_units=cfg.num_shards or max(1, stop - first))
-        return [src], (first * inputs.HF_SHARD_STRIDE, stop * inputs.HF_SHARD_STRIDE), units
-    if cfg.num_shards > 1:
-        raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
-                         "leave --num-shards out, or save the split as parquet files to shard it")
-    why = "--max-docs counts records in split order" if src.num_shards else "the split exposes fewer than 2 file shards"
-    print(f"note: {src.path} is read as one stream into one unit ({why}); each host reads every record "
-          "and keeps its share", file=sys.stderr)
-    stop = cfg.max_docs if cfg.max_docs else -1
-    return [src], (0, stop), [inputs.WorkUnit(0, 0, stop, ((src, 0, stop),))]
-
-
-def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_docs) -> dict:
-    """Everything that determines the records of a unit: its manifest's fingerprint covers it."""
-    keys = ("model", "text_field", "layers", "seq_len", "batch_size", "mode", "dtype", "compute_dtype", "compression")
-    settings = {**{k: getattr(cfg, k) for k in keys}, "config": hf, "num_units": num_units, "host_docs": list(host_docs),
-                "num_hosts": cfg.num_hosts, "sources": [(s.path, s.num_records) for s in sources]}
-    if tuple(cfg.hooks) != hk.DEFAULT_HOOKS:  # resid_post alone keeps its fingerprint: older runs stay resumable
-        settings["hooks"] = list(cfg.hooks)
-    return settings
-
-
-def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base: dict, resumed: list,
-                   extractor_factory=None):
-    """Attach the extraction to Beam pipeline p. The whole job reads as this one screen.
-
-    extractor_factory(spec) -> Extractor replaces the model (None: the checkpoint's own Extractor);
-    benchmarks pass a simulated accelerator here.
+    extractor_factory: see run_extract.
     """
     import apache_beam as beam
     from apache_beam.pvalue import AsList, AsSingleton
 
     from llm_activations import transforms as T
 
-    spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
-                       hooks=tuple(cfg.hooks), compilation_cache=cfg.compilation_cache, factory=extractor_factory)
-    out = (
+    out_ = (
         p
-        | "PlanUnits" >> beam.Create(units)
+        | "PlanUnits" >> beam.Create(todo)
         | "Distribute" >> beam.Reshuffle()
-        | "ExtractUnits" >> T.ExtractUnits(cfg, metadata_base["extraction"]["num_units"], spec, fingerprint)
+        | "ExtractUnits" >> T.ExtractUnits(plan, extractor_factory)
     )
-    run_stats = out[T.RUN] | "MergeRunStats" >> beam.CombineGlobally(T.MergeRun())
+    run_stats = out_[T.RUN] | "MergeRunStats" >> beam.CombineGlobally(T.MergeRun())
     return (
         p
         | "Finalize" >> beam.Create([metadata_base])
-        | "WriteMetadata" >> beam.Map(finalize_metadata, output=cfg.output, manifests=AsList(out["manifests"]),
+        | "WriteMetadata" >> beam.Map(finalize_metadata, output=plan.cfg.output, manifests=AsList(out_["manifests"]),
                                       run=AsSingleton(run_stats), resumed=resumed)
     )
 
@@ -120,7 +77,9 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
 def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     """Check, plan, run the pipeline to completion; returns the written metadata.
 
-    extractor_factory: see build_pipeline (None for the real model).
+    extractor_factory(spec: units.ModelSpec) -> Extractor-like replaces the model (None: the
+    checkpoint's own Extractor). It is the one public seam for a stand-in device
+    (bench/bench_simulated.py); it goes to the Extract step alone.
 
     Nothing in the output folder is deleted until every check that can run on the launcher has
     passed: options, checkpoint headers, devices, inputs (files, fields, hf:// split), the folder
@@ -129,19 +88,17 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     options = parse_beam_options(cfg.beam_args)
     cfg, model_cfg, hf = check_config(cfg, check_weights=extractor_factory is None)
     check_devices(cfg, options)
-    sources, host_docs, units = plan(cfg)
+    plan = RunPlan.build(cfg, hf)
     listing = out.list_output(cfg.output)  # the one listing of OUT this run makes
     out.check_output(cfg, listing)
     with out.OutputLock(cfg.output):
-        fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
-        resume = out.resume_plan(cfg, fp, units, listing) if cfg.resume else out.ResumePlan()  # before anything is deleted
-        done = resume.keep
-        out.prepare_output(cfg, listing, resume, len(units))
-        base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
+        resume = out.resume_plan(cfg, plan.fingerprint, plan.units, listing) if cfg.resume else out.ResumePlan()
+        out.prepare_output(cfg, listing, resume, plan.num_units)  # only now is anything deleted
+        base = metadata_base(plan, model_cfg, hf, options)
         ok = False
         try:
-            _run_pipeline(cfg, options, [u for u in units if u.index not in done], fp, base, list(done.values()),
-                          extractor_factory)
+            _run_pipeline(plan, options, [u for u in plan.units if u.index not in resume.keep], base,
+                          list(resume.keep.values()), extractor_factory)
             ok = True
         finally:
             if not ok:  # failed or interrupted (Ctrl-C): no half-written file stays behind
@@ -153,20 +110,19 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
         return meta
 
 
-def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resumed: list,
-                  extractor_factory=None) -> None:
+def _run_pipeline(plan: RunPlan, options, todo: list, base: dict, resumed: list, extractor_factory=None) -> None:
     import apache_beam as beam
 
     from llm_activations.transforms import MergeRun
 
     if not todo:  # everything was finished before: only the metadata is missing
         nothing = MergeRun()
-        finalize_metadata(base, cfg.output, [], nothing.extract_output(nothing.create_accumulator()), resumed)
+        finalize_metadata(base, plan.cfg.output, [], nothing.extract_output(nothing.create_accumulator()), resumed)
         return
     with _sigint_seen() as interrupted:
         try:
             p = beam.Pipeline(options=options)
-            build_pipeline(p, cfg, todo, fp, base, resumed, extractor_factory)
+            build_pipeline(p, plan, todo, base, resumed, extractor_factory)
             result = p.run()
             result.wait_until_finish()
             print_counters(result)
@@ -243,11 +199,12 @@ def _tokenizer_info(folder: str) -> dict:
     return info
 
 
-def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, options, num_units: int) -> dict:
+def metadata_base(plan: RunPlan, model_cfg, hf: dict, options) -> dict:
     """The arguments of format.metadata.build_metadata known before the run (all but shards, counts
     and stats; "run" gets its end figures in finalize_metadata)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
+    cfg, sources, host_docs, num_units = plan.cfg, plan.sources, plan.host_docs, plan.num_units
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     return {
         "model": {"name_or_path": cfg.model, "architecture": model_cfg.architecture, "model_type": model_cfg.model_type,
