@@ -532,7 +532,7 @@ def plan_units(sources: list[SourceFile], *, start: int, stop: int, num_units: i
              min(hi, s.first_index + s.num_records) - s.first_index)
             for s in sources
             if s.num_records < 0
-            or (s.first_index < hi and s.first_index + s.num_records > lo)
+            or (lo < hi and s.first_index < hi and s.first_index + s.num_records > lo)  # (an empty unit reads nothing)
             # an empty file owns no doc_index; the unit at its position reports it as rejected
             or (s.num_records == 0 and (lo <= s.first_index < hi or (last and s.first_index >= hi)))
         )
