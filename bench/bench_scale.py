@@ -210,6 +210,14 @@ def bench_launcher(root: str, files: int = 1000) -> list[dict]:
         units = _plan([folder])
         rows.append({"launcher": f"plan {files} small local files: {run}", "units": len(units),
                      "seconds": round(time.perf_counter() - t0, 2)})
+    big = os.path.join(root, "one.jsonl")  # bench_inputs' file
+    for run in ("first run", "rerun, input unchanged"):
+        with Counting() as c:
+            t0 = time.perf_counter()
+            units = _plan([big])
+            seconds = time.perf_counter() - t0
+        rows.append({"launcher": f"plan one {os.path.getsize(big) / 2**20:.0f} MiB JSONL: {run}", "units": len(units),
+                     "seconds": round(seconds, 2), "MiB read": round(c.total() / 2**20, 2)})
     return rows
 
 

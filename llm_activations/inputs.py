@@ -426,8 +426,9 @@ class ScanCache:
     it only ever saves time.
     """
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, min_bytes: int = 1 << 20):
+        # smaller files are scanned faster than a cache entry is written and read back
+        self.folder, self.min_bytes = folder, min_bytes
 
     @staticmethod
     def default() -> "ScanCache":
@@ -446,7 +447,7 @@ class ScanCache:
 
     def get(self, path: str) -> Scan | None:
         found = self._file(path)
-        if found is None:
+        if found is None or int(found[0].rsplit("|", 4)[1]) < self.min_bytes:
             return None
         try:
             with open(found[1]) as f:
@@ -460,7 +461,7 @@ class ScanCache:
 
     def put(self, path: str, scan: Scan) -> None:
         found = self._file(path)
-        if found is None:
+        if found is None or int(found[0].rsplit("|", 4)[1]) < self.min_bytes:
             return
         try:
             os.makedirs(self.folder, exist_ok=True)
@@ -474,14 +475,17 @@ class ScanCache:
 
 
 def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None = None) -> list[SourceFile]:
-    """Every input file, scanned (see scan_file), with its doc_index offset. Files are scanned on a
-    few threads: on an object store each is a request's latency, locally the hashing and the
-    decompression release the GIL."""
+    """Every input file, scanned (see scan_file), with its doc_index offset. Files on an object
+    store are scanned 16 at a time."""
     files = expand_patterns(patterns)
     if files[0].startswith("hf://"):
         return [SourceFile(files[0], "hf", -1, 0, num_shards=check_hf(files[0], text_field))]
-    with ThreadPoolExecutor(8) as pool:
-        scans = list(pool.map(lambda f: scan_file(f, text_field, cache), files))
+    scan = lambda f: scan_file(f, text_field, cache)  # noqa: E731
+    if fileio.is_url(files[0]):  # each file costs a request's latency: overlap them
+        with ThreadPoolExecutor(16) as pool:
+            scans = list(pool.map(scan, files))
+    else:  # local: disk and CPU bound, and thread hand-offs would cost small files more than their scan
+        scans = [scan(f) for f in files]
     sources, offset = [], 0
     for path, scan in zip(files, scans):
         kind, compression = file_type(path)

@@ -22,10 +22,8 @@ from llm_activations.errors import UsageError
 from llm_activations.format import fileio, manifests
 from llm_activations.format import hooks as hk
 from llm_activations.format.fileio import join
-from llm_activations.format.manifests import MANIFEST_DIR
-from llm_activations.format.metadata import METADATA_FILE
-
-LOCK_FILE = "_lock.json"  # {"pid", "host", "started"} of the extract writing into the folder
+from llm_activations.format import names
+from llm_activations.format.names import LOCK_FILE, METADATA_FILE  # LOCK_FILE: {"pid", "host", "started"}
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,6 @@ class Listing:
         """The top-level entries (files and folders) other than the lock."""
         return sorted({rel.split("/", 1)[0] for rel in self.files} - {LOCK_FILE})
 
-    def under(self, folder: str) -> list[str]:
-        return sorted(rel for rel in self.files if rel.startswith(folder + "/"))
-
 
 def list_output(root: str) -> Listing:
     return Listing(root.rstrip("/"), fileio.stat_tree(root.rstrip("/")))
@@ -49,7 +44,7 @@ def list_output(root: str) -> Listing:
 
 def ours(name: str) -> bool:
     """A top-level entry a previous extraction wrote (and --overwrite may remove)."""
-    return name.startswith(METADATA_FILE) or name.startswith("layer_") or name in ("rejected", MANIFEST_DIR, *hk.HOOKS)
+    return names.written_by_extract(name, hk.HOOKS)
 
 
 def check_output(cfg, listing: Listing) -> None:
@@ -58,15 +53,15 @@ def check_output(cfg, listing: Listing) -> None:
     root = listing.root
     if not fileio.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
         raise UsageError(f"--output {root} exists and is not a folder")
-    names = listing.top_names()
+    top = listing.top_names()
     if not fileio.is_url(root) and os.path.isdir(root):  # empty local folders are entries too
-        names = sorted(set(names) | (set(os.listdir(root)) - {LOCK_FILE}))
+        top = sorted(set(top) | (set(os.listdir(root)) - {LOCK_FILE}))
     if cfg.resume:
-        foreign = [n for n in names if not ours(n)]
+        foreign = [n for n in top if not ours(n)]
         if foreign:
             raise UsageError(f"--resume: {root} holds files that no extraction wrote ({foreign[0]}); "
                              "give the output folder of the interrupted run")
-    elif names and not cfg.overwrite:
+    elif top and not cfg.overwrite:
         raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, --resume to "
                          "finish an interrupted run into it, or choose another folder")
 
@@ -161,8 +156,8 @@ def resume_plan(cfg, fp: str, units, listing: Listing) -> ResumePlan:
     """A finished unit is kept only if its input is unchanged and every file it names is in the
     listing with the size and identity its manifest recorded (with cfg.verify, and its sha256).
     Each unit extracted again gets one line saying why."""
-    names = [rel for rel in listing.under(MANIFEST_DIR) if rel.endswith(".json") and "/unit-" in rel]
-    done, unusable = manifests.read_manifests(listing.root, fp, names)  # refuses units of another configuration
+    found_manifests = [rel for rel in listing.files if names.is_manifest(rel)]
+    done, unusable = manifests.read_manifests(listing.root, fp, sorted(found_manifests))  # refuses units of another configuration
     for rel, why in sorted(unusable.items()):
         print(f"--resume: extracting the unit of {rel} again: {why}", file=sys.stderr)
     by_index = {u.index: u for u in units}
@@ -202,10 +197,10 @@ def prepare_output(cfg, listing: Listing, plan: ResumePlan, num_units: int) -> N
         return
     # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
     # no longer claims to be a finished dataset.
-    names = listing.top_names()
+    top = listing.top_names()
     if not fileio.is_url(root) and os.path.isdir(root):
-        names = sorted(set(os.listdir(root)) - {LOCK_FILE})
-    doomed = [n for n in names if n.startswith(METADATA_FILE)] + [n for n in names if ours(n) and not n.startswith(METADATA_FILE)]
+        top = sorted(set(os.listdir(root)) - {LOCK_FILE})
+    doomed = [n for n in top if n.startswith(METADATA_FILE)] + [n for n in top if ours(n) and not n.startswith(METADATA_FILE)]
     if fileio.is_url(root):  # the exact objects, from the listing; metadata.json before the rest
         for group in ([n for n in doomed if n.startswith(METADATA_FILE)], [n for n in doomed if not n.startswith(METADATA_FILE)]):
             fileio.delete_objects([join(root, rel) for n in group for rel in sorted(listing.files)
@@ -216,5 +211,4 @@ def prepare_output(cfg, listing: Listing, plan: ResumePlan, num_units: int) -> N
 
 def remove_partial_shards(output: str) -> None:
     """Delete temporary files that failed or retried writers left behind."""
-    folders = ("layer_*", "rejected", MANIFEST_DIR, *(f"{h}/layer_*" for h in hk.HOOKS))
-    fileio.delete(fileio.match([join(output, d, "*.inprogress-*") for d in folders]))
+    fileio.delete(fileio.match([join(output, g) for g in names.partial_patterns(hk.HOOKS)]))

@@ -233,41 +233,7 @@ def metadata_base(plan: RunPlan, model_cfg, hf: dict, options) -> dict:
 def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resumed: list) -> dict:
     """metadata.json from metadata_base, the unit manifests and the run statistics, through
     build_metadata, written - the last step."""
-    from llm_activations.format import manifests as mf
-
-    parts = json.loads(json.dumps(base))  # a copy: in-process reruns reuse the base
-    extraction, info = parts["extraction"], parts["run"]
-    layers, hooks = extraction["layers"], md.hooks_of(parts)
-    summary = mf.summarize(list(manifests) + list(resumed), layers, parts["hidden_size"], hooks, parts["hook_widths"])
-    # Units kept by --resume were made by an earlier run's workers: their manifests say how, so a
-    # dataset keeps its mesh and compilation count however many runs it took (in-process reruns
-    # share one worker id and one compiled extractor, so they are not counted twice).
-    earlier: dict = {}
-    for m in resumed:
-        maker = m.get("run") or {}
-        if maker.get("worker") and maker["worker"] not in run["workers"]:
-            earlier[maker["worker"]] = max(earlier.get(maker["worker"], 0), int(maker.get("compilations", 0)))
-    mesh = run["mesh"] or next((m["run"]["mesh"] for m in resumed if (m.get("run") or {}).get("mesh")), None)
-    if mesh:  # the shape the workers actually used (the automatic choice, when not given)
-        extraction["mesh"] = mesh
-    end = time.time()
-    wall = end - info.pop("start_unix")
-    info.update({
-        "workers": len(run["workers"]) + len(earlier),
-        "compilations": run["compilations"] + sum(earlier.values()),
-        # seconds this run's workers spent compiling (or loading) their step, summed; True when the
-        # persistent compilation cache served every one of them
-        "compile_seconds": round(run["compile_seconds"], 3),
-        "compile_cache_hit": run["compile_cache_hit"],
-        "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(wall, 3),
-        # what this run extracted (units finished by an earlier, resumed run are not counted)
-        "tokens_per_second": round(run["tokens"] / wall, 1) if wall > 0 else None,
-        "extract_seconds": round(run["extract_seconds"], 3),
-        "resumed_units": sorted(m["unit"] for m in resumed),
-        "rejected_files": summary["rejected_files"],
-    })
-    meta = md.build_metadata(**parts, shards=summary["shards"], counts=summary["counts"], stats=summary["stats"])
+    meta = md.assemble(base, manifests, resumed, run, end_unix=time.time())
     out.remove_partial_shards(output)
     write_metadata(output, meta)
     return meta

@@ -110,7 +110,7 @@ def test_parquet_units_begin_at_row_groups(tmp_path, monkeypatch):
 
 
 def test_a_rerun_does_not_scan_unchanged_inputs_again(tmp_path, monkeypatch):
-    cache = inputs.ScanCache(str(tmp_path / "cache"))
+    cache = inputs.ScanCache(str(tmp_path / "cache"), min_bytes=0)
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _lines(20000)))
     first = inputs.plan_sources([str(path)], "text", cache)
@@ -133,7 +133,7 @@ def test_an_unwritable_scan_cache_costs_nothing(tmp_path):
     blocker.write_text("not a folder")
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "x"}\n')
-    cache = inputs.ScanCache(str(blocker / "cache"))
+    cache = inputs.ScanCache(str(blocker / "cache"), min_bytes=0)
     assert inputs.plan_sources([str(path)], "text", cache)[0].num_records == 1
 
 

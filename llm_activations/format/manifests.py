@@ -20,17 +20,13 @@ from llm_activations.format import hooks as hk
 from llm_activations.format.fileio import join
 from llm_activations.format.stats import Moments, merge_all
 
-MANIFEST_DIR = "_units"
+from llm_activations.format.names import MANIFEST_DIR, manifest_relpath, rejected_relpath  # noqa: E402,F401
 COUNT_KEYS = ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")
 
 
 def fingerprint(settings: dict) -> str:
     """A short hash of everything that determines a unit's output (see pipeline.unit_settings)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def manifest_relpath(unit: int, num_units: int) -> str:
-    return f"{MANIFEST_DIR}/unit-{unit:05d}-of-{num_units:05d}.json"
 
 
 def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, rejected_file: str | None,
@@ -63,7 +59,7 @@ def write_manifest(output: str, manifest: dict, num_units: int) -> None:
 
 def write_rejected(output: str, unit: int, num_units: int, lines: list) -> str:
     """rejected/part-0000u-of-N.jsonl for one unit; returns its path relative to output."""
-    rel = f"rejected/part-{unit:05d}-of-{num_units:05d}.jsonl"
+    rel = rejected_relpath(unit, num_units)
     fileio.write_text_atomic(join(output, rel), "".join(line + "\n" for line in lines))
     return rel
 
@@ -124,12 +120,22 @@ def read_manifests(output: str, fp: str, names: list[str]) -> tuple[dict, dict]:
 
 
 def _read_all(paths: list[str]) -> list:
+    """The texts of files a listing just showed (no existence check first); None for one that
+    disappeared since. Object stores: in parallel, as latency, not bandwidth, bounds a manifest read."""
     if not paths:
         return []
     if not fileio.is_url(paths[0]):
-        return [fileio.read_text(p) for p in paths]
-    with ThreadPoolExecutor(16) as pool:  # object stores: latency, not bandwidth, bounds a manifest read
-        return list(pool.map(fileio.read_text, paths))
+        return [_read_listed(p) for p in paths]
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(_read_listed, paths))
+
+
+def _read_listed(path: str) -> str | None:
+    try:
+        with fileio.open_read(path) as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
 
 
 def stale_reason(output: str, manifest: dict, inputs: str, listing: dict, verify: bool = False) -> str | None:
