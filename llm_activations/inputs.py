@@ -495,10 +495,12 @@ def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None =
     return sources
 
 
-def snap(boundary: int, sources: list[SourceFile]) -> int:
+def snap(boundary: int, sources: list[SourceFile], tolerance: float = float("inf")) -> int:
     """The doc_index nearest to `boundary` at which a unit (or a host's share) can begin without
-    reading records before it: any line of an uncompressed JSON lines file; a row group's first
-    row in parquet; only the edges of a compressed or .txt file. Ties go to the earlier point."""
+    reading records before it: any line of an uncompressed JSON lines file; only the edges of a
+    compressed or .txt file (a stream cannot seek); in parquet, a row group's first row if one is
+    within `tolerance` (half a unit): a row group larger than that is shared by two units rather
+    than leaving one of them empty. Ties go to the earlier point."""
     for s in sources:
         lo, hi = s.first_index, s.first_index + s.num_records
         if not lo < boundary < hi:
@@ -509,7 +511,8 @@ def snap(boundary: int, sources: list[SourceFile]) -> int:
             points = [lo + g for g in s.row_groups] + [hi]
         else:
             return boundary
-        return min(points, key=lambda p: (abs(p - boundary), p))
+        best = min(points, key=lambda p: (abs(p - boundary), p))
+        return best if s.whole_file_only() or abs(best - boundary) <= tolerance else boundary
     return boundary
 
 
@@ -524,7 +527,8 @@ def plan_units(sources: list[SourceFile], *, start: int, stop: int, num_units: i
     Unit boundaries are moved to where reading can begin (snap), so that every input byte is read
     by one unit only; each piece of an uncompressed JSON lines file records the offset to seek to.
     """
-    edges = [start] + [min(stop, max(start, snap(start + (stop - start) * u // num_units, sources)))
+    half = (stop - start) / num_units / 2
+    edges = [start] + [min(stop, max(start, snap(start + (stop - start) * u // num_units, sources, half)))
                        for u in range(1, num_units)] + [stop]
     edges = [max(edges[: i + 1]) for i in range(len(edges))]  # stays monotone after snapping
     units = []

@@ -46,7 +46,8 @@ def plan(cfg):
     if cfg.max_docs:
         total = min(total, cfg.max_docs)
     # hosts' shares begin where reading can begin, as units do (every host snaps the same edges)
-    start, stop = (min(total, inputs.snap(x, sources)) for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
+    half = total / cfg.num_hosts / 2
+    start, stop = (min(total, inputs.snap(x, sources, half)) for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
     num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
     return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
 

@@ -98,7 +98,7 @@ def test_compressed_files_are_whole_units_and_read_once(tmp_path, monkeypatch):
     assert edges == [0, 1000, 3000]
 
 
-def test_parquet_units_begin_at_row_groups(tmp_path, monkeypatch):
+def test_parquet_units_begin_at_row_groups_smaller_than_half_a_unit(tmp_path, monkeypatch):
     records = _lines(1000)
     path = tmp_path / "a.parquet"
     pq.write_table(pa.table({"text": [r["text"] for r in records], "pad": ["x" * 50] * 1000}), path, row_group_size=100)
@@ -107,6 +107,11 @@ def test_parquet_units_begin_at_row_groups(tmp_path, monkeypatch):
     units, docs = _read(sources, 7)
     assert docs == [(i, r["text"]) for i, r in enumerate(records)]
     assert all(u.start % 100 == 0 and u.stop % 100 == 0 for u in units)
+    # a row group larger than half a unit is shared rather than leaving a unit empty (parallelism)
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in records[:80]]}), big)  # one row group
+    units, docs = _read(inputs.plan_sources([str(big)], "text"), 2)
+    assert [(u.start, u.stop) for u in units] == [(0, 40), (40, 80)] and len(docs) == 80
 
 
 def test_a_rerun_does_not_scan_unchanged_inputs_again(tmp_path, monkeypatch):

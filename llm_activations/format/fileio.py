@@ -215,8 +215,8 @@ def _listed(prefix: str) -> dict[str, Stat]:
         from llm_activations import beam_fs
 
         return {url: Stat(size, f"crc32c:{crc}") for url, size, crc in beam_fs.list_gcs(prefix)}
-    return {m.path: Stat(m.size_in_bytes, "") for r in _fs().match([prefix + "*" if prefix.endswith("/") else prefix])
-            for m in r.metadata_list}
+    pattern = prefix + ("**" if prefix.endswith("/") else "*")  # a tree, or one object (and its siblings by name)
+    return {m.path: Stat(m.size_in_bytes, "") for r in _fs().match([pattern]) for m in r.metadata_list}
 
 
 def entries(root: str) -> list[str]:
@@ -399,10 +399,10 @@ def delete(paths: list[str]) -> None:
     for p in paths:
         if is_url(p):
             continue
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):  # other errors (permissions) are the caller's to see
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
                 os.remove(p)
     urls = [p for p in paths if is_url(p)]
     if not urls:
