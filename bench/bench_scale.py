@@ -157,8 +157,10 @@ def bench_inputs(root: str, docs: int) -> list[dict]:
     for k in range(parts):
         with gzip.open(os.path.join(gz, f"part-{k}.jsonl.gz"), "wt") as f:
             f.writelines(lines[k * docs // parts:(k + 1) * docs // parts])
-    parquet = os.path.join(root, "one.parquet")
-    pq.write_table(pa.table({"text": texts}), parquet, row_group_size=1000)
+    parquet = os.path.join(root, "one.parquet")  # row groups smaller than half a unit
+    pq.write_table(pa.table({"text": texts}), parquet, row_group_size=200)
+    parquet_big = os.path.join(root, "big_groups.parquet")  # row groups larger than a unit
+    pq.write_table(pa.table({"text": texts}), parquet_big, row_group_size=1000)
     hf = os.path.join(root, "hf", "data")
     os.makedirs(hf)
     for k in range(parts):
@@ -170,7 +172,8 @@ def bench_inputs(root: str, docs: int) -> list[dict]:
         ("JSONL, 1 file", jsonl, os.path.getsize(jsonl)),
         (f".jsonl.gz, {parts} files", os.path.join(gz, "*.jsonl.gz"),
          sum(os.path.getsize(os.path.join(gz, n)) for n in os.listdir(gz))),
-        ("parquet, 1 file", parquet, os.path.getsize(parquet)),
+        ("parquet, 1 file, row groups of 200", parquet, os.path.getsize(parquet)),
+        ("parquet, 1 file, row groups of 1,000", parquet_big, os.path.getsize(parquet_big)),
     ]:
         units = _plan([pattern], docs_per_unit=unit_docs)
         with Counting() as c:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -630,11 +631,24 @@ def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str, start: tuple
             yield _parse_json_line(line, src.first_index + i, src.path, text_field)
 
 
+@functools.lru_cache(maxsize=16)
+def _parquet_footer(path: str, digest: str):
+    """A parquet file's metadata, read once per worker process for all the units it reads of that
+    file (keyed by content digest too, so a changed file is read afresh). The footer can be large
+    (min/max statistics of a text column hold whole documents), and re-reading it per unit would
+    add its size to every unit's read."""
+    import pyarrow.parquet as pq
+
+    with fileio.open_read(path) as f:
+        return pq.ParquetFile(f).metadata
+
+
 def _read_parquet(src: SourceFile, lo: int, hi: int, text_field: str):
     import pyarrow.parquet as pq
 
+    footer = _parquet_footer(src.path, src.digest)
     with fileio.open_read(src.path) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, metadata=footer)
         row0 = 0
         for g in range(pf.num_row_groups):
             rows = pf.metadata.row_group(g).num_rows
