@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
 import posixpath
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from llm_activations.format import fileio
@@ -43,6 +45,19 @@ class SourceFile:
     first_index: int  # doc_index of its first record
     compression: str = ""  # "" | gzip | zstd | bzip2
     digest: str = ""  # content fingerprint (content_digest); "" for hf://
+    row_groups: tuple = ()  # parquet: the first row of each row group
+    # hf://: how many file shards `datasets` streams the split from (IterableDataset.num_shards);
+    # 0 when it is one stream (one file, or a builder that exposes no files)
+    num_shards: int = 0
+    # Uncompressed JSON lines: ((line, byte offset), ...) for every k-th line, recorded by the
+    # launcher's one scan, so that a unit seeks to its first line instead of reading from line 0.
+    # Launcher-only: plan_units gives each unit the one offset it needs and drops the rest.
+    checkpoints: tuple = field(default=(), compare=False, repr=False)
+
+    def whole_file_only(self) -> bool:
+        """A file a unit can only read from its start: compressed streams cannot seek, and a .txt
+        file is one record. Unit boundaries move to such a file's edges (plan_units)."""
+        return bool(self.compression) or self.kind == "txt"
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class WorkUnit:
     start: int
     stop: int
     pieces: tuple  # ((SourceFile, first record in file, stop record in file), ...)
+    starts: tuple = ()  # per piece: (line, byte offset) to seek to before reading, or None (from the start)
 
     def input_fingerprint(self) -> str:
         """A hash of exactly the input this unit reads: its range and each piece's file, record range
@@ -103,11 +119,16 @@ def _load_hf(spec: str):
     return datasets.load_dataset(name, config, split=split, streaming=True)
 
 
-def check_hf(spec: str, text_field: str) -> None:
+HF_SHARD_STRIDE = 1 << 32  # doc_index of record i of file shard j: j * stride + i (FORMAT.md, "Records")
+
+
+def check_hf(spec: str, text_field: str) -> int:
     """Open the split and read its first record on the launcher: a missing split, an unreachable hub
-    or a wrong --text-field is one line here, not a traceback from a worker."""
+    or a wrong --text-field is one line here, not a traceback from a worker. Returns the split's
+    number of file shards (0 if it is one stream)."""
     try:
-        first = next(iter(_load_hf(spec)), None)
+        dataset = _load_hf(spec)
+        first = next(iter(dataset), None)
     except UsageError:
         raise
     except Exception as e:  # datasets raises ValueError, FileNotFoundError, ConnectionError, ...
@@ -116,6 +137,8 @@ def check_hf(spec: str, text_field: str) -> None:
     if first is not None and not get_field(first, text_field)[0]:
         fields = ", ".join(list(first)[:8]) if isinstance(first, dict) else type(first).__name__
         raise UsageError(f"{spec}: its first record has no field {text_field!r} (fields: {fields}); pass --text-field")
+    shards = int(getattr(dataset, "num_shards", 1) or 1)
+    return shards if shards > 1 else 0
 
 
 # ----------------------------------------------------------------------------- planning
@@ -194,28 +217,6 @@ def file_type(path: str) -> tuple[str | None, str]:
     return kind, compression if kind else ""
 
 
-class _Hashing:
-    """A read-through binary stream that hashes the raw bytes it passes on (sha256)."""
-
-    def __init__(self, raw):
-        self._raw, self.sha = raw, hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self.sha.update(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def drain(self) -> None:
-        while self.read(1 << 22):
-            pass
-
-    def close(self) -> None:
-        self._raw.close()
-
-
 def _decompressed(raw, compression: str):
     """A binary stream of the decompressed bytes of raw."""
     if compression == "gzip":
@@ -287,7 +288,8 @@ def _parquet_field_ok(schema, text_field: str) -> bool:
     return True
 
 
-def _count_parquet(path: str, text_field: str) -> int:
+def _parquet_rows(path: str, text_field: str) -> tuple[int, tuple]:
+    """(rows, first row of each row group) from the footer; refuses a file without --text-field."""
     import pyarrow.parquet as pq
 
     with fileio.open_read(path) as f:
@@ -298,7 +300,8 @@ def _count_parquet(path: str, text_field: str) -> int:
         if not _parquet_field_ok(pf.schema_arrow, text_field):
             raise UsageError(f"{path}: parquet file has no column {text_field!r} (columns: "
                              f"{', '.join(pf.schema_arrow.names)}); pass --text-field (a.b for a nested field)")
-        return pf.metadata.num_rows
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        return pf.metadata.num_rows, tuple(sum(sizes[:g]) for g in range(len(sizes)))
 
 
 def _check_json_lines(path: str, head: bytes, text_field: str) -> None:
@@ -323,52 +326,195 @@ def _check_json_lines(path: str, head: bytes, text_field: str) -> None:
                          f"{', '.join(k for k, _ in keys.most_common(8))}); pass --text-field (a.b for a nested field)")
 
 
-def scan_file(path: str, text_field: str) -> tuple[int, str]:
-    """(number of records, content digest) of one file, in one streaming pass over its bytes.
+@dataclass(frozen=True)
+class Scan:
+    """What the launcher learns from one pass over a file (see scan_file)."""
+
+    num_records: int
+    digest: str
+    row_groups: tuple = ()
+    checkpoints: tuple = ()
+
+
+HEAD = 1 << 16  # bytes read for the up-front checks when a file's scan is cached
+CHECKPOINT_EVERY = 4  # lines between two recorded offsets (doubled while a file has too many)
+MAX_CHECKPOINTS = 1 << 16  # per file: the launcher's memory stays bounded whatever the file's length
+
+
+def scan_file(path: str, text_field: str, cache: "ScanCache | None" = None) -> Scan:
+    """Records, content digest and seek points of one file, in one streaming pass over its bytes;
+    with a cache, no pass at all for a local file whose scan is cached (same size, mtime, ctime
+    and inode), only a read of its head.
 
     Also refuses, in one line, what would otherwise reject every record: compressed bytes under an
     uncompressed name, or a JSON lines file whose first records lack --text-field.
     """
     kind, compression = file_type(path)
+    cached = cache.get(path) if cache is not None else None
     if kind == "parquet":
-        return _count_parquet(path, text_field), content_digest(path)
-    with fileio.open_read(path) as raw:
-        hashing = _Hashing(raw)
-        stream = _decompressed(hashing, compression)
+        rows, groups = _parquet_rows(path, text_field)
+        scan = cached or Scan(rows, content_digest(path), groups)
+    elif cached is not None:
+        with open_decompressed(path, compression) as stream:
+            try:
+                head = stream.read(HEAD)
+            except (OSError, EOFError, ValueError) as e:
+                raise UsageError(f"{path}: cannot be decompressed as {compression} ({e})") from None
+        _check_head(path, kind, compression, head, text_field)
+        scan = cached
+    else:
+        scan = _scan_stream(path, kind, compression, text_field)
+    if cache is not None and cached is None:
+        cache.put(path, scan)
+    return scan
+
+
+def _scan_stream(path: str, kind: str, compression: str, text_field: str) -> Scan:
+    """Count lines (and record every k-th line's byte offset, uncompressed) while hashing the raw bytes."""
+    import numpy as np
+
+    with fileio.HashingReader(fileio.open_read(path)) as hashed:
+        stream = _decompressed(hashed, compression)
+        every, points = CHECKPOINT_EVERY, [(0, 0)]
         try:
-            n, last, head = 0, b"\n", b""
+            n, pos, last, head = 0, 0, b"\n", b""
             while chunk := stream.read(1 << 22):
                 if not head:
                     head = chunk
-                n += chunk.count(b"\n")
+                newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+                if not compression:  # offsets in a decompressed stream cannot be seeked to
+                    lines = n + 1 + np.arange(len(newlines))  # the line that starts after each newline
+                    keep = lines % every == 0
+                    points += zip(lines[keep].tolist(), (pos + newlines[keep] + 1).tolist())
+                    if len(points) > MAX_CHECKPOINTS:
+                        every *= 2
+                        points = [p for p in points if p[0] % every == 0]
+                n += len(newlines)
+                pos += len(chunk)
                 last = chunk[-1:]
         except (OSError, EOFError, ValueError) as e:  # gzip / zstd / bz2 errors
             raise UsageError(f"{path}: cannot be decompressed as {compression} ({e})") from None
-        hashing.drain()
+        hashed.drain()  # bytes after a compressed stream's end are part of the file too
+        digest = "sha256:" + hashed.sha.hexdigest()
+    _check_head(path, kind, compression, head, text_field)
+    if kind == "txt":
+        return Scan(1, digest)
+    # a final line without a newline is a record
+    return Scan(n + (last != b"\n"), digest, checkpoints=tuple(points) if not compression else ())
+
+
+def _check_head(path: str, kind: str, compression: str, head: bytes, text_field: str) -> None:
     if not compression:
         for magic, name in MAGIC.items():
             if head.startswith(magic):
                 raise UsageError(f"{path}: holds {name}-compressed bytes; name it {path}{SUFFIXES[name]}")
     if kind == "txt":
-        return 1, "sha256:" + hashing.sha.hexdigest()
+        return
     head = head.removeprefix(BOM)
     if head.strip():
         _check_json_lines(path, head, text_field)
-    return n + (last != b"\n"), "sha256:" + hashing.sha.hexdigest()  # a final line without a newline is a record
 
 
-def plan_sources(patterns: list[str], text_field: str) -> list[SourceFile]:
+class ScanCache:
+    """Scans of local input files, one small JSON file each under `folder`, keyed by the file's real
+    path, size, mtime_ns, ctime_ns and inode: a rerun over unchanged inputs reads none of their
+    bytes. ctime and the inode are in the key because a user can set a file's mtime back (cp -p,
+    rsync -t, os.utime) but not its ctime: an edit that keeps size and mtime is still a miss.
+
+    It lives on the launcher, beside other per-user caches ($XDG_CACHE_HOME, else ~/.cache), not in
+    the output folder: a scan belongs to the input, which many runs and outputs share, and an
+    output folder is emptied by --overwrite. A cache that cannot be read or written is skipped:
+    it only ever saves time.
+    """
+
+    def __init__(self, folder: str, min_bytes: int = 1 << 20):
+        # smaller files are scanned faster than a cache entry is written and read back
+        self.folder, self.min_bytes = folder, min_bytes
+
+    @staticmethod
+    def default() -> "ScanCache":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return ScanCache(os.path.join(base, "llm_activations", "input-scans"))
+
+    def _file(self, path: str) -> tuple[str, str] | None:
+        if fileio.is_url(path):
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        return key, os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, path: str) -> Scan | None:
+        found = self._file(path)
+        if found is None or int(found[0].rsplit("|", 4)[1]) < self.min_bytes:
+            return None
+        try:
+            with open(found[1]) as f:
+                entry = json.load(f)
+            if entry.get("key") != found[0]:
+                return None
+            return Scan(int(entry["num_records"]), str(entry["digest"]), tuple(entry["row_groups"]),
+                        tuple(tuple(p) for p in entry["checkpoints"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, path: str, scan: Scan) -> None:
+        found = self._file(path)
+        if found is None or int(found[0].rsplit("|", 4)[1]) < self.min_bytes:
+            return
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            tmp = f"{found[1]}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"key": found[0], "num_records": scan.num_records, "digest": scan.digest,
+                           "row_groups": list(scan.row_groups), "checkpoints": [list(p) for p in scan.checkpoints]}, f)
+            os.replace(tmp, found[1])
+        except OSError:
+            pass
+
+
+def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None = None) -> list[SourceFile]:
+    """Every input file, scanned (see scan_file), with its doc_index offset. Files on an object
+    store are scanned 16 at a time."""
     files = expand_patterns(patterns)
     if files[0].startswith("hf://"):
-        check_hf(files[0], text_field)
-        return [SourceFile(files[0], "hf", -1, 0)]
+        return [SourceFile(files[0], "hf", -1, 0, num_shards=check_hf(files[0], text_field))]
+    scan = lambda f: scan_file(f, text_field, cache)  # noqa: E731
+    if fileio.is_url(files[0]):  # each file costs a request's latency: overlap them
+        with ThreadPoolExecutor(16) as pool:
+            scans = list(pool.map(scan, files))
+    else:  # local: disk and CPU bound, and thread hand-offs would cost small files more than their scan
+        scans = [scan(f) for f in files]
     sources, offset = [], 0
-    for path in files:
-        n, digest = scan_file(path, text_field)
+    for path, scan in zip(files, scans):
         kind, compression = file_type(path)
-        sources.append(SourceFile(path, kind, n, offset, compression, digest))
-        offset += n
+        sources.append(SourceFile(path, kind, scan.num_records, offset, compression, scan.digest,
+                                  row_groups=scan.row_groups, checkpoints=scan.checkpoints))
+        offset += scan.num_records
     return sources
+
+
+def snap(boundary: int, sources: list[SourceFile], tolerance: float = float("inf")) -> int:
+    """The doc_index nearest to `boundary` at which a unit (or a host's share) can begin without
+    reading records before it: any line of an uncompressed JSON lines file; only the edges of a
+    compressed or .txt file (a stream cannot seek); in parquet, a row group's first row if one is
+    within `tolerance` (half a unit): a row group larger than that is shared by two units rather
+    than leaving one of them empty. Ties go to the earlier point."""
+    for s in sources:
+        lo, hi = s.first_index, s.first_index + s.num_records
+        if not lo < boundary < hi:
+            continue
+        if s.whole_file_only():
+            points = [lo, hi]
+        elif s.kind == "parquet" and s.row_groups:
+            points = [lo + g for g in s.row_groups] + [hi]
+        else:
+            return boundary
+        best = min(points, key=lambda p: (abs(p - boundary), p))
+        return best if s.whole_file_only() or abs(best - boundary) <= tolerance else boundary
+    return boundary
 
 
 def host_range(total: int, num_hosts: int, host_index: int) -> tuple[int, int]:
@@ -377,21 +523,52 @@ def host_range(total: int, num_hosts: int, host_index: int) -> tuple[int, int]:
 
 
 def plan_units(sources: list[SourceFile], *, start: int, stop: int, num_units: int) -> list[WorkUnit]:
-    """Split doc_index range [start, stop) into num_units contiguous units (some may be empty)."""
+    """Split doc_index range [start, stop) into num_units contiguous units (some may be empty).
+
+    Unit boundaries are moved to where reading can begin (snap), so that every input byte is read
+    by one unit only; each piece of an uncompressed JSON lines file records the offset to seek to.
+    """
+    half = (stop - start) / num_units / 2
+    edges = [start] + [min(stop, max(start, snap(start + (stop - start) * u // num_units, sources, half)))
+                       for u in range(1, num_units)] + [stop]
+    edges = [max(edges[: i + 1]) for i in range(len(edges))]  # stays monotone after snapping
     units = []
     for u in range(num_units):
-        lo = start + (stop - start) * u // num_units
-        hi = start + (stop - start) * (u + 1) // num_units
+        lo, hi = edges[u], edges[u + 1]
         last = u == num_units - 1
         pieces = tuple(
-            (s, max(lo, s.first_index) - s.first_index, min(hi, s.first_index + s.num_records) - s.first_index)
+            (replace(s, checkpoints=()), max(lo, s.first_index) - s.first_index,
+             min(hi, s.first_index + s.num_records) - s.first_index)
             for s in sources
             if s.num_records < 0
-            or (s.first_index < hi and s.first_index + s.num_records > lo)
+            or (lo < hi and s.first_index < hi and s.first_index + s.num_records > lo)  # (an empty unit reads nothing)
             # an empty file owns no doc_index; the unit at its position reports it as rejected
             or (s.num_records == 0 and (lo <= s.first_index < hi or (last and s.first_index >= hi)))
         )
-        units.append(WorkUnit(u, lo, hi, pieces))
+        by_path = {s.path: s for s in sources}
+        starts = tuple(_seek_point(by_path[s.path], first) for s, first, _ in pieces)
+        units.append(WorkUnit(u, lo, hi, pieces, starts if any(starts) else ()))
+    return units
+
+
+def _seek_point(src: SourceFile, first: int) -> tuple | None:
+    """(line, byte offset) of the last checkpoint at or before line `first`, or None (read from 0)."""
+    import bisect
+
+    if first <= 0 or not src.checkpoints:
+        return None
+    i = bisect.bisect_right(src.checkpoints, (first, float("inf"))) - 1
+    return tuple(src.checkpoints[i]) if i > 0 else None
+
+
+def plan_hf_units(src: SourceFile, *, first: int, stop: int, num_units: int) -> list[WorkUnit]:
+    """Units over an hf:// split's file shards [first, stop): each unit reads whole shards, so
+    workers and hosts read disjoint files. Its doc_index range is [first, stop) x HF_SHARD_STRIDE."""
+    units = []
+    for u in range(num_units):
+        lo = first + (stop - first) * u // num_units
+        hi = first + (stop - first) * (u + 1) // num_units
+        units.append(WorkUnit(u, lo * HF_SHARD_STRIDE, hi * HF_SHARD_STRIDE, ((src, lo, hi),)))
     return units
 
 
@@ -434,10 +611,15 @@ def _parse_json_line(line: bytes, doc_index: int, source: str, text_field: str) 
     return _check_text(value, doc_index, source, text_field)
 
 
-def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str):
+def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str, start: tuple | None = None):
+    """Lines [lo, hi) of a JSON lines file; start (line, byte offset) skips to a checkpoint first."""
+    line0, offset = start or (0, 0)
     with open_decompressed(src.path, src.compression) as f:
-        for i, line in enumerate(f):
-            if i >= hi:
+        if offset:
+            f.seek(offset)
+        for i in range(line0, hi):  # never reads the line after the unit's last
+            line = f.readline()
+            if not line:
                 break
             if i < lo:
                 continue
@@ -449,11 +631,24 @@ def _read_jsonl(src: SourceFile, lo: int, hi: int, text_field: str):
             yield _parse_json_line(line, src.first_index + i, src.path, text_field)
 
 
+@functools.lru_cache(maxsize=16)
+def _parquet_footer(path: str, digest: str):
+    """A parquet file's metadata, read once per worker process for all the units it reads of that
+    file (keyed by content digest too, so a changed file is read afresh). The footer can be large
+    (min/max statistics of a text column hold whole documents), and re-reading it per unit would
+    add its size to every unit's read."""
+    import pyarrow.parquet as pq
+
+    with fileio.open_read(path) as f:
+        return pq.ParquetFile(f).metadata
+
+
 def _read_parquet(src: SourceFile, lo: int, hi: int, text_field: str):
     import pyarrow.parquet as pq
 
+    footer = _parquet_footer(src.path, src.digest)
     with fileio.open_read(src.path) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, metadata=footer)
         row0 = 0
         for g in range(pf.num_row_groups):
             rows = pf.metadata.row_group(g).num_rows
@@ -499,15 +694,33 @@ def _read_hf(src: SourceFile, lo: int, hi: int, text_field: str, num_hosts: int 
         yield _check_text(value, i, src.path, text_field)
 
 
+def _read_hf_shards(src: SourceFile, lo: int, hi: int, text_field: str):
+    """File shards [lo, hi) of an hf:// split (IterableDataset.shard: one data file each)."""
+    dataset = _load_hf(src.path)
+    for j in range(lo, hi):
+        for i, record in enumerate(dataset.shard(num_shards=src.num_shards, index=j)):
+            doc_index = j * HF_SHARD_STRIDE + i
+            found, value = get_field(record, text_field)
+            if not found:
+                yield Rejected(doc_index, src.path, f"record has no field {text_field!r}", _excerpt(record))
+                continue
+            yield _check_text(value, doc_index, src.path, text_field)
+
+
 READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}
 
 
 def read_unit(unit: WorkUnit, text_field: str, num_hosts: int = 1, host_index: int = 0) -> Iterator[Document | Rejected]:
     """Every record of a work unit in doc_index order, as a Document or a Rejected."""
-    for src, lo, hi in unit.pieces:
-        if src.kind == "hf":
+    starts = unit.starts or (None,) * len(unit.pieces)
+    for (src, lo, hi), start in zip(unit.pieces, starts):
+        if src.kind == "hf" and src.num_shards:
+            yield from _read_hf_shards(src, lo, hi, text_field)
+        elif src.kind == "hf":
             yield from _read_hf(src, unit.start, unit.stop, text_field, num_hosts, host_index)
         elif src.num_records == 0 and lo == 0:
             yield Rejected(None, src.path, "empty file", "")
+        elif src.kind == "jsonl":
+            yield from _read_jsonl(src, lo, hi, text_field, start)
         else:
             yield from READERS[src.kind](src, lo, hi, text_field)

@@ -44,6 +44,7 @@ class ExtractConfig:
     beam_args: tuple = field(default_factory=tuple)
     is_demo: bool = False
     resume: bool = False
+    verify: bool = False  # --resume --verify: also compare each kept shard's sha256 (reads every shard)
     compilation_cache: str | None = None  # persistent XLA cache folder, "none", or None for the default
     prepend: str = PREPEND_DEFAULT  # --prepend: auto, none or a token
     prepend_token_id: int | None = None  # what check_config resolved --prepend to (None: nothing prepended)
@@ -78,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--compression", default="none", choices=COMPRESSIONS, help="TFRecord compression (default: none)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty output folder (its previous dataset is removed)")
     a("--resume", action="store_true", help="continue an interrupted run in --output: units already finished by the same configuration are kept, the rest are extracted")
+    a("--verify", action="store_true", help="with --resume: also check each kept shard's sha256 (reads every shard back; "
+      "without it a shard is checked by the size and identity a listing gives)")
     a("--max-docs", type=integer(1), help="use only the first N input records (default: all)")
     a("--mesh", help="device mesh DATA,MODEL, e.g. 4,1 or 2,4 (default: automatic: enough 'model' to fit the weights, the rest 'data')")
     a("--num-hosts", type=integer(1), default=1, help="independent-host mode: number of hosts sharing the input (default: 1)")
@@ -120,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         beam_args=tuple(getattr(args, "beam_args", ()) or ()),
         is_demo=is_demo,
         resume=args.resume,
+        verify=args.verify,
         compilation_cache=args.compilation_cache,
         prepend=args.prepend,
     )
@@ -154,6 +158,8 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     if cfg.seq_len < 1 or cfg.batch_size < 1:
         raise UsageError(f"--seq-len and --batch-size must be positive (got {cfg.seq_len}, {cfg.batch_size})")
     hooks = hk.check_hooks(cfg.hooks)
+    if cfg.verify and not cfg.resume:
+        raise UsageError("--verify checks the shards a --resume keeps: pass it with --resume (`validate` checks a finished dataset)")
     if cfg.num_shards < 0:
         raise UsageError(f"--num-shards {cfg.num_shards}: must be 0 (automatic) or positive")
     if cfg.max_docs is not None and cfg.max_docs < 1:
@@ -171,9 +177,6 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
         from llm_activations.model.sharding import check_mesh_shape
 
         check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
-    if cfg.num_shards > 1 and any(i.startswith("hf://") for i in cfg.inputs):
-        raise UsageError(f"--num-shards {cfg.num_shards}: an hf:// split is read as one stream into one file per layer; "
-                         "leave --num-shards out, or save the split as parquet files to shard it")
     prepend_token_id = resolve_prepend(cfg.prepend, folder, cfg.seq_len)
     if check_weights:
         from llm_activations.model.checkpoint import check_complete

@@ -19,22 +19,22 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 
-from llm_activations import __version__, inputs
+from llm_activations import __version__
+from llm_activations import output_folder as out
 from llm_activations.errors import AcceleratorBusy, DataFault, UsageError
-from llm_activations.format import fileio, manifests, rewrite
+from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
-from llm_activations.format.manifests import MANIFEST_DIR
 from llm_activations.format.fileio import join
 from llm_activations.format.metadata import METADATA_FILE, read_metadata, write_metadata
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
 from llm_activations.options import (ExtractConfig, add_arguments, check_config, check_devices,  # noqa: F401
                                      config_from_args, parse_beam_options)
+from llm_activations.run_plan import RunPlan, plan  # noqa: F401  (plan: bench/common.py plans units like extract)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -46,201 +46,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- output folder
-
-LOCK_FILE = "_lock.json"  # {"pid", "host", "started"} of the extract writing into the folder
-
-
-def _ours(name: str) -> bool:
-    """An entry a previous extraction wrote (and --overwrite may remove)."""
-    return (name.startswith(METADATA_FILE) or name.startswith("layer_") or name in ("rejected", MANIFEST_DIR, *hk.HOOKS))
-
-
-def check_output(cfg: ExtractConfig) -> None:
-    """Refuse, before anything is written or deleted: a file as --output, a non-empty folder without
-    --overwrite or --resume, and --resume into a folder that holds files no extraction wrote."""
-    root = cfg.output.rstrip("/")
-    if not fileio.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
-        raise UsageError(f"--output {root} exists and is not a folder")
-    names = [os.path.basename(p.rstrip("/")) for p in fileio.entries(root)]
-    names = [n for n in names if n != LOCK_FILE]
-    if cfg.resume:
-        foreign = [n for n in names if not _ours(n)]
-        if foreign:
-            raise UsageError(f"--resume: {root} holds files that no extraction wrote ({foreign[0]}); "
-                             "give the output folder of the interrupted run")
-    elif names and not cfg.overwrite:
-        raise UsageError(f"--output {root} is not empty; pass --overwrite to replace its contents, --resume to "
-                         "finish an interrupted run into it, or choose another folder")
-
-
-class OutputLock:
-    """OUT/_lock.json while a run writes into OUT: a second extract into the same folder is refused
-    in one line. Creating it is also the probe that OUT is writable. A lock left by a dead process
-    on this host is taken over with a note; one from another host is refused (delete it by hand if
-    that run is gone). On object stores the check-then-write is not atomic (best effort)."""
-
-    def __init__(self, output: str):
-        self.path = join(output, LOCK_FILE)
-        self._held = False
-
-    def __enter__(self):
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        try:
-            if not self._create(json.dumps(me)):
-                holder = self._holder()
-                if not (holder.get("host") == me["host"] and not _alive(holder.get("pid"))):
-                    raise UsageError(
-                        f"--output {os.path.dirname(self.path)} is in use by another extract (pid {holder.get('pid')} "
-                        f"on {holder.get('host')}, since {holder.get('started')}); wait for it to finish, or delete "
-                        f"{self.path} if that run is gone")
-                print(f"note: taking over the lock of pid {holder.get('pid')}, which is no longer running", file=sys.stderr)
-                fileio.write_text_atomic(self.path, json.dumps(me))
-        except OSError as e:
-            raise UsageError(f"--output {os.path.dirname(self.path)} is not writable ({e.strerror or e})") from None
-        self._held = True
-        return self
-
-    def _create(self, text: str) -> bool:
-        """Create the lock file if absent; False if it exists."""
-        if fileio.is_url(self.path):
-            if fileio.exists(self.path):
-                return False
-            fileio.write_text_atomic(self.path, text)
-            return True
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:  # a full disk fails here, before any work
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def _holder(self) -> dict:
-        try:
-            return json.loads(fileio.read_text(self.path) or "{}")
-        except ValueError:  # a half-written lock: its writer died while writing it
-            return {}
-
-    def __exit__(self, *exc):
-        if self._held:
-            fileio.delete([self.path])
-            self._held = False
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def prepare_output(cfg: ExtractConfig, stale: list, num_units: int) -> None:
-    """Make the folder ready, after every launcher check has passed: with --resume remove the old
-    metadata.json and the units that cannot be kept (stale: their manifests); with --overwrite
-    remove the previous dataset."""
-    root = cfg.output.rstrip("/")
-    rewrite.unpublish(root)  # before anything else goes: from here the folder is no dataset (rewrite.py)
-    existing = [p for p in fileio.entries(root) if os.path.basename(p.rstrip("/")) != LOCK_FILE]
-    if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
-        fileio.delete([p for p in existing if os.path.basename(p).startswith(METADATA_FILE)])
-        for m in stale:  # the manifest first: from then on the unit is simply not finished
-            fileio.delete([join(root, manifests.manifest_relpath(m["unit"], num_units))])
-            # delete skips what is already gone: no existence check per file
-            fileio.delete([join(root, s["path"]) for s in m["shards"]]
-                          + ([join(root, m["rejected_file"])] if m.get("rejected_file") else []))
-        return
-    # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
-    # no longer claims to be a finished dataset.
-    ours = [p for p in existing if os.path.basename(p).startswith(METADATA_FILE)]
-    ours += [p for p in existing if _ours(os.path.basename(p)) and p not in ours]
-    fileio.delete(ours)
-
-
-def resume_plan(cfg: ExtractConfig, fp: str, units) -> tuple[dict, list]:
-    """({unit: manifest} kept, [manifests to redo]). A finished unit is kept only if its input is
-    byte-for-byte what it read and every file it names is there with its sha256."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    done = manifests.read_manifests(cfg.output, fp)  # refuses units of another configuration
-    by_index = {u.index: u for u in units}
-    found = [(by_index[i], m) for i, m in sorted(done.items()) if i in by_index]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        reasons = list(pool.map(lambda um: manifests.stale_reason(cfg.output, um[1], um[0].input_fingerprint()), found))
-    keep, stale = {}, []
-    for (unit, m), why in zip(found, reasons):
-        if why:
-            print(f"--resume: extracting unit {unit.index} again: {why}", file=sys.stderr)
-            stale.append(m)
-        else:
-            keep[unit.index] = m
-    return keep, stale
-
-
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def plan(cfg: ExtractConfig):
-    """Sources, this host's doc_index range, and the work units."""
-    sources = inputs.plan_sources(list(cfg.inputs), cfg.text_field)
-    if sources[0].kind == "hf":
-        stop = cfg.max_docs if cfg.max_docs else -1
-        return sources, (0, stop), [inputs.WorkUnit(0, 0, stop, ((sources[0], 0, stop),))]
-    total = sum(s.num_records for s in sources)
-    if cfg.max_docs:
-        total = min(total, cfg.max_docs)
-    start, stop = inputs.host_range(total, cfg.num_hosts, cfg.host_index)
-    num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
-    return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
+def build_pipeline(p, plan: RunPlan, todo: list, metadata_base: dict, resumed: list, extractor_factory=None):
+    """Attach the extraction of units `todo` to Beam pipeline p. The whole job reads as this one screen.
 
-
-def unit_settings(cfg: ExtractConfig, hf: dict, sources, num_units: int, host_docs) -> dict:
-    """Everything that determines the records of a unit: its manifest's fingerprint covers it."""
-    keys = ("model", "text_field", "layers", "seq_len", "batch_size", "mode", "dtype", "compute_dtype", "compression")
-    settings = {**{k: getattr(cfg, k) for k in keys}, "config": hf, "num_units": num_units, "host_docs": list(host_docs),
-                "num_hosts": cfg.num_hosts, "sources": [(s.path, s.num_records) for s in sources]}
-    if tuple(cfg.hooks) != hk.DEFAULT_HOOKS:  # resid_post alone keeps its fingerprint: older runs stay resumable
-        settings["hooks"] = list(cfg.hooks)
-    if cfg.prepend_token_id is not None:  # likewise for runs without --prepend
-        settings["prepend_token_id"] = cfg.prepend_token_id
-    return settings
-
-
-def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base: dict, resumed: list,
-                   extractor_factory=None):
-    """Attach the extraction to Beam pipeline p. The whole job reads as this one screen.
-
-    extractor_factory(spec) -> Extractor replaces the model (None: the checkpoint's own Extractor);
-    benchmarks pass a simulated accelerator here.
+    extractor_factory: see run_extract.
     """
     import apache_beam as beam
     from apache_beam.pvalue import AsList, AsSingleton
 
     from llm_activations import transforms as T
 
-    spec = T.ModelSpec(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
-                       hooks=tuple(cfg.hooks), compilation_cache=cfg.compilation_cache,
-                       prepend=cfg.prepend_token_id is not None, factory=extractor_factory)
-    out = (
+    out_ = (
         p
-        | "PlanUnits" >> beam.Create(units)
+        | "PlanUnits" >> beam.Create(todo)
         | "Distribute" >> beam.Reshuffle()
-        | "ExtractUnits" >> T.ExtractUnits(cfg, metadata_base["extraction"]["num_units"], spec, fingerprint)
+        | "ExtractUnits" >> T.ExtractUnits(plan, extractor_factory)
     )
-    run_stats = out[T.RUN] | "MergeRunStats" >> beam.CombineGlobally(T.MergeRun())
+    run_stats = out_[T.RUN] | "MergeRunStats" >> beam.CombineGlobally(T.MergeRun())
     return (
         p
         | "Finalize" >> beam.Create([metadata_base])
-        | "WriteMetadata" >> beam.Map(finalize_metadata, output=cfg.output, manifests=AsList(out["manifests"]),
+        | "WriteMetadata" >> beam.Map(finalize_metadata, output=plan.cfg.output, manifests=AsList(out_["manifests"]),
                                       run=AsSingleton(run_stats), resumed=resumed)
     )
 
@@ -248,7 +77,9 @@ def build_pipeline(p, cfg: ExtractConfig, units, fingerprint: str, metadata_base
 def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     """Check, plan, run the pipeline to completion; returns the written metadata.
 
-    extractor_factory: see build_pipeline (None for the real model).
+    extractor_factory(spec: units.ModelSpec) -> Extractor-like replaces the model (None: the
+    checkpoint's own Extractor). It is the one public seam for a stand-in device
+    (bench/bench_simulated.py); it goes to the Extract step alone.
 
     Nothing in the output folder is deleted until every check that can run on the launcher has
     passed: options, checkpoint headers, devices, inputs (files, fields, hf:// split), the folder
@@ -257,21 +88,21 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
     options = parse_beam_options(cfg.beam_args)
     cfg, model_cfg, hf = check_config(cfg, check_weights=extractor_factory is None)
     check_devices(cfg, options)
-    sources, host_docs, units = plan(cfg)
-    check_output(cfg)
-    with OutputLock(cfg.output):
-        fp = manifests.fingerprint(unit_settings(cfg, hf, sources, len(units), host_docs))
-        done, stale = resume_plan(cfg, fp, units) if cfg.resume else ({}, [])  # before anything is deleted
-        prepare_output(cfg, stale, len(units))
-        base = metadata_base(cfg, model_cfg, hf, sources, host_docs, options, len(units))
+    plan = RunPlan.build(cfg, hf)
+    listing = out.list_output(cfg.output)  # the one listing of OUT this run makes
+    out.check_output(cfg, listing)
+    with out.OutputLock(cfg.output):
+        resume = out.resume_plan(cfg, plan.fingerprint, plan.units, listing) if cfg.resume else out.ResumePlan()
+        out.prepare_output(cfg, listing, resume, plan.num_units)  # only now is anything deleted
+        base = metadata_base(plan, model_cfg, hf, options)
         ok = False
         try:
-            _run_pipeline(cfg, options, [u for u in units if u.index not in done], fp, base, list(done.values()),
-                          extractor_factory)
+            _run_pipeline(plan, options, [u for u in plan.units if u.index not in resume.keep], base,
+                          list(resume.keep.values()), extractor_factory)
             ok = True
         finally:
             if not ok:  # failed or interrupted (Ctrl-C): no half-written file stays behind
-                remove_partial_shards(cfg.output)
+                out.remove_partial_shards(cfg.output)
         meta = read_metadata(cfg.output)
         if meta["counts"]["documents"] == 0:
             fileio.delete([join(cfg.output, METADATA_FILE)])  # not a dataset: readers must refuse it
@@ -279,20 +110,19 @@ def run_extract(cfg: ExtractConfig, extractor_factory=None) -> dict:
         return meta
 
 
-def _run_pipeline(cfg: ExtractConfig, options, todo, fp: str, base: dict, resumed: list,
-                  extractor_factory=None) -> None:
+def _run_pipeline(plan: RunPlan, options, todo: list, base: dict, resumed: list, extractor_factory=None) -> None:
     import apache_beam as beam
 
     from llm_activations.transforms import MergeRun
 
     if not todo:  # everything was finished before: only the metadata is missing
         nothing = MergeRun()
-        finalize_metadata(base, cfg.output, [], nothing.extract_output(nothing.create_accumulator()), resumed)
+        finalize_metadata(base, plan.cfg.output, [], nothing.extract_output(nothing.create_accumulator()), resumed)
         return
     with _sigint_seen() as interrupted:
         try:
             p = beam.Pipeline(options=options)
-            build_pipeline(p, cfg, todo, fp, base, resumed, extractor_factory)
+            build_pipeline(p, plan, todo, base, resumed, extractor_factory)
             result = p.run()
             result.wait_until_finish()
             print_counters(result)
@@ -372,11 +202,12 @@ def _tokenizer_info(folder: str) -> dict:
     return info
 
 
-def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, options, num_units: int) -> dict:
+def metadata_base(plan: RunPlan, model_cfg, hf: dict, options) -> dict:
     """The arguments of format.metadata.build_metadata known before the run (all but shards, counts
     and stats; "run" gets its end figures in finalize_metadata)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
+    cfg, sources, host_docs, num_units = plan.cfg, plan.sources, plan.host_docs, plan.num_units
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     return {
         "model": {"name_or_path": cfg.model, "architecture": model_cfg.architecture, "model_type": model_cfg.model_type,
@@ -406,50 +237,10 @@ def metadata_base(cfg: ExtractConfig, model_cfg, hf: dict, sources, host_docs, o
 def finalize_metadata(base: dict, output: str, manifests: list, run: dict, resumed: list) -> dict:
     """metadata.json from metadata_base, the unit manifests and the run statistics, through
     build_metadata, written - the last step."""
-    from llm_activations.format import manifests as mf
-
-    parts = json.loads(json.dumps(base))  # a copy: in-process reruns reuse the base
-    extraction, info = parts["extraction"], parts["run"]
-    layers, hooks = extraction["layers"], md.hooks_of(parts)
-    summary = mf.summarize(list(manifests) + list(resumed), layers, parts["hidden_size"], hooks, parts["hook_widths"])
-    # Units kept by --resume were made by an earlier run's workers: their manifests say how, so a
-    # dataset keeps its mesh and compilation count however many runs it took (in-process reruns
-    # share one worker id and one compiled extractor, so they are not counted twice).
-    earlier: dict = {}
-    for m in resumed:
-        maker = m.get("run") or {}
-        if maker.get("worker") and maker["worker"] not in run["workers"]:
-            earlier[maker["worker"]] = max(earlier.get(maker["worker"], 0), int(maker.get("compilations", 0)))
-    mesh = run["mesh"] or next((m["run"]["mesh"] for m in resumed if (m.get("run") or {}).get("mesh")), None)
-    if mesh:  # the shape the workers actually used (the automatic choice, when not given)
-        extraction["mesh"] = mesh
-    end = time.time()
-    wall = end - info.pop("start_unix")
-    info.update({
-        "workers": len(run["workers"]) + len(earlier),
-        "compilations": run["compilations"] + sum(earlier.values()),
-        # seconds this run's workers spent compiling (or loading) their step, summed; True when the
-        # persistent compilation cache served every one of them
-        "compile_seconds": round(run["compile_seconds"], 3),
-        "compile_cache_hit": run["compile_cache_hit"],
-        "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(wall, 3),
-        # what this run extracted (units finished by an earlier, resumed run are not counted)
-        "tokens_per_second": round(run["tokens"] / wall, 1) if wall > 0 else None,
-        "extract_seconds": round(run["extract_seconds"], 3),
-        "resumed_units": sorted(m["unit"] for m in resumed),
-        "rejected_files": summary["rejected_files"],
-    })
-    meta = md.build_metadata(**parts, shards=summary["shards"], counts=summary["counts"], stats=summary["stats"])
-    remove_partial_shards(output)
+    meta = md.assemble(base, manifests, resumed, run, end_unix=time.time())
+    out.remove_partial_shards(output)
     write_metadata(output, meta)
     return meta
-
-
-def remove_partial_shards(output: str) -> None:
-    """Delete temporary files that failed or retried writers left behind."""
-    folders = ("layer_*", "rejected", MANIFEST_DIR, *(f"{h}/layer_*" for h in hk.HOOKS))
-    fileio.delete(fileio.match([join(output, d, "*.inprogress-*") for d in folders]))
 
 
 def print_counters(result) -> None:

@@ -151,14 +151,15 @@ class ExtractActivations(beam.DoFn):
     one compile of the step (keyed by worker, so MergeRun counts each once) on the 'run' output.
     """
 
-    def __init__(self, spec: ModelSpec):
-        self._spec = spec
+    def __init__(self, spec: ModelSpec, factory=None):
+        self._spec, self._factory = spec, factory  # factory: pipeline.run_extract's stand-in device, or None
         self._tokens_counter, self._rows_counter = _counter("tokens"), _counter("rows")
         self._batches_counter = _counter("batches")
 
     def setup(self):
         try:
-            self._extractor = _MODELS.acquire(lambda: units.load_extractor(self._spec), tag=repr(self._spec))
+            self._extractor = _MODELS.acquire(lambda: units.load_extractor(self._spec, self._factory),
+                                              tag=repr((self._spec, self._factory)))
         except Exception as e:
             from llm_activations.model.devices import explain_busy_accelerator
             from llm_activations.errors import AcceleratorBusy
@@ -428,21 +429,22 @@ class MergeRun(beam.CombineFn):
 class ExtractUnits(beam.PTransform):
     """Work units -> unit manifests (shards, counts, rejected, Moments), plus the 'run' side output."""
 
-    def __init__(self, cfg, num_units: int, spec: ModelSpec, fingerprint: str):
+    def __init__(self, plan, extractor_factory=None):
+        """plan: the run's RunPlan (run_plan.py); extractor_factory: see pipeline.run_extract."""
         super().__init__()
-        self._cfg, self._num_units, self._spec, self._fingerprint = cfg, num_units, spec, fingerprint
+        self._plan, self._factory = plan, extractor_factory
 
     def expand(self, units):
-        cfg = self._cfg
+        cfg = self._plan.cfg
         extracted = (
             units
             | "ReadTokenizePack" >> beam.ParDo(PrepareUnits(PrepareSpec(cfg.text_field, cfg.model, cfg.seq_len, cfg.mode,
                                                                        cfg.num_hosts, cfg.host_index,
                                                                        cfg.prepend_token_id)))
             | "Batch" >> beam.ParDo(Batch(cfg.batch_size, cfg.seq_len))
-            | "Extract" >> beam.ParDo(ExtractActivations(self._spec)).with_outputs(RUN, main="records")
+            | "Extract" >> beam.ParDo(ExtractActivations(ModelSpec.of(cfg), self._factory)).with_outputs(RUN, main="records")
         )
         manifests_out = extracted.records | "WriteShards" >> beam.ParDo(
-            WriteShards(cfg.output, tuple(cfg.layers), self._num_units, cfg.compression, self._fingerprint,
+            WriteShards(cfg.output, tuple(cfg.layers), self._plan.num_units, cfg.compression, self._plan.fingerprint,
                         tuple(cfg.hooks)))
         return {"manifests": manifests_out, RUN: extracted[RUN]}

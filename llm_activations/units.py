@@ -87,7 +87,13 @@ class ModelSpec:
     hooks: tuple = hk.DEFAULT_HOOKS
     compilation_cache: str | None = None  # folder, "none", or None for the default
     prepend: bool = False  # rows start each segment with a token that is not stored (--prepend)
-    factory: object = None  # callable(ModelSpec) -> Extractor-like; None = load the checkpoint
+
+    @classmethod
+    def of(cls, cfg) -> "ModelSpec":
+        """The worker's view of an ExtractConfig (the one place its fields are picked)."""
+        return cls(cfg.model, tuple(cfg.layers), cfg.batch_size, cfg.seq_len, cfg.compute_dtype, cfg.dtype, cfg.mesh,
+                   hooks=tuple(cfg.hooks), compilation_cache=cfg.compilation_cache,
+                   prepend=cfg.prepend_token_id is not None)
 
 
 # ----------------------------------------------------------------------------- read, tokenize, segment, pack
@@ -180,9 +186,10 @@ def unit_batches(data: UnitData, batch_size: int, seq_len: int) -> Iterator[pack
 # ----------------------------------------------------------------------------- per-worker state
 
 
-def load_extractor(spec: ModelSpec):
-    if spec.factory is not None:
-        return spec.factory(spec)
+def load_extractor(spec: ModelSpec, factory=None):
+    """The checkpoint's Extractor, or factory(spec) (a stand-in device: pipeline.run_extract's seam)."""
+    if factory is not None:
+        return factory(spec)
     from llm_activations.model.extractor import Extractor
 
     return Extractor(spec.model, layers=spec.layers, batch_size=spec.batch_size, seq_len=spec.seq_len,

@@ -63,7 +63,7 @@ class FailOnce:
     """
 
     after: int
-    marker: str  # its repr is part of ModelSpec's repr, the per-process cache key of the extractor
+    marker: str  # its repr is part of the per-process cache key of the extractor (with ModelSpec's)
     where: str = "collect"
 
     def __post_init__(self):
@@ -72,7 +72,7 @@ class FailOnce:
     def __call__(self, spec):
         from llm_activations import units
 
-        return _FailingExtractor(units.load_extractor(replace(spec, factory=None)), self)
+        return _FailingExtractor(units.load_extractor(spec), self)
 
     def fail(self, what: str) -> None:
         """Raise, unless another attempt (any process) already did."""

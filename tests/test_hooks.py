@@ -111,9 +111,10 @@ def test_summarize_keeps_per_hook_moments_and_widths():
 def test_extract_prepares_hook_folders(tmp_path):
     """--overwrite removes a previous dataset's hook folders too (nothing stale survives a rerun)."""
     from llm_activations.options import ExtractConfig
-    from llm_activations.pipeline import prepare_output
+    from llm_activations.output_folder import ResumePlan, list_output, prepare_output
 
     for d in ("layer_01", "z/layer_01", "mlp_out/layer_01", "notes"):
         os.makedirs(tmp_path / d)
-    prepare_output(ExtractConfig(model="m", inputs=("x",), output=str(tmp_path), overwrite=True), stale=[], num_units=0)
+    cfg = ExtractConfig(model="m", inputs=("x",), output=str(tmp_path), overwrite=True)
+    prepare_output(cfg, list_output(cfg.output), ResumePlan(), num_units=0)
     assert sorted(os.listdir(tmp_path)) == ["notes"]

@@ -67,3 +67,40 @@ def test_model_never_imports_beam():
     assert "llm_activations.model.extractor" in targets
     r = import_without(["apache_beam", "tensorflow", "torch"], targets)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_format_works_on_local_files_without_beam(tmp_path):
+    """Not only imports: format/'s file functions and the launcher's input scan run on local paths
+    in an interpreter where Beam, JAX and TensorFlow cannot be imported."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("apache_beam", "jax", "tensorflow", "torch"):
+                    raise ImportError(name)
+        sys.meta_path.insert(0, Block())
+        import os, json
+        from llm_activations.format import fileio, manifests
+        from llm_activations import inputs
+        root = {str(tmp_path)!r}
+        fileio.write_text_atomic(fileio.join(root, "a/b/x.jsonl"), json.dumps({{"text": "hi"}}) + "\\n")
+        fileio.write_text_atomic(fileio.join(root, "a/y.inprogress-1"), "partial")
+        assert fileio.match([root + "/a/**/*.jsonl"]) == [root + "/a/b/x.jsonl"]
+        assert sorted(fileio.stat_tree(root)) == ["a/b/x.jsonl", "a/y.inprogress-1"]
+        assert fileio.stat_tree(root)["a/b/x.jsonl"].size == 15
+        assert fileio.sha256_file(root + "/a/b/x.jsonl")[1] == 15
+        assert [s.num_records for s in inputs.plan_sources([root + "/a/b/x.jsonl"], "text")] == [1]
+        assert manifests.read_manifests(root, "fp", []) == ({{}}, {{}})
+        fileio.delete(fileio.match([root + "/a/*.inprogress-*"]))
+        fileio.delete([root + "/a/b"])
+        assert fileio.files_under(root) == []
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_format_names_no_beam_module():
+    """format/ reaches Beam only through llm_activations.beam_fs, imported at a URL's first use."""
+    for path in (PACKAGE / "format").glob("*.py"):
+        assert "apache_beam" not in path.read_text(), path.name

@@ -195,8 +195,8 @@ class _RecordingFactory:
 
 def test_extract_keeps_two_batches_in_flight_and_units_in_order():
     factory = _RecordingFactory()
-    spec = U.ModelSpec("unused", (3,), 2, 4, "float32", "float32", None, factory=factory)
-    fn = T.ExtractActivations(spec)
+    spec = U.ModelSpec("unused", (3,), 2, 4, "float32", "float32", None)
+    fn = T.ExtractActivations(spec, factory)
     fn.setup()
     fn.start_bundle()
     unit = inputs.WorkUnit(0, 0, 5, ())

@@ -22,7 +22,6 @@ CorruptData (exit 1); inputs that cannot be merged are a UsageError (exit 2).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import posixpath
 
@@ -241,17 +240,15 @@ def _check_output(output: str, inside: list[str | None], overwrite: bool) -> Non
 
 def _copy_verified(src: str, dst: str, shard: dict) -> None:
     """Copy a shard byte for byte, hashing as it streams; refuse it if it is not what metadata says."""
-    sha, size = hashlib.sha256(), 0
     fout = fileio.open_for_commit(dst)
     try:
-        with fileio.open_read(src) as fin:
+        with fileio.HashingReader(fileio.open_read(src)) as fin:
             while chunk := fin.read(1 << 22):
-                sha.update(chunk)
-                size += len(chunk)
                 fout.write(chunk)
     except FileNotFoundError:
         fout.abort()
         raise CorruptData(f"{src} is listed in its metadata.json but missing; the host folder is damaged") from None
+    sha, size = fin.sha, fin.size
     if sha.hexdigest() != shard.get("sha256") or size != shard.get("bytes", size):
         fout.abort()
         raise CorruptData(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import os
 import sys
@@ -49,31 +48,6 @@ class FileReport:
         return not self.problems
 
 
-class _HashingReader(io.RawIOBase):
-    """A read-through stream that hashes and counts the raw (possibly compressed) file bytes."""
-
-    def __init__(self, raw):
-        self._raw, self.sha, self.size = raw, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self._raw.read(len(b))
-        self.sha.update(data)
-        self.size += len(data)
-        b[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        while self.readinto(bytearray(1 << 22)):
-            pass
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
 def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
     """Validate one shard against its metadata entry; problems are collected, never raised."""
     rel = entry["path"]
@@ -83,7 +57,7 @@ def check_file(root: str, entry: dict, dtype, hidden_size: int) -> FileReport:
     if raw is None:
         report.problems.append("missing file")
         return report
-    hashing = _HashingReader(raw)
+    hashing = fileio.HashingReader(raw)
     buffered = io.BufferedReader(hashing, buffer_size=1 << 22)
     stream = gzip.GzipFile(fileobj=buffered, mode="rb") if records.compression_of(rel) == "gzip" else buffered
     complete = False

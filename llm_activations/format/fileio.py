@@ -1,8 +1,10 @@
 """File access for local paths and any Beam filesystem URL (gs://, s3://, ...), in one place.
 
 Inputs, shards, manifests, metadata and merged copies all live either on a local disk or behind a
-Beam filesystem. Local paths use the os module directly (fast, and errors a user recognises);
-URLs go through apache_beam.io.filesystems.FileSystems, imported only when a URL is used.
+Beam filesystem. Local paths use os, glob and shutil directly (fast, errors a user recognises, and
+no Beam: format/ is usable where Beam is not installed); URLs go through Beam's FileSystems by way
+of llm_activations.beam_fs, the one module outside format/ that does, imported only when a URL is
+used.
 
 Files that others read while a run is going on (shards, manifests, metadata.json) are written
 with open_for_commit, so a reader sees a whole file or none:
@@ -27,14 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
+import io
 import os
 import posixpath
 import threading
 import time
+import shutil
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from llm_activations.errors import StorageUnavailable, UsageError
@@ -69,9 +74,10 @@ def join(root: str, *parts: str) -> str:
 
 
 def _fs():
-    from apache_beam.io.filesystems import FileSystems
+    """Beam's FileSystems (llm_activations.beam_fs, imported at the first URL)."""
+    from llm_activations import beam_fs
 
-    return FileSystems
+    return beam_fs.filesystems()
 
 
 # ----------------------------------------------------------------------------- URL support checks
@@ -85,9 +91,10 @@ def check_url_support(scheme_name: str) -> None:
     one line at its edge instead of in a traceback (or after Beam's credential retries) mid-run.
     """
     if scheme_name == "gs":
-        try:  # google-cloud-storage first: without it, importing Beam's io logs a warning of its own
-            import google.cloud.storage  # noqa: F401
-            import apache_beam.io.gcp.gcsfilesystem  # noqa: F401  (registers gs:// with FileSystems)
+        try:
+            from llm_activations import beam_fs
+
+            beam_fs.register_gcs()
         except ImportError:
             raise UsageError(f"gs:// paths need Beam's GCP extra: pip install '{BEAM_VERSION_HINT}'") from None
         check_gcs_credentials()
@@ -138,13 +145,14 @@ def _beam(path: str):
 def check_bucket(name: str) -> None:
     """UsageError (one line) if the GCS bucket does not exist or cannot be seen; once per bucket
     and process (a failed check is not remembered)."""
-    from apache_beam.io.gcp.gcsio import GcsIO
     from google.api_core.exceptions import Forbidden
+
+    from llm_activations import beam_fs
 
     url = f"gs://{name}"
     with _remote(url):
         try:
-            found = GcsIO().get_bucket(name)
+            found = beam_fs.get_gcs_bucket(name)
         except Forbidden:
             raise UsageError(f"{url}: these credentials may not use this bucket (403 Forbidden)") from None
     if found is None:
@@ -317,12 +325,76 @@ def checksum(path: str) -> str:
 
 
 def match(patterns: list[str]) -> list[str]:
-    """Paths matching glob patterns; a pattern that matches nothing contributes nothing."""
-    for p in patterns:
-        if is_url(p):
-            _beam(p)
-    with _remote(next((p for p in patterns if is_url(p)), "")):
-        return [m.path for r in _fs().match(list(patterns)) for m in r.metadata_list]
+    """Paths matching glob patterns; a pattern that matches nothing contributes nothing.
+
+    Local patterns go through glob (** spans folders), never through Beam: format/ stays usable
+    where Beam is not installed.
+    """
+    local = [p for p in patterns if not is_url(p)]
+    urls = [p for p in patterns if is_url(p)]
+    found = [f for p in local for f in sorted(glob.glob(p, recursive=True))]
+    for p in urls:
+        _beam(p)
+    if urls:
+        with _remote(urls[0]):
+            found += [m.path for r in _fs().match(urls) for m in r.metadata_list]
+    return found
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What one listing says about a file: its size and a cheap identity that changes whenever the
+    file is rewritten: "mtime_ns:..." locally; on GCS "crc32c:...", the store's checksum of the
+    content (computed by the store, so it survives a copy of the dataset, which a generation does
+    not); "" where the store lists none, so that only the size can be compared."""
+
+    size: int
+    identity: str
+
+
+def stat(path: str) -> Stat | None:
+    """Stat of one file, or None if it does not exist (one request on an object store)."""
+    if not is_url(path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return _local_stat(st)
+    return _listed(path).get(path)
+
+
+def stat_tree(root: str) -> dict[str, Stat]:
+    """{path relative to root ('/' separators): Stat} of every file below root, from one listing
+    (local: a directory walk and a stat per file, no file read); {} if root is absent."""
+    if not is_url(root):
+        out = {}
+        for d, _, fs in os.walk(root):
+            for f in fs:
+                full = os.path.join(d, f)
+                try:
+                    out[os.path.relpath(full, root).replace(os.sep, "/")] = _local_stat(os.stat(full))
+                except FileNotFoundError:  # removed while listed
+                    continue
+        return out
+    base = root.rstrip("/") + "/"
+    return {p[len(base):]: st for p, st in _listed(base).items() if p.startswith(base) and len(p) > len(base)}
+
+
+def _local_stat(st: os.stat_result) -> Stat:
+    return Stat(st.st_size, f"mtime_ns:{st.st_mtime_ns}")
+
+
+def _listed(prefix: str) -> dict[str, Stat]:
+    """{url: Stat} of the objects whose names start with prefix, in one (paged) listing. GCS lists
+    each object's crc32c; other stores' listings give sizes only."""
+    _beam(prefix)
+    with _remote(prefix):
+        if scheme(prefix) == "gs":
+            from llm_activations import beam_fs
+
+            return {url: Stat(size, f"crc32c:{crc}") for url, size, crc in beam_fs.list_gcs(prefix)}
+        pattern = prefix + ("**" if prefix.endswith("/") else "*")  # a tree, or one object (and its siblings by name)
+        return {m.path: Stat(m.size_in_bytes, "") for r in _fs().match([pattern]) for m in r.metadata_list}
 
 
 def entries(root: str) -> list[str]:
@@ -356,14 +428,46 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+class HashingReader(io.RawIOBase):
+    """The one hash-while-streaming reader: passes a raw stream's bytes on and into a sha256 and a
+    byte count (validate, merge's verified copy, the launcher's input scan and sha256_file use it).
+    Wrap it in io.BufferedReader or a decompressor as needed; drain() hashes what is left."""
+
+    def __init__(self, raw):
+        self._raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._raw.read(len(b))
+        self.sha.update(data)
+        self.size += len(data)
+        b[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        data = self._raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 22):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def sha256_file(path: str) -> tuple[str, int]:
     """(sha256 hex digest, size in bytes) of a file, streamed."""
-    sha, nbytes = hashlib.sha256(), 0
-    with open_read(path) as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-            nbytes += len(chunk)
-    return sha.hexdigest(), nbytes
+    with HashingReader(open_read(path)) as f:
+        f.drain()
+        return f.sha.hexdigest(), f.size
 
 
 # ----------------------------------------------------------------------------- writing
@@ -473,28 +577,34 @@ def rename(src: str, dst: str) -> None:
 
 def delete(paths: list[str]) -> None:
     """Delete files or folders (recursively); paths that do not exist are ignored."""
-    local = [p for p in paths if not is_url(p)]
-    if local:
-        _fs().delete([p for p in local if os.path.lexists(p)])
+    for p in paths:
+        if is_url(p):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # other errors (permissions) are the caller's to see
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
     urls = [p for p in paths if is_url(p)]
     if not urls:
         return
     # On an object store a "folder" is a name prefix: delete the object itself and all below it.
-    objects = match([q for p in urls for q in (p.rstrip("/"), p.rstrip("/") + "/**")])
-    gcs = [o for o in objects if scheme(o) == "gs"]
+    delete_objects(match([q for p in urls for q in (p.rstrip("/"), p.rstrip("/") + "/**")]))
+
+
+def delete_objects(urls: list[str]) -> None:
+    """Delete these exact objects (known from a listing: no further listing is made)."""
+    gcs = [o for o in urls if scheme(o) == "gs"]
     if gcs:
         _delete_gcs_objects(gcs)
-    other = [o for o in objects if scheme(o) != "gs"]
+    other = [o for o in urls if scheme(o) != "gs"]
     if other:
         with _remote(other[0]):
             _fs().delete(other)
 
 
 def _delete_gcs_objects(paths: list[str]) -> None:
-    """One DELETE request per object, 16 at a time, instead of Beam's batch API: the same on GCS,
-    and it also works against GCS emulators (fake-gcs-server), which cannot parse batch requests."""
-    from apache_beam.io.gcp.gcsio import GcsIO
+    from llm_activations import beam_fs
 
-    gcs = GcsIO()
-    with _remote(paths[0]), ThreadPoolExecutor(16) as pool:
-        list(pool.map(gcs.delete, sorted(set(paths))))
+    with _remote(paths[0]):
+        beam_fs.delete_gcs_objects(paths)

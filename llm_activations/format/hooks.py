@@ -65,7 +65,9 @@ def parse_key(k: str) -> tuple[str, int]:
 
 def dirname(hook: str, layer: int) -> str:
     """Folder of one hook's shards at one layer, relative to the dataset: layer_03 or z/layer_03."""
-    folder = f"layer_{layer:02d}"
+    from llm_activations.format.names import layer_folder
+
+    folder = layer_folder(layer)
     return folder if hook == DEFAULT else f"{hook}/{folder}"
 
 

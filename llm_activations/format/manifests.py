@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from llm_activations.format import fileio
 from llm_activations.errors import UsageError
@@ -19,17 +20,13 @@ from llm_activations.format import hooks as hk
 from llm_activations.format.fileio import join
 from llm_activations.format.stats import Moments, merge_all
 
-MANIFEST_DIR = "_units"
+from llm_activations.format.names import MANIFEST_DIR, manifest_relpath, rejected_relpath  # noqa: E402,F401
 COUNT_KEYS = ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")
 
 
 def fingerprint(settings: dict) -> str:
     """A short hash of everything that determines a unit's output (see pipeline.unit_settings)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def manifest_relpath(unit: int, num_units: int) -> str:
-    return f"{MANIFEST_DIR}/unit-{unit:05d}-of-{num_units:05d}.json"
 
 
 def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, rejected_file: str | None,
@@ -51,44 +48,116 @@ def unit_manifest(unit, fp: str, counts: dict, shards: list, moments: dict, reje
 
 
 def write_manifest(output: str, manifest: dict, num_units: int) -> None:
+    """Write the manifest, last (its presence marks the unit finished), with each file's identity
+    as stored ("identities": {path: fileio.Stat.identity}): --resume compares these and the sizes
+    against one listing of the folder instead of reading the files back."""
+    files = [s["path"] for s in manifest["shards"]] + ([manifest["rejected_file"]] if manifest.get("rejected_file") else [])
+    stats = [fileio.stat(join(output, rel)) for rel in files]
+    manifest = {**manifest, "identities": {rel: st.identity for rel, st in zip(files, stats) if st is not None}}
     fileio.write_text_atomic(join(output, manifest_relpath(manifest["unit"], num_units)), json.dumps(manifest))
 
 
 def write_rejected(output: str, unit: int, num_units: int, lines: list) -> str:
     """rejected/part-0000u-of-N.jsonl for one unit; returns its path relative to output."""
-    rel = f"rejected/part-{unit:05d}-of-{num_units:05d}.jsonl"
+    rel = rejected_relpath(unit, num_units)
     fileio.write_text_atomic(join(output, rel), "".join(line + "\n" for line in lines))
     return rel
 
 
-def read_manifests(output: str, fp: str) -> dict:
-    """{unit: manifest} of the finished units in output; UsageError if any came from another
-    configuration (resuming would mix two extractions in one folder)."""
-    found = {}
-    for path in fileio.match([join(output, MANIFEST_DIR, "unit-*.json")]):
-        with fileio.open_read(path) as f:  # match just listed it: no existence check needed
-            manifest = json.loads(f.read())
-        if manifest.get("fingerprint") != fp:
+REQUIRED = ("unit", "doc_index_range", "fingerprint", "inputs", "counts", "shards", "rejected_file", "moments")
+
+
+def parse_manifest(text: str | None, name: str) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why it cannot be used): a truncated or incomplete manifest (a
+    worker or a disk that died while writing it, an edit by hand) is not a finished unit."""
+    if text is None:
+        return None, "it disappeared while being read"
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return None, "it is not valid JSON (truncated?)"
+    if not isinstance(manifest, dict):
+        return None, "it is not a JSON object"
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        return None, f"it lacks {', '.join(missing)}"
+    shards = manifest["shards"]
+    if (not isinstance(shards, list) or not all(isinstance(x, dict) and {"path", "bytes"} <= set(x) for x in shards)
+            or not isinstance(manifest["counts"], dict) or not isinstance(manifest["moments"], dict)):
+        return None, "its shards, counts or moments are malformed"
+    if name != manifest_relpath(manifest["unit"], _num_units_of(name)).rsplit("/", 1)[-1]:
+        return None, f"it describes unit {manifest['unit']}, not its file's"
+    return manifest, None
+
+
+def _num_units_of(name: str) -> int:
+    try:
+        return int(name.rsplit("-of-", 1)[1].split(".")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def read_manifests(output: str, fp: str, names: list[str]) -> tuple[dict, dict]:
+    """({unit: manifest} of the finished units in output, {manifest relpath: why unusable}).
+
+    names: the manifests' paths relative to output (from the caller's one listing); they are read
+    in parallel, one request each. A manifest from another configuration is a UsageError (resuming
+    would mix two extractions in one folder); a truncated or incomplete one is returned as unusable,
+    so its unit is extracted again.
+    """
+    texts = _read_all([join(output, n) for n in names])
+    found, unusable = {}, {}
+    for rel, text in zip(names, texts):
+        manifest, why = parse_manifest(text, rel.rsplit("/", 1)[-1])
+        if manifest is None:
+            unusable[rel] = why
+            continue
+        if manifest["fingerprint"] != fp:
             raise UsageError(f"--resume: {output} holds units extracted with other options, input or model "
-                             f"({path.rsplit('/', 1)[-1]}); rerun with the original options, or use --overwrite")
+                             f"({rel.rsplit('/', 1)[-1]}); rerun with the original options, or use --overwrite")
         found[manifest["unit"]] = manifest
-    return found
+    return found, unusable
 
 
-def stale_reason(output: str, manifest: dict, inputs: str) -> str | None:
+def _read_all(paths: list[str]) -> list:
+    """The texts of files a listing just showed (no existence check first); None for one that
+    disappeared since. Object stores: in parallel, as latency, not bandwidth, bounds a manifest read."""
+    if not paths:
+        return []
+    if not fileio.is_url(paths[0]):
+        return [_read_listed(p) for p in paths]
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(_read_listed, paths))
+
+
+def _read_listed(path: str) -> str | None:
+    try:
+        with fileio.open_read(path) as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+
+
+def stale_reason(output: str, manifest: dict, inputs: str, listing: dict, verify: bool = False) -> str | None:
     """Why a finished unit cannot be kept by --resume (None if it can): its input is no longer
-    byte-for-byte what it read (`inputs`, the unit's input fingerprint now), or a file it names is
-    missing or differs from the sha256 and size its manifest recorded."""
+    what it read (`inputs`, the unit's input fingerprint now), or a file it names is missing from
+    `listing` ({relpath: fileio.Stat}, one listing of output) or differs from the size and identity
+    its manifest recorded. No file is read, unless `verify` (--resume --verify) asks for each
+    shard's sha256 too, or an older manifest recorded no identity."""
     if manifest.get("inputs") != inputs:
         return "its input changed since it was extracted"
+    identities = manifest.get("identities")
     for shard in manifest["shards"]:
-        path = join(output, shard["path"])
-        nbytes = fileio.size(path)  # one request: existence and size; a wrong size is never hashed
-        if nbytes is None:
+        st = listing.get(shard["path"])
+        if st is None:
             return f"{shard['path']} is missing"
-        if nbytes != shard["bytes"] or fileio.sha256_file(path)[0] != shard["sha256"]:
-            return f"{shard['path']} differs from its manifest"
-    if manifest.get("rejected_file") and not fileio.exists(join(output, manifest["rejected_file"])):
+        if st.size != shard["bytes"]:
+            return f"{shard['path']} differs from its manifest (size {st.size}, not {shard['bytes']})"
+        if identities is not None and identities.get(shard["path"]) != st.identity:
+            return f"{shard['path']} was rewritten since its unit finished ({st.identity or 'no identity'})"
+        if (verify or identities is None) and fileio.sha256_file(join(output, shard["path"]))[0] != shard.get("sha256"):
+            return f"{shard['path']} differs from its manifest (sha256)"
+    if manifest.get("rejected_file") and manifest["rejected_file"] not in listing:
         return f"{manifest['rejected_file']} is missing"
     return None
 

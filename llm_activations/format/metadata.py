@@ -18,7 +18,7 @@ from llm_activations.errors import DatasetError
 FORMAT = "llm-activations"
 FORMAT_VERSION = 1  # a dataset of resid_post alone; other hooks make it version 2 (hooks.format_version)
 FORMAT_VERSIONS = (1, 2)  # what this package reads
-METADATA_FILE = "metadata.json"
+from llm_activations.format.names import METADATA_FILE, started_extraction  # noqa: E402  (the names' owner)
 
 
 def read_metadata(root: str, read_text=None) -> dict:
@@ -31,8 +31,8 @@ def read_metadata(root: str, read_text=None) -> dict:
     if text is None:
         if fileio.exists(root):
             raise DatasetError(f"{root} is a file; give an llm-activations dataset folder (it has {METADATA_FILE})")
-        # what an extraction writes before metadata.json (manifests.MANIFEST_DIR is "_units")
-        if not any(posixpath.basename(p.rstrip("/")).startswith(("_units", "layer_", "rejected")) for p in fileio.entries(root)):
+        # what an extraction writes before metadata.json
+        if not any(started_extraction(posixpath.basename(p.rstrip("/"))) for p in fileio.entries(root)):
             raise DatasetError(f"{root} has no {METADATA_FILE}: it is not a finished llm-activations dataset "
                                "(nor the folder of an interrupted extraction)")
         raise DatasetError(
@@ -148,3 +148,46 @@ def write_metadata(root: str, meta: dict) -> str:
     path = join(root, METADATA_FILE)
     fileio.write_text_atomic(path, json.dumps(meta, indent=1, sort_keys=False))
     return path
+
+
+def assemble(base: dict, manifests: list, resumed: list, run: dict, end_unix: float) -> dict:
+    """The metadata of a finished extraction: build_metadata over `base` (pipeline.metadata_base:
+    what was known before the run), the unit manifests of this run and those kept by --resume
+    (`resumed`), and this run's statistics (`run`: transforms.MergeRun's output)."""
+    import datetime as dt
+
+    from llm_activations.format import manifests as mf
+
+    parts = json.loads(json.dumps(base))  # a copy: in-process reruns reuse the base
+    extraction, info = parts["extraction"], parts["run"]
+    layers, hooks = extraction["layers"], hooks_of(parts)
+    summary = mf.summarize(list(manifests) + list(resumed), layers, parts["hidden_size"], hooks, parts["hook_widths"])
+    # Units kept by --resume were made by an earlier run's workers: their manifests say how, so a
+    # dataset keeps its mesh and compilation count however many runs it took (in-process reruns
+    # share one worker id and one compiled extractor, so they are not counted twice).
+    earlier: dict = {}
+    for m in resumed:
+        maker = m.get("run") or {}
+        if maker.get("worker") and maker["worker"] not in run["workers"]:
+            earlier[maker["worker"]] = max(earlier.get(maker["worker"], 0), int(maker.get("compilations", 0)))
+    mesh = run["mesh"] or next((m["run"]["mesh"] for m in resumed if (m.get("run") or {}).get("mesh")), None)
+    if mesh:  # the shape the workers actually used (the automatic choice, when not given)
+        extraction["mesh"] = mesh
+    wall = end_unix - info.pop("start_unix")
+    info.update({
+        "workers": len(run["workers"]) + len(earlier),
+        "compilations": run["compilations"] + sum(earlier.values()),
+        # seconds this run's workers spent compiling (or loading) their step, summed; True when the
+        # persistent compilation cache served every one of them
+        "compile_seconds": round(run["compile_seconds"], 3),
+        "compile_cache_hit": run["compile_cache_hit"],
+        "end_time": dt.datetime.fromtimestamp(end_unix, dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall, 3),
+        # what this run extracted (units finished by an earlier, resumed run are not counted)
+        "tokens_per_second": round(run["tokens"] / wall, 1) if wall > 0 else None,
+        "extract_seconds": round(run["extract_seconds"], 3),
+        "resumed_units": sorted(m["unit"] for m in resumed),
+        "rejected_files": summary["rejected_files"],
+    })
+    meta = build_metadata(**parts, shards=summary["shards"], counts=summary["counts"], stats=summary["stats"])
+    return meta

@@ -1,0 +1,158 @@
+"""Every input byte is read once (issue 25): units of an uncompressed JSON lines file seek to their
+first line, units never split a compressed file or a parquet row group, and a rerun over
+unchanged local inputs does not scan them again."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm_activations import inputs
+from llm_activations.format import fileio
+
+
+class ByteCounter:
+    """Counts the bytes read through fileio.open_read, per path."""
+
+    def __init__(self, monkeypatch):
+        self.read: dict = {}
+        real = fileio.open_read
+
+        def counted(path):
+            stream = real(path)
+            counter = self
+
+            class Counted:
+                def __getattr__(self, name):
+                    return getattr(stream, name)
+
+                def read(self, n=-1):
+                    data = stream.read(n)
+                    counter.read[path] = counter.read.get(path, 0) + len(data)
+                    return data
+
+                def readline(self, *a):
+                    data = stream.readline(*a)
+                    counter.read[path] = counter.read.get(path, 0) + len(data)
+                    return data
+
+                def __iter__(self):
+                    return iter(self.readline, b"")
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    stream.close()
+
+            return Counted()
+
+        monkeypatch.setattr(fileio, "open_read", counted)
+
+    def total(self) -> int:
+        return sum(self.read.values())
+
+
+def _lines(n: int) -> list[dict]:
+    return [{"text": f"document {i} " + "word " * (i % 37)} for i in range(n)]
+
+
+def _read(sources, num_units, start=0, stop=None):
+    stop = sum(s.num_records for s in sources) if stop is None else stop
+    units = inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
+    return units, [(d.doc_index, getattr(d, "text", None)) for u in units for d in inputs.read_unit(u, "text")]
+
+
+def test_jsonl_units_seek_to_their_first_line(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    records = _lines(5000)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sources = inputs.plan_sources([str(path)], "text")
+    counter = ByteCounter(monkeypatch)
+    units, docs = _read(sources, 40)
+    assert docs == [(i, r["text"]) for i, r in enumerate(records)]  # every record once, in order
+    assert all(u.stop - u.start == 125 for u in units)  # boundaries unchanged for uncompressed JSON lines
+    # each unit reads its own lines plus at most one checkpoint interval and one read-ahead buffer
+    assert counter.total() / os.path.getsize(path) < 1.05, counter.total() / os.path.getsize(path)
+
+
+def test_compressed_files_are_whole_units_and_read_once(tmp_path, monkeypatch):
+    records = _lines(3000)
+    for k in range(3):
+        with gzip.open(tmp_path / f"p{k}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records[k * 1000:(k + 1) * 1000])
+    sources = inputs.plan_sources([str(tmp_path / "*.jsonl.gz")], "text")
+    counter = ByteCounter(monkeypatch)
+    units, docs = _read(sources, 7)
+    assert docs == [(i, r["text"]) for i, r in enumerate(records)]
+    assert sorted({u.start for u in units} | {u.stop for u in units}) == [0, 1000, 2000, 3000]
+    for s in sources:  # one pass over each file's bytes
+        assert counter.read[s.path] == os.path.getsize(s.path)
+    # hosts' shares snap to file edges too: 2 hosts over 3 files read disjoint files
+    edges = [inputs.snap(x, sources) for x in inputs.host_range(3000, 2, 0)] + [inputs.snap(inputs.host_range(3000, 2, 1)[1], sources)]
+    assert edges == [0, 1000, 3000]
+
+
+def test_parquet_units_begin_at_row_groups_smaller_than_half_a_unit(tmp_path, monkeypatch):
+    records = _lines(1000)
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in records], "pad": ["x" * 50] * 1000}), path, row_group_size=100)
+    sources = inputs.plan_sources([str(path)], "text")
+    assert sources[0].row_groups == tuple(range(0, 1000, 100))
+    counter = ByteCounter(monkeypatch)
+    units, docs = _read(sources, 7)
+    meta = pq.read_metadata(path)
+    text_bytes = sum(meta.row_group(g).column(0).total_compressed_size for g in range(meta.num_row_groups))
+    footer = 65536  # pyarrow's first (speculative) read of the footer, once per process
+    assert counter.total() <= 1.05 * text_bytes + footer, (counter.total(), text_bytes)
+    assert docs == [(i, r["text"]) for i, r in enumerate(records)]
+    assert all(u.start % 100 == 0 and u.stop % 100 == 0 for u in units)
+    # a row group larger than half a unit is shared rather than leaving a unit empty (parallelism)
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in records[:80]]}), big)  # one row group
+    units, docs = _read(inputs.plan_sources([str(big)], "text"), 2)
+    assert [(u.start, u.stop) for u in units] == [(0, 40), (40, 80)] and len(docs) == 80
+
+
+def test_a_rerun_does_not_scan_unchanged_inputs_again(tmp_path, monkeypatch):
+    cache = inputs.ScanCache(str(tmp_path / "cache"), min_bytes=0)
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _lines(20000)))
+    first = inputs.plan_sources([str(path)], "text", cache)
+    counter = ByteCounter(monkeypatch)
+    again = inputs.plan_sources([str(path)], "text", cache)
+    assert again == first and again[0].checkpoints == first[0].checkpoints
+    assert counter.total() <= inputs.HEAD < os.path.getsize(path)  # the head alone, for the up-front checks
+    # an edit that keeps the size and the modification time is still seen (ctime is in the key)
+    stat = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[20] = ord("X")
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = inputs.plan_sources([str(path)], "text", cache)
+    assert edited[0].digest != first[0].digest and edited[0].digest == "sha256:" + fileio.sha256_file(str(path))[0]
+
+
+def test_an_unwritable_scan_cache_costs_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "x"}\n')
+    cache = inputs.ScanCache(str(blocker / "cache"), min_bytes=0)
+    assert inputs.plan_sources([str(path)], "text", cache)[0].num_records == 1
+
+
+@pytest.mark.parametrize("num_units", [1, 3, 64])
+def test_seeking_units_equal_reading_from_the_start(tmp_path, num_units):
+    """Blank lines, a BOM, a final line without newline: seeking changes nothing a unit reads."""
+    path = tmp_path / "a.jsonl"
+    body = "\n".join(json.dumps(r) if i % 7 else "" for i, r in enumerate(_lines(700)))
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    sources = inputs.plan_sources([str(path)], "text")
+    plain = [inputs.SourceFile(**{**s.__dict__, "checkpoints": ()}) for s in sources]
+    assert _read(sources, num_units)[1] == _read(plain, num_units)[1] == _read(plain, 1)[1]
