@@ -47,3 +47,10 @@ def get_gcs_bucket(name: str):
     from apache_beam.io.gcp.gcsio import GcsIO
 
     return GcsIO().get_bucket(name)
+
+
+def gcs_retry_policy():
+    """Beam's own copy of the GCS client's retry policy (fileio.bound_gcs_retries bounds it too)."""
+    from apache_beam.io.gcp import gcsio_retry
+
+    return gcsio_retry.DEFAULT_RETRY_WITH_THROTTLING_COUNTER

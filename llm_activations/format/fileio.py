@@ -207,11 +207,12 @@ def bound_gcs_retries(seconds: float) -> None:
     `seconds`, and stop each call's own retrying after `seconds` as well (their default: 120 s per
     request, one request after another). The policies are shared objects and the client offers no
     other way to set them for every call, so they are updated in place, once per process."""
-    from apache_beam.io.gcp import gcsio_retry
     from google.cloud.storage import retry as gcs_retry
 
+    from llm_activations import beam_fs
+
     budget = RetryBudget(seconds, gcs_retry._should_retry)
-    for policy in (gcs_retry.DEFAULT_RETRY, gcsio_retry.DEFAULT_RETRY_WITH_THROTTLING_COUNTER):
+    for policy in (gcs_retry.DEFAULT_RETRY, beam_fs.gcs_retry_policy()):
         policy._predicate = budget
         policy._timeout = policy._deadline = seconds
 
