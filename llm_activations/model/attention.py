@@ -92,7 +92,8 @@ def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: 
     "splash" off a TPU runs in Pallas interpret mode: exact but slow, for tests on CPU. Any other
     kernel that cannot run here is a UsageError.
     """
-    platform = platform_of(list(devices))
+    devices = list(devices)  # (an iterator, such as mesh.devices.flat, is read once)
+    platform = platform_of(devices)
     sixteen_bit = np.dtype(dtype).itemsize == 2
     if attention == "auto":
         attention = AUTO.get(platform, "xla")
@@ -105,7 +106,7 @@ def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: 
         raise UsageError(f"attention implementation {attention!r} needs a {needs.upper()}; the mesh's devices are {platform}")
     if attention == "cudnn" and not sixteen_bit:
         raise UsageError("attention implementation 'cudnn' needs a 16-bit compute dtype (bfloat16); use 'xla' for float32")
-    capability = getattr(list(devices)[0], "compute_capability", None)
+    capability = getattr(devices[0], "compute_capability", None)
     if attention in ("cudnn", "tokamax") and capability and float(capability) < 8.0:
         raise UsageError(f"attention implementation {attention!r} needs compute capability >= 8.0 (this GPU has "
                          f"{capability}); use 'xla'")
