@@ -195,7 +195,8 @@ def parity(c, backend, seq_len: int, batch: int = 2) -> tuple[bool, str]:
     shapes = [(batch, seq_len, heads, c.head_dim) for heads in (c.num_heads, c.num_kv_heads, c.num_kv_heads)]
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in shapes)
     worst, lines = 0.0, []
-    for label, max_runs in (("within bound", None), (f"a row of {backend.max_segments + 1} runs", backend.max_segments)):
+    bound = backend.max_segments or attn.MAX_SEGMENTS  # (cudnn-dense has no bound: the same rows test it)
+    for case, max_runs in (("within bound", None), (f"a row of {bound + 1} runs", bound)):
         segs, _ = packed_rows(batch, seq_len, seed=2, max_runs=max_runs)
         segs = jnp.asarray(segs)
         got = jax.jit(lambda q, k, v, s: attn.attend(backend, q, k, v, s, attn.prepare(backend, s)))(q, k, v, segs)
@@ -205,7 +206,7 @@ def parity(c, backend, seq_len: int, batch: int = 2) -> tuple[bool, str]:
         err = float(np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want))[real]))
         finite = bool(np.isfinite(np.asarray(got, np.float32)).all())
         worst = max(worst, err if finite else float("inf"))
-        lines.append(f"{label}: max |error| {err:.2e}{'' if finite else ', NON-FINITE outputs'}")
+        lines.append(f"{case}: max |error| {err:.2e}{'' if finite else ', NON-FINITE outputs'}")
     return worst <= PARITY_TOL, "; ".join(lines)
 
 
@@ -229,6 +230,24 @@ def make_jitted_step(c, backend):
     return jax.jit(make_step(c, [c.num_layers - 1], None, ml_dtypes.bfloat16, backend))
 
 
+def make_backend(device, attention: str):
+    """attention "cudnn-dense" is cuDNN with the dense [B, 1, T, S] mask (max_segments 0): the
+    kernel before issue 24, measured beside the packed one."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from llm_activations.model.attention import backend_for
+
+    if attention == "cudnn-dense":
+        return dataclasses.replace(backend_for([device], jnp.bfloat16, "cudnn"), max_segments=0)
+    return backend_for([device], jnp.bfloat16, attention)
+
+
+def label(backend) -> str:
+    return "cudnn-dense" if backend.attention == "cudnn" and not backend.max_segments else backend.attention
+
+
 def compile_child(args) -> int:
     """--compile-child: this process compiles the step from abstract shapes (no weights) against
     the given cache, prints one JSON line, and writes the optimised HLO with --hlo."""
@@ -236,12 +255,11 @@ def compile_child(args) -> int:
     import jax.numpy as jnp
 
     from llm_activations.model import compile_cache
-    from llm_activations.model.attention import backend_for
     from llm_activations.model.config import model_config_from_hf
 
     compile_cache.configure(args.compilation_cache)
     c = model_config_from_hf(hf_config(args.models[0]))
-    backend = backend_for(jax.devices()[:1], jnp.bfloat16, args.attention[0])
+    backend = make_backend(jax.devices()[0], args.attention[0])
     compiled, stats = compile_cache.compile_step(make_jitted_step(c, backend),
                                                  *abstract_args(c, args.batch_sizes[0], args.seq_len, jnp.bfloat16))
     if args.hlo:
@@ -272,10 +290,10 @@ def bench_ours(name, c, params, batch, seq_len, steps, peak, backend, cache, out
 
     from llm_activations.model import compile_cache
 
-    hlo = os.path.join(out_dir, f"{name}_{backend.attention}_step.hlo.txt") if out_dir else None
-    cold = cold_compile(name, batch, seq_len, backend.attention, cache, hlo)
+    hlo = os.path.join(out_dir, f"{name}_{label(backend)}_step.hlo.txt") if out_dir else None
+    cold = cold_compile(name, batch, seq_len, label(backend), cache, hlo)
     if cold["cache_hit"]:
-        say(f"  ({name} {backend.attention}: the fresh process found this step in the cache already: not a cold compile)")
+        say(f"  ({name} {label(backend)}: the fresh process found this step in the cache already: not a cold compile)")
     compiled, cached = compile_cache.compile_step(make_jitted_step(c, backend), params,
                                                   *(jax.device_put(a) for a in full_rows(c, batch, seq_len)))
     args = [jax.device_put(x) for x in full_rows(c, batch, seq_len)]
@@ -295,7 +313,7 @@ def bench_ours(name, c, params, batch, seq_len, steps, peak, backend, cache, out
     if out_dir:  # a short profile of two steps, next to the HLO
         with jax.profiler.trace(os.path.join(out_dir, "trace")):
             jax.block_until_ready([compiled(params, *args) for _ in range(2)])
-    return row(name, batch, seq_len, c, backend.attention, seconds, peak, **{
+    return row(name, batch, seq_len, c, label(backend), seconds, peak, **{
         "compile s cold": float("nan") if cold["cache_hit"] else cold["seconds"],
         "compile s cached": cached.seconds if cached.cache_hit else float("nan"),
         "tokens/s packed rows": batch * seq_len / packed_seconds, "tokens/s with host copy": batch * seq_len / host})
@@ -417,15 +435,16 @@ def bench_extract(name, c, batch, seq_len, batches, cache, peak, rows, strict: b
 
 
 def candidates(platform: str) -> list[str]:
-    """Attention kernels to measure here: on a GPU cudnn, and tokamax where it imports."""
+    """Attention kernels to measure here: on a GPU packed cudnn, and tokamax where it imports; at
+    the first shape only, cudnn-dense (the dense-mask call) beside them."""
     if platform != "gpu":
         return ["xla"]
     try:
         import tokamax  # noqa: F401
     except ImportError:
         say("(tokamax does not import here: its rows are skipped)")
-        return ["cudnn"]
-    return ["cudnn", "tokamax"]
+        return ["cudnn", "cudnn-dense"]
+    return ["cudnn", "tokamax", "cudnn-dense"]
 
 
 def check_out(out_dir: str) -> None:
@@ -443,7 +462,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16], help="one per model")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--attention", nargs="+", help="attention kernels to measure (default: cudnn, and tokamax where it imports)")
+    p.add_argument("--attention", nargs="+", help="attention kernels to measure: cudnn, cudnn-dense, tokamax, xla "
+                   "(default: cudnn and tokamax where it imports, cudnn-dense at the first shape)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
     p.add_argument("--compilation-cache", help="persistent cache folder (default: a fresh temporary one, so the first compile is cold)")
     p.add_argument("--peak-tflops", type=float, help="the chip's dense bfloat16 peak, if not recognised")
@@ -471,7 +491,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from llm_activations.model import compile_cache
-    from llm_activations.model.attention import backend_for, platform_of
+    from llm_activations.model.attention import platform_of
     from llm_activations.model.config import model_config_from_hf
 
     started = time.perf_counter()
@@ -480,7 +500,13 @@ def main(argv=None) -> int:
     platform = platform_of([device])
     peak = peak_tflops(device, args.peak_tflops)
     attention = args.attention or candidates(platform)
-    backends = [backend_for([device], jnp.bfloat16, a) for a in attention]  # a kernel that cannot run here: one line, exit 2
+    from llm_activations.errors import UsageError
+
+    try:
+        backends = [make_backend(device, a) for a in attention]
+    except UsageError as e:  # a kernel that cannot run here: refused before anything runs, one line
+        print(f"gpu_bench: {e}", file=sys.stderr)
+        return 2
     versions = f"jax {jax.__version__}, jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?'}"
     say(f"gpu_bench: device {device.platform} {getattr(device, 'device_kind', '')} x {jax.device_count()} (timing uses one); "
         f"bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}; {versions}; python "
@@ -496,9 +522,10 @@ def main(argv=None) -> int:
     for index, (name, batch) in enumerate(zip(args.models, batches)):
         c = model_config_from_hf(hf_config(name))
         passed = []
-        for b in backends:
+        # the dense-mask comparison costs a compile: at the first shape only, unless named
+        for b in (backends if index == 0 or args.attention else [b for b in backends if label(b) != "cudnn-dense"]):
             ok, line = parity(c, b, args.seq_len)
-            say(f"{name} parity {b.attention} vs float32: {line} -> {'ok' if ok else 'FAILED (not timed)'}")
+            say(f"{name} parity {label(b)} vs float32: {line} -> {'ok' if ok else 'FAILED (not timed)'}")
             if ok:
                 passed.append(b)
         t0 = time.perf_counter()
@@ -510,7 +537,7 @@ def main(argv=None) -> int:
                 rows.append(bench_ours(name, c, params, batch, args.seq_len, args.steps, peak, b, cache, out_dir))
                 say("  " + format_row(rows[-1]))
             except Exception as e:  # one kernel failing must not lose the other rows
-                say(f"  {name} {b.attention}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                say(f"  {name} {label(b)}: FAILED {type(e).__name__}: {str(e)[:300]}")
         del params
         if not args.no_transformers:
             try:

@@ -184,6 +184,21 @@ def test_tokamax_k_start_mask_is_exactly_the_dense_mask():
     np.testing.assert_array_equal(mask[real], np.asarray(attn.attention_mask(jnp.asarray(segs)))[real])
 
 
+def test_tokamax_call_through_its_xla_reference():
+    """tokamax's GPU kernels cannot run here; its "xla" reference takes the same call (the k_start
+    mask, scale, GQA) and must equal the dense reference. Runs where tokamax imports (Python 3.12)."""
+    pytest.importorskip("tokamax")
+    rng = np.random.default_rng(6)
+    b, t, n, kv, h = 2, 96, 4, 2, 32
+    q, k, v = (rng.standard_normal((b, t, heads, h)) for heads in (n, kv, kv))
+    segs = _segments(rng, b, t)
+    backend = attn.Backend("gpu", "tokamax", 512)
+    got = attn._tokamax(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), attn.prepare(backend, jnp.asarray(segs)),
+                        kernels=("xla",))
+    real = segs > 0
+    np.testing.assert_allclose(np.asarray(got)[real], _reference(q, k, v, segs)[real], rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_that_cannot_run_are_refused_naming_the_one_that_will():
     gpu = [SimpleNamespace(platform="cuda", compute_capability="7.5")]
     with pytest.raises(UsageError, match=r"'cudnn' needs compute capability >= 8.0 .*; use 'xla'"):

@@ -33,3 +33,12 @@ def test_tiny_run_reports_every_stage(tmp_path):
     hlo = (tmp_path / "out" / "tiny_xla_step.hlo.txt").read_text()
     assert hlo.startswith("HloModule") and "while" in hlo
     assert any(p.name.endswith(".xplane.pb") for p in files)
+
+
+def test_a_kernel_that_cannot_run_here_is_refused_in_one_line():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_bench.py"), "--tiny", "--attention", "cudnn"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("gpu_bench: attention implementation 'cudnn' needs a GPU; "
+                                                    "the mesh's devices are cpu")

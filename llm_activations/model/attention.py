@@ -57,10 +57,12 @@ class Backend:
     attention: str  # one of IMPLEMENTATIONS
     query_block: int  # "xla" path: queries per block
     interpret: bool = False  # run Pallas kernels in interpret mode (on CPU: tests only)
-    max_segments: int = MAX_SEGMENTS  # "cudnn": runs per row of the packed call
+    max_segments: int = MAX_SEGMENTS  # "cudnn": runs per row of the packed call (0: always the dense mask)
 
     def describe(self) -> str:
         """One line saying which kernel runs, and when it takes another path."""
+        if self.attention == "cudnn" and not self.max_segments:
+            return "attention cudnn: dense [B, 1, T, S] segment mask (max_segments 0)"
         if self.attention == "cudnn":
             return (f"attention cudnn: packed segments (THD), up to {self.max_segments} per row; a batch with a "
                     "fuller row runs cuDNN's dense-mask call (exact mask, in-graph)")
@@ -220,7 +222,7 @@ def prepare(backend: Backend, segment_ids: jax.Array) -> Any:
         mask = attention_mask(segment_ids)
         return mask, key_windows(mask, min(t, backend.query_block))
     if backend.attention == "cudnn":
-        return segment_ids, packed_segments(segment_ids, backend.max_segments)
+        return segment_ids, (packed_segments(segment_ids, backend.max_segments) if backend.max_segments else None)
     if backend.attention == "tokamax":
         return segment_starts(segment_ids)
     return segment_ids
@@ -315,6 +317,8 @@ def _cudnn(q, k, v, aux) -> jax.Array:
     """cuDNN flash attention on packed segments; a batch with a row of more than max_segments runs
     takes the dense-mask call (lax.cond: only the branch taken runs, so the mask is built only then)."""
     segment_ids, packed = aux
+    if packed is None:  # max_segments 0: the dense mask always (gpu_bench's comparison)
+        return _cudnn_dense(q, k, v, segment_ids)
     return jax.lax.cond(jnp.any(packed.overflow), lambda: _cudnn_dense(q, k, v, segment_ids),
                         lambda: _cudnn_packed(q, k, v, packed))
 
@@ -346,21 +350,27 @@ def _cudnn_dense(q, k, v, segment_ids, implementation: str = "cudnn") -> jax.Arr
     return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=implementation)
 
 
-def _tokamax(q, k, v, starts) -> jax.Array:
+# tokamax's GPU flash kernels, in order of preference; the first that takes the shapes is used,
+# chosen once when the step is traced (at start-up) and logged.
+TOKAMAX_KERNELS = ("mosaic_gpu", "triton")
+
+
+def _tokamax(q, k, v, starts, kernels: Sequence[str] = TOKAMAX_KERNELS) -> jax.Array:
     """tokamax flash attention with a per-query first key (k_start): block-diagonal causal without
-    any [T, S] mask. tokamax is optional (not a dependency); its Mask is not yet public API."""
-    try:
-        from tokamax._src.ops.attention import base as tokamax_base
-        from tokamax._src.ops.attention.api import IMPLEMENTATIONS as TOKAMAX
-    except ImportError:
-        raise UsageError("attention implementation 'tokamax' needs the tokamax package (pip install tokamax)") from None
+    any [T, S] mask. tokamax is optional (not a dependency: backend_for checks that it imports);
+    its Mask is not yet public API. (kernels=("xla",) runs tokamax's reference anywhere: tests.)"""
+    from tokamax._src.ops.attention import base as tokamax_base
+    from tokamax._src.ops.attention.api import IMPLEMENTATIONS as TOKAMAX
+
     # [B, 1, T]: query t sees keys [starts[t], t]
     mask = tokamax_base.Mask(k_start=starts[:, None, :], is_causal=True)
-    for name in ("mosaic_gpu", "triton"):
+    for name in kernels:
         if name in TOKAMAX:
             try:
-                return TOKAMAX[name](q, k, v, bias=None, mask=mask, logits_scale=q.shape[-1] ** -0.5,
-                                     precision=None, logits_soft_cap=None, q_sharding=None)
+                out = TOKAMAX[name](q, k, v, bias=None, mask=mask, logits_scale=q.shape[-1] ** -0.5,
+                                    precision=None, logits_soft_cap=None, q_sharding=None)
             except NotImplementedError:
                 continue
-    raise UsageError("tokamax has no GPU flash attention kernel for these shapes")
+            logging.getLogger(__name__).info("attention tokamax: its %s kernel", name)
+            return out
+    raise UsageError(f"tokamax has none of the kernels {', '.join(kernels)} for these shapes; use 'cudnn'")
