@@ -205,9 +205,12 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: j
     tokens, segment_ids (0 = padding), positions: int [B, T]. Returns {(hook, layer): [B, T, width]}
     in the params' dtype (width: hidden, or heads x head_dim for z). Blocks 0 .. max(layers) run as
     one lax.scan over the stacked weights, so the program (and its compile time) does not grow with
-    depth. Each requested hook has one [R, B, T, width] carry (R = len(layers)) that the scan
-    writes as it passes a requested block; no other block's or hook's activations are kept. With
-    a mesh, the residual stream is constrained to batch-over-"data" at block edges.
+    depth. Each requested hook has one [R, B, T, width] carry (R = len(layers); one fewer for
+    resid_post, whose deepest layer is the residual stream the scan ends with) that the scan writes
+    as it passes a requested block; no other block's or hook's activations are kept. The RoPE
+    tables and the attention kernel's segment data are computed once, before the scan. Block
+    stacks may hold 16-bit floats as their bits (BITS). With a mesh, the residual stream is
+    constrained to batch-over-"data" at block edges.
     """
     wanted = sorted(set(layers))
     deepest = wanted[-1]
