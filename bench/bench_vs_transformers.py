@@ -151,7 +151,9 @@ def main(argv=None) -> int:
                     small_seconds, small_tokens = torch_job(model, texts[:quarter], layer, args.seq_len, dtype, outs[1], **kw)
                 rows.append({"compute dtype": dtype, "job": name, "seconds": seconds, "tokens": tokens,
                              "tokens/s": tokens / seconds,
-                             "marginal tokens/s": (tokens - small_tokens) / max(seconds - small_seconds, 1e-9)})
+                             # a quarter that took nearly as long as the whole is noise (a loaded machine), not data
+                             "marginal tokens/s": (tokens - small_tokens) / (seconds - small_seconds)
+                             if seconds - small_seconds > 0.25 * seconds else float("nan")})
             ours, ours_marginal = rows[-len(variants)]["tokens/s"], rows[-len(variants)]["marginal tokens/s"]
             for r in rows[-len(variants):]:
                 r["ours / this"] = ours / r["tokens/s"]
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         print(f"{dtype}: extract {mine[0]['tokens/s']:,.0f} tok/s vs best torch loop ({best['job']}) "
               f"{best['tokens/s']:,.0f} tok/s = {mine[0]['tokens/s'] / best['tokens/s']:.2f}x "
               f"(goal: faster: {'met' if mine[0]['tokens/s'] > best['tokens/s'] else 'not met'})")
-        best = max(mine[1:], key=lambda r: r["marginal tokens/s"])
+        best = max(mine[1:], key=lambda r: r["marginal tokens/s"] if r["marginal tokens/s"] == r["marginal tokens/s"] else -1)
         ratio = mine[0]["marginal tokens/s"] / best["marginal tokens/s"]
         print(f"{dtype}: extract marginal {mine[0]['marginal tokens/s']:,.0f} tok/s vs best torch loop ({best['job']}) "
               f"{best['marginal tokens/s']:,.0f} tok/s = {ratio:.2f}x (issue 24 goal >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
