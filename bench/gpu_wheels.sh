@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Wheels the GPU image lacks for gpu_bench.py's extract row (apache-beam, google-crc32c and the
-# dependencies of theirs that the image does not have), downloaded into .whl/ for the device tool
-# to carry, then the one `run` command that installs them and runs the GPU check.
+# Wheels the GPU image lacks for gpu_bench.py (apache-beam and google-crc32c for the extract row,
+# tokamax for its attention rows, and the dependencies of theirs that the image does not have),
+# downloaded into .whl/ for the device tool to carry, then the one `run` command that installs
+# them and runs the GPU check. tokamax only with WITH_TOKAMAX=1: its dependencies (xprof, gcsfs,
+# ...) add 62 MiB, too much beside Beam's 35 MiB under the 64 MiB carry limit (measured
+# 2026-12-06); use it with --no-extract and without Beam (WITH_TOKAMAX=1 NO_BEAM=1).
 #
 #     bench/gpu_wheels.sh            # here, where PyPI is reachable (the GPU machine reaches nothing)
 #
@@ -14,6 +17,10 @@ cd "$(git rev-parse --show-toplevel)"
 
 BEAM=$(grep -E '^apache-beam(\[[a-z,]*\])?==' requirements.txt | sed -E 's/\[[a-z,]*\]//')
 CRC=$(grep -E '^google-crc32c==' requirements.txt)
+TOKAMAX=$(grep -E '^tokamax==' requirements-test.txt | cut -d';' -f1 | tr -d ' ')
+PACKAGES=()
+[[ -z "${NO_BEAM:-}" ]] && PACKAGES+=("$BEAM" "$CRC")
+[[ -n "${WITH_TOKAMAX:-}" ]] && PACKAGES+=("$TOKAMAX")
 PY=${PYTHON:-python3}
 LIMIT_MIB=64
 
@@ -54,7 +61,7 @@ mkdir -p .whl
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_5_x86_64 \
-    -d .whl "$BEAM" "$CRC"
+    -d .whl "${PACKAGES[@]}"
 
 image=" $(echo "$IMAGE" | normalize | tr '\n' ' ') "
 for whl in .whl/*.whl; do
@@ -75,6 +82,6 @@ fi
 
 cat <<'EOF'
 
-device command (the tool's `run`, with carry [".whl"] and timeout_s 420; gpu_bench itself is cut at 6 minutes):
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; PYTHONUNBUFFERED=1 timeout 360 python3 bench/gpu_bench.py 2>&1 | tee $OUT/gpu_bench.log
+device command (the tool's `run`, with carry [".whl"] and timeout_s 560; gpu_bench itself is cut at 8 minutes):
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; PYTHONUNBUFFERED=1 timeout 480 python3 bench/gpu_bench.py 2>&1 | tee $OUT/gpu_bench.log
 EOF

@@ -30,6 +30,10 @@ def mesh(single):
     return make_mesh((1, 1), config, 1, np.float32)
 
 
+def config_of(folder):
+    return load_model_config(folder)[0]
+
+
 def _load(folder, mesh, num_layers=4, dtype=np.float32):
     config, _ = load_model_config(folder)
     return checkpoint.load_params(folder, config, num_layers, mesh, dtype)
@@ -50,12 +54,17 @@ def test_weights_land_where_the_table_says(single, mesh):
     params = _load(folder, mesh)
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     np.testing.assert_array_equal(params["embed"], sd["model.embed_tokens.weight"])
-    q = sd["model.layers.2.self_attn.q_proj.weight"]  # [N*H, D]
-    np.testing.assert_array_equal(np.asarray(params["layers"]["q"][2])[:, 3, :], q[3 * 8:4 * 8].T)
+    q = sd["model.layers.2.self_attn.q_proj.weight"]  # [N*H, D]; qkv [L, D, K, G + 2, H]
+    g = config_of(folder).num_heads // config_of(folder).num_kv_heads
+    np.testing.assert_array_equal(np.asarray(params["layers"]["qkv"][2])[:, 3 // g, 3 % g], q[3 * 8:4 * 8].T)
+    v = sd["model.layers.2.self_attn.v_proj.weight"]  # [K*H, D]
+    np.testing.assert_array_equal(np.asarray(params["layers"]["qkv"][2])[:, 1, g + 1], v[8:16].T)
+    up = sd["model.layers.3.mlp.up_proj.weight"]  # [F, D]; gate_up [L, D, 2, F]
+    np.testing.assert_array_equal(np.asarray(params["layers"]["gate_up"][3])[:, 1], up.T)
     o = sd["model.layers.1.self_attn.o_proj.weight"]  # [D, N*H]
     np.testing.assert_array_equal(np.asarray(params["layers"]["o"][1])[5], o[:, 5 * 8:6 * 8].T)
     np.testing.assert_array_equal(params["layers"]["down"][3], sd["model.layers.3.mlp.down_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(params["layers"]["k_bias"][0]).ravel(), sd["model.layers.0.self_attn.k_proj.bias"])
+    np.testing.assert_array_equal(np.asarray(params["layers"]["qkv_bias"][0])[:, g].ravel(), sd["model.layers.0.self_attn.k_proj.bias"])
     assert "o_bias" not in params["layers"]  # Qwen2: o_proj has no bias
 
 
@@ -75,6 +84,10 @@ def test_bfloat16_checkpoint_loads(mesh):
     assert params["embed"].dtype == ml_dtypes.bfloat16
     want = torch_model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(params["embed"]).astype(np.float32), want)
+    # on CPU the block stacks hold the bf16 bits (transformer.BITS: the scan slices no float32 copy)
+    assert params["layers"]["down"].dtype == np.uint16
+    down = torch_model.model.layers[1].mlp.down_proj.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(params["layers"]["down"][1]).view(ml_dtypes.bfloat16).astype(np.float32), down.T)
     # bfloat16 file, float32 compute: widening is exact
     wide = _load(folder, mesh, dtype=np.float32)
     np.testing.assert_array_equal(wide["embed"], want)

@@ -20,13 +20,29 @@ FULL = ModelConfig(architecture="Qwen3ForCausalLM", model_type="qwen3", vocab_si
                    o_bias=True, qk_norm=True)
 
 
-@pytest.mark.parametrize("rule", checkpoint.KEY_TABLE, ids=lambda r: r.param)
+@pytest.mark.parametrize("rule", checkpoint.KEY_TABLE, ids=lambda r: r.name)
 def test_to_hf_is_the_exact_inverse_of_each_key_table_row(rule):
     hf = np.random.default_rng(0).standard_normal(rule.hf_shape(FULL)).astype(np.float32)
     ours = rule.to_ours(hf, FULL)
-    back = checkpoint.to_hf(rule.param, np.ascontiguousarray(ours), FULL)
+    back = checkpoint.to_hf(rule.name, np.ascontiguousarray(ours), FULL)
     assert back.shape == hf.shape and back.flags.c_contiguous
     np.testing.assert_array_equal(back, hf)
+
+
+def test_fused_params_hold_hf_heads_in_repeat_kv_order():
+    # qkv [D, K, G + 2, H]: query head n = kv head n // G (HF's repeat_kv), then that kv head's k and v
+    params = random_params(FULL, 1, seed=2)
+    tensors = {name: checkpoint.to_hf(name, value, FULL) for name, layer, value in random_tensors(FULL, 1, seed=2)
+               if layer == 0}
+    qkv, g, h = params["layers"]["qkv"][0], 2, 8
+    for n in range(4):
+        np.testing.assert_array_equal(qkv[:, n // g, n % g], tensors["q"][n * h:(n + 1) * h].T)
+    for kv in range(2):
+        np.testing.assert_array_equal(qkv[:, kv, g], tensors["k"][kv * h:(kv + 1) * h].T)
+        np.testing.assert_array_equal(qkv[:, kv, g + 1], tensors["v"][kv * h:(kv + 1) * h].T)
+        np.testing.assert_array_equal(params["layers"]["qkv_bias"][0][kv, g + 1], tensors["v_bias"][kv * h:(kv + 1) * h])
+    np.testing.assert_array_equal(params["layers"]["gate_up"][0][:, 0], tensors["gate"].T)
+    np.testing.assert_array_equal(params["layers"]["gate_up"][0][:, 1], tensors["up"].T)
 
 
 @pytest.mark.parametrize("shard_bytes", [None, 4096], ids=["single", "sharded"])
@@ -53,14 +69,14 @@ def test_params_written_from_a_pytree_round_trip(tmp_path):
     from safetensors.numpy import load_file
 
     params = random_params(FULL, FULL.num_layers, seed=1)
-    save_hf_checkpoint(tmp_path, FULL, params_tensors(params), {"architectures": ["Qwen3ForCausalLM"]})
+    save_hf_checkpoint(tmp_path, FULL, params_tensors(params, FULL), {"architectures": ["Qwen3ForCausalLM"]})
     written = load_file(str(tmp_path / source.SINGLE_FILE))
-    rules = {r.param: r for r in checkpoint.KEY_TABLE}
-    assert len(written) == 1 + FULL.num_layers * len(params["layers"])  # no head keys: the pytree has none
-    for name, stack in params["layers"].items():
+    rules = checkpoint.block_rules(FULL)
+    assert len(written) == 1 + FULL.num_layers * len(rules)  # no head keys: the pytree has none
+    for rule in rules:  # each HF tensor read back lands exactly on its part of the fused param
         for layer in range(FULL.num_layers):
-            np.testing.assert_array_equal(rules[name].to_ours(written[checkpoint.hf_key(rules[name], layer)], FULL),
-                                          stack[layer])
+            np.testing.assert_array_equal(rule.to_ours(written[checkpoint.hf_key(rule, layer)], FULL),
+                                          params["layers"][rule.param][layer][checkpoint.part_index(rule, FULL)])
 
 
 # sha256 of the demo's model.safetensors per demo.DEMO_VERSION: the cache folder is named by the

@@ -121,7 +121,8 @@ def test_hooks_ride_one_layer_scan_that_stops_at_the_deepest_layer():
     _, scan = program((1, 2), hk.HOOKS)
     assert scan.params["length"] == 3  # blocks 0..2 only; block 3 never runs
     # carries: the residual stream [B, T, D], then one [R, B, T, width] per hook (a dict: JAX
-    # orders its leaves by key); z is Qwen3's 8 heads x 32 wide
+    # orders its leaves by key); z is Qwen3's 8 heads x 32 wide; the deepest block's resid_post is
+    # the residual stream itself, so resid_post keeps block 1 only
     carries = [v.aval.shape for v in scan.outvars[:1 + len(hk.HOOKS)]]
     assert carries[0] == (1, 8, 64)
-    assert carries[1:] == [(2, 1, 8, 256 if h == "z" else 64) for h in sorted(hk.HOOKS)]
+    assert carries[1:] == [(1 if h == "resid_post" else 2, 1, 8, 256 if h == "z" else 64) for h in sorted(hk.HOOKS)]

@@ -50,9 +50,10 @@ def test_sharded_equals_one_device(folder, one_device, shape):
                    storage_dtype="float32", mesh_shape=shape)
     assert dict(ex.mesh.shape) == {"data": shape[0], "model": shape[1]}
     assert ex.mesh.devices.size == shape[0] * shape[1]
-    q = ex.params["layers"]["q"]
-    assert q.sharding.spec == P(None, None, "model", None)
-    assert q.addressable_shards[0].data.shape == (max(LAYERS) + 1, 64, 8 // shape[1], 8)  # heads really split, blocks stacked
+    qkv = ex.params["layers"]["qkv"]  # [L, D, K, G + 2, H]: split over kv heads, each with its query heads
+    assert qkv.sharding.spec == P(None, None, "model", None, None)
+    k, g = ex.config.num_kv_heads, ex.config.num_heads // ex.config.num_kv_heads
+    assert qkv.addressable_shards[0].data.shape == (max(LAYERS) + 1, 64, k // shape[1], g + 2, 8)  # heads really split
     out = ex(*packed_batch(ROWS, SEQ_LEN)[:3])
     for layer in LAYERS:
         # only the summation order of the split matmuls differs

@@ -8,8 +8,11 @@ and passed down explicitly; nothing here reads a global backend.
   XLA, runs everywhere. The reference, the CPU path and the fallback.
 * "splash": Pallas splash attention (TPU) with SegmentIds and a causal mask, GQA in its
   multi-head mode, vmapped over the batch.
-* "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/f16), causal,
-  with the segment mask as a boolean mask.
+* "cudnn": cuDNN flash attention on packed sequences (GPU, bf16/f16): each row's segments are
+  passed as lengths and offsets (cuDNN's THD layout, mask type PADDING_CAUSAL), so no [T, S] mask
+  is built and tiles that cross segments are skipped. A row holds up to Backend.max_segments runs;
+  a batch with a fuller row takes cuDNN's dense-mask call instead (same kernel family, exact mask;
+  in-graph, per batch; said at start-up by Backend.describe).
 * "tokamax": tokamax's flash attention (GPU; an optional package), whose mask takes each query's
   first key (`k_start`), which is exactly block-diagonal causal.
 
@@ -20,8 +23,9 @@ per kv head, H head_dim.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,10 @@ AUTO = {"cpu": "xla", "tpu": "splash", "gpu": "cudnn"}
 QUERY_BLOCK = {"cpu": 128, "tpu": ACCELERATOR_QUERY_BLOCK, "gpu": ACCELERATOR_QUERY_BLOCK}
 # Splash attention tiles: its kv compute block must be a multiple of the TPU's 128 lanes.
 SPLASH_BLOCK = 128
+# Runs of equal segment id per row the packed cuDNN call takes (padding is one more run). Packed
+# rows of a web corpus hold a handful (median document ~600 tokens at T = 2048); each slot costs
+# cuDNN a few empty tiles.
+MAX_SEGMENTS = 32
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,18 @@ class Backend:
     attention: str  # one of IMPLEMENTATIONS
     query_block: int  # "xla" path: queries per block
     interpret: bool = False  # run Pallas kernels in interpret mode (on CPU: tests only)
+    max_segments: int = MAX_SEGMENTS  # "cudnn": runs per row of the packed call (0: always the dense mask)
+
+    def describe(self) -> str:
+        """One line saying which kernel runs, and when it takes another path."""
+        if self.attention == "cudnn" and not self.max_segments:
+            return "attention cudnn: dense [B, 1, T, S] segment mask (max_segments 0)"
+        if self.attention == "cudnn":
+            return (f"attention cudnn: packed segments (THD), up to {self.max_segments} per row; a batch with a "
+                    "fuller row runs cuDNN's dense-mask call (exact mask, in-graph)")
+        if self.attention == "xla":
+            return f"attention xla: query blocks of {self.query_block}"
+        return f"attention {self.attention}" + (" (Pallas interpret mode)" if self.interpret else "")
 
     @property
     def float32_dots(self) -> bool:
@@ -74,7 +94,8 @@ def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: 
     "splash" off a TPU runs in Pallas interpret mode: exact but slow, for tests on CPU. Any other
     kernel that cannot run here is a UsageError.
     """
-    platform = platform_of(list(devices))
+    devices = list(devices)  # (an iterator, such as mesh.devices.flat, is read once)
+    platform = platform_of(devices)
     sixteen_bit = np.dtype(dtype).itemsize == 2
     if attention == "auto":
         attention = AUTO.get(platform, "xla")
@@ -87,10 +108,22 @@ def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: 
         raise UsageError(f"attention implementation {attention!r} needs a {needs.upper()}; the mesh's devices are {platform}")
     if attention == "cudnn" and not sixteen_bit:
         raise UsageError("attention implementation 'cudnn' needs a 16-bit compute dtype (bfloat16); use 'xla' for float32")
+    capability = getattr(devices[0], "compute_capability", None)
+    if attention in ("cudnn", "tokamax") and capability and float(capability) < 8.0:
+        raise UsageError(f"attention implementation {attention!r} needs compute capability >= 8.0 (this GPU has "
+                         f"{capability}); use 'xla'")
+    if attention == "tokamax":
+        try:
+            import tokamax  # noqa: F401
+        except ImportError:
+            raise UsageError("attention implementation 'tokamax' needs the tokamax package (Python >= 3.12, "
+                             "jax >= 0.11.1); use 'cudnn'") from None
     block = query_block or QUERY_BLOCK.get(platform, 512)
     if block < 1:
         raise UsageError(f"query block {block} must be positive")
-    return Backend(platform, attention, block, interpret=attention == "splash" and platform != "tpu")
+    backend = Backend(platform, attention, block, interpret=attention == "splash" and platform != "tpu")
+    logging.getLogger(__name__).info(backend.describe())
+    return backend
 
 
 # ----------------------------------------------------------------------------- masks
@@ -134,6 +167,35 @@ def key_windows(mask: jax.Array, step: int) -> jax.Array:
     return jnp.sum(jnp.asarray(sizes[:-1], jnp.int32)[None, :] < need[:, None], axis=1).astype(jnp.int32)
 
 
+def runs(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int32: the index of each token's run of equal segment id in its row (0, 1, ...).
+    Packing writes each segment as one run and padding as the last, so runs are segments."""
+    new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1
+
+
+class Packed(NamedTuple):
+    """cuDNN's packed-sequence arguments for rows of up to M runs (jax's fused_attention API)."""
+
+    seqlens: jax.Array  # [B, M] int32: tokens of run r, -1 past the row's last run
+    offsets: jax.Array  # [B, M + 1] int32: first token of run r within the row, -1 past the last
+    overflow: jax.Array  # [B] bool: the row holds more than M runs (its later runs are missing above)
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int) -> Packed:
+    """Packed (THD) arguments of segment_ids [B, T]: every run (padding's too, so every token is in
+    one and its output is finite) is one cuDNN sequence, causal from its first token."""
+    b, t = segment_ids.shape
+    run = runs(segment_ids)
+    # [B, M, T]: token t is in run r
+    member = run[:, None, :] == jnp.arange(max_segments, dtype=jnp.int32)[None, :, None]
+    lengths = jnp.sum(member, axis=2, dtype=jnp.int32)
+    starts = jnp.argmax(member, axis=2).astype(jnp.int32)
+    seqlens = jnp.where(lengths > 0, lengths, -1)
+    offsets = jnp.pad(jnp.where(lengths > 0, starts, -1), ((0, 0), (0, 1)), constant_values=-1)
+    return Packed(seqlens, offsets, run[:, -1] >= max_segments)
+
+
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
     """[B, T] int32: the position of each token's segment's first token (k_start of its query)."""
     t = segment_ids.shape[1]
@@ -160,8 +222,7 @@ def prepare(backend: Backend, segment_ids: jax.Array) -> Any:
         mask = attention_mask(segment_ids)
         return mask, key_windows(mask, min(t, backend.query_block))
     if backend.attention == "cudnn":
-        # [B, 1, T, S]: same segment (the causal part is the kernel's own mask type)
-        return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return segment_ids, (packed_segments(segment_ids, backend.max_segments) if backend.max_segments else None)
     if backend.attention == "tokamax":
         return segment_starts(segment_ids)
     return segment_ids
@@ -252,27 +313,64 @@ def _splash(q, k, v, segment_ids, *, interpret: bool) -> jax.Array:
     return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
 
-def _cudnn(q, k, v, same_segment, implementation: str = "cudnn") -> jax.Array:
-    """cuDNN flash attention: causal mask type, segments as a [B, 1, T, S] boolean mask.
+def _cudnn(q, k, v, aux) -> jax.Array:
+    """cuDNN flash attention on packed segments; a batch with a row of more than max_segments runs
+    takes the dense-mask call (lax.cond: only the branch taken runs, so the mask is built only then)."""
+    segment_ids, packed = aux
+    if packed is None:  # max_segments 0: the dense mask always (gpu_bench's comparison)
+        return _cudnn_dense(q, k, v, segment_ids)
+    return jax.lax.cond(jnp.any(packed.overflow), lambda: _cudnn_dense(q, k, v, segment_ids),
+                        lambda: _cudnn_packed(q, k, v, packed))
+
+
+def packed_kv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k, v as the packed cuDNN call needs them: jax < 0.11 scales the key offsets by the *query*
+    heads (fixed in 0.11), so there grouped-query k and v are repeated to one head per query head."""
+    if k.shape[2] != q.shape[2] and jax.__version_info__ < (0, 11):
+        g = q.shape[2] // k.shape[2]
+        return jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    return k, v
+
+
+def _cudnn_packed(q, k, v, packed: Packed) -> jax.Array:
+    """cuDNN's THD call: each run its own causal sequence, no mask tensor (a private jax module:
+    jax.nn.dot_product_attention takes no offsets)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    k, v = packed_kv(q, k, v)
+    return fa.dot_product_attention(q, k, v, q_seqlen=packed.seqlens, kv_seqlen=packed.seqlens,
+                                    q_offsets=packed.offsets, kv_offsets=packed.offsets, scale=q.shape[-1] ** -0.5,
+                                    mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+def _cudnn_dense(q, k, v, segment_ids, implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention, causal mask type, segments as a [B, 1, T, S] boolean mask (made here).
     (implementation="xla" runs the same call anywhere: the tests check its arguments on CPU.)"""
-    return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True, implementation=implementation)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=implementation)
 
 
-def _tokamax(q, k, v, starts) -> jax.Array:
+# tokamax's GPU flash kernels, in order of preference; the first that takes the shapes is used,
+# chosen once when the step is traced (at start-up) and logged.
+TOKAMAX_KERNELS = ("mosaic_gpu", "triton")
+
+
+def _tokamax(q, k, v, starts, kernels: Sequence[str] = TOKAMAX_KERNELS) -> jax.Array:
     """tokamax flash attention with a per-query first key (k_start): block-diagonal causal without
-    any [T, S] mask. tokamax is optional (not a dependency); its Mask is not yet public API."""
-    try:
-        from tokamax._src.ops.attention import base as tokamax_base
-        from tokamax._src.ops.attention.api import IMPLEMENTATIONS as TOKAMAX
-    except ImportError:
-        raise UsageError("attention implementation 'tokamax' needs the tokamax package (pip install tokamax)") from None
+    any [T, S] mask. tokamax is optional (not a dependency: backend_for checks that it imports);
+    its Mask is not yet public API. (kernels=("xla",) runs tokamax's reference anywhere: tests.)"""
+    from tokamax._src.ops.attention import base as tokamax_base
+    from tokamax._src.ops.attention.api import IMPLEMENTATIONS as TOKAMAX
+
     # [B, 1, T]: query t sees keys [starts[t], t]
     mask = tokamax_base.Mask(k_start=starts[:, None, :], is_causal=True)
-    for name in ("mosaic_gpu", "triton"):
+    for name in kernels:
         if name in TOKAMAX:
             try:
-                return TOKAMAX[name](q, k, v, bias=None, mask=mask, logits_scale=q.shape[-1] ** -0.5,
-                                     precision=None, logits_soft_cap=None, q_sharding=None)
+                out = TOKAMAX[name](q, k, v, bias=None, mask=mask, logits_scale=q.shape[-1] ** -0.5,
+                                    precision=None, logits_soft_cap=None, q_sharding=None)
             except NotImplementedError:
                 continue
-    raise UsageError("tokamax has no GPU flash attention kernel for these shapes")
+            logging.getLogger(__name__).info("attention tokamax: its %s kernel", name)
+            return out
+    raise UsageError(f"tokamax has none of the kernels {', '.join(kernels)} for these shapes; use 'cudnn'")

@@ -24,52 +24,85 @@ from llm_activations.model import source
 from llm_activations.model.config import ModelConfig
 from llm_activations.errors import UsageError
 from llm_activations.model.sharding import named_sharding
-from llm_activations.model.transformer import layer_specs, param_shardings, param_specs
+from llm_activations.model.attention import platform_of
+from llm_activations.model.transformer import BITS, layer_specs, param_shardings, param_specs, to_bits
 
 
 
 class KeyRule(NamedTuple):
     pattern: str  # regex over the HF key; (\d+) is the layer index
-    param: str  # our name: "embed" or a block param
+    name: str  # the HF tensor's short name: "embed", "q", "gate", ... (RULE_OF's key)
     hf_shape: Callable[[ModelConfig], tuple[int, ...]]
-    to_ours: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    to_ours: Callable[[np.ndarray, ModelConfig], np.ndarray]  # HF tensor -> its part of `param`, our layout
+    param: str = ""  # the param it lands in ("" = name); fused params (qkv, gate_up) hold several
+    part: Callable[[ModelConfig], slice] | None = None  # where along the param's "parts" axis (None: whole)
 
 
 def _same(w, c):
     return w
 
 
-# HF Linear weights are [out, in]; ours are [in, ...] with heads split out.
+def _group(c: ModelConfig) -> int:
+    return c.num_heads // c.num_kv_heads
+
+
+def _fused(pattern, name, param, hf_shape, to_ours, part) -> KeyRule:
+    return KeyRule(pattern, name, hf_shape, to_ours, param, part)
+
+
+# HF Linear weights are [out, in]; ours are [in, ...] with heads split out. q, k and v are fused
+# into qkv [D, K, G + 2, H] (per kv head: its G query heads - HF's query head n belongs to kv head
+# n // G - then k, then v), and gate and up into gate_up [D, 2, F]: transformer.layer_specs.
 KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size), _same),
     KeyRule(r"model\.layers\.(\d+)\.input_layernorm\.weight", "attn_norm", lambda c: (c.hidden_size,), _same),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "q", lambda c: (c.q_size, c.hidden_size),
-            lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "k", lambda c: (c.kv_size, c.hidden_size),
-            lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "v", lambda c: (c.kv_size, c.hidden_size),
-            lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)),
+    _fused(r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "q", "qkv", lambda c: (c.q_size, c.hidden_size),
+           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, _group(c), c.head_dim),
+           lambda c: slice(0, _group(c))),
+    _fused(r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "k", "qkv", lambda c: (c.kv_size, c.hidden_size),
+           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, 1, c.head_dim),
+           lambda c: slice(_group(c), _group(c) + 1)),
+    _fused(r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "v", "qkv", lambda c: (c.kv_size, c.hidden_size),
+           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, 1, c.head_dim),
+           lambda c: slice(_group(c) + 1, _group(c) + 2)),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "o", lambda c: (c.hidden_size, c.q_size),
             lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "q_bias", lambda c: (c.q_size,),
-            lambda w, c: w.reshape(c.num_heads, c.head_dim)),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "k_bias", lambda c: (c.kv_size,),
-            lambda w, c: w.reshape(c.num_kv_heads, c.head_dim)),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "v_bias", lambda c: (c.kv_size,),
-            lambda w, c: w.reshape(c.num_kv_heads, c.head_dim)),
+    _fused(r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "q_bias", "qkv_bias", lambda c: (c.q_size,),
+           lambda w, c: w.reshape(c.num_kv_heads, _group(c), c.head_dim), lambda c: slice(0, _group(c))),
+    _fused(r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "k_bias", "qkv_bias", lambda c: (c.kv_size,),
+           lambda w, c: w.reshape(c.num_kv_heads, 1, c.head_dim), lambda c: slice(_group(c), _group(c) + 1)),
+    _fused(r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "v_bias", "qkv_bias", lambda c: (c.kv_size,),
+           lambda w, c: w.reshape(c.num_kv_heads, 1, c.head_dim), lambda c: slice(_group(c) + 1, _group(c) + 2)),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "o_bias", lambda c: (c.hidden_size,), _same),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "q_norm", lambda c: (c.head_dim,), _same),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "k_norm", lambda c: (c.head_dim,), _same),
     KeyRule(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "mlp_norm", lambda c: (c.hidden_size,), _same),
-    KeyRule(r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "gate", lambda c: (c.intermediate_size, c.hidden_size),
-            lambda w, c: w.T),
-    KeyRule(r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "up", lambda c: (c.intermediate_size, c.hidden_size),
-            lambda w, c: w.T),
+    _fused(r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "gate", "gate_up",
+           lambda c: (c.intermediate_size, c.hidden_size), lambda w, c: w.T[:, None], lambda c: slice(0, 1)),
+    _fused(r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "up", "gate_up",
+           lambda c: (c.intermediate_size, c.hidden_size), lambda w, c: w.T[:, None], lambda c: slice(1, 2)),
     KeyRule(r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "down", lambda c: (c.hidden_size, c.intermediate_size),
             lambda w, c: w.T),
 )
+KEY_TABLE = tuple(r._replace(param=r.param or r.name) for r in KEY_TABLE)
 _COMPILED = tuple((re.compile(r.pattern + r"\Z"), r) for r in KEY_TABLE)
-RULE_OF = {r.param: r for r in KEY_TABLE}  # our param name -> its row
+RULE_OF = {r.name: r for r in KEY_TABLE}  # HF tensor short name -> its row
+
+
+def part_index(rule: KeyRule, c: ModelConfig) -> tuple:
+    """Where rule's tensor (in our layout) sits in one block of its param: the whole of it, or a
+    slice along the fused param's "parts" axis."""
+    if rule.part is None:
+        return (...,)
+    axis = layer_specs(c)[rule.param].axes.index("parts")
+    return (slice(None),) * axis + (rule.part(c),)
+
+
+def block_rules(c: ModelConfig) -> list[KeyRule]:
+    """The rows of one block's HF tensors that config c has (q/k/v biases, qk norms and the o bias
+    only where its architecture has them)."""
+    specs = layer_specs(c)
+    return [r for r in KEY_TABLE if r.name != "embed" and r.param in specs]
 
 # Present in checkpoints, never needed for the residual stream.
 IGNORED_KEYS = re.compile(r"(lm_head\.weight|model\.norm\.weight|model\.rotary_emb\.inv_freq|"
@@ -77,7 +110,7 @@ IGNORED_KEYS = re.compile(r"(lm_head\.weight|model\.norm\.weight|model\.rotary_e
 
 
 def hf_key(rule: KeyRule | str, layer: int | None) -> str:
-    """The HF key a rule (or our param name) stands for at one layer (None for the embedding)."""
+    """The HF key a rule (or its short name) stands for at one layer (None for the embedding)."""
     if isinstance(rule, str):
         rule = RULE_OF[rule]
     return rule.pattern.replace(r"(\d+)", str(layer)).replace("\\", "")
@@ -96,7 +129,7 @@ def check_complete(folder: str, config: ModelConfig, num_blocks: int) -> None:
                 shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except Exception as e:
             raise UsageError(f"--model {folder}: {os.path.basename(path)} is unreadable or truncated ({e})") from None
-    needed = [(RULE_OF["embed"], None)] + [(RULE_OF[name], i) for i in range(num_blocks) for name in layer_specs(config)]
+    needed = [(RULE_OF["embed"], None)] + [(rule, i) for i in range(num_blocks) for rule in block_rules(config)]
     for rule, layer in needed:
         key = hf_key(rule, layer)
         if key not in shapes:
@@ -165,9 +198,12 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
     Block weights are stacked into [num_layers, ...] arrays (what forward's lax.scan walks). Each
     stack is allocated once on the mesh and every block's tensor is written into it in place as it
     is read, so the host holds one tensor at a time and the device never a second copy.
+    On CPU, the block stacks of a 16-bit dtype hold its uint16 bits (transformer.BITS: the scan
+    then slices no float32 copy of them); the embedding is always in dtype.
     Raises UsageError naming the key for a missing, unknown, duplicate or wrongly shaped weight.
     """
     dtype = np.dtype(dtype)
+    bits = platform_of(list(mesh.devices.flat)) == "cpu" and dtype.itemsize == 2
     shardings = param_shardings(config, num_layers, mesh)
     specs = param_specs(config, num_layers)
     params: dict = {"embed": None, "layers": {}}
@@ -200,10 +236,14 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
                 spec = specs["layers"][rule.param]
                 stack = params["layers"].pop(rule.param, None)
                 if stack is None:
-                    stack = _zeros(spec.shape, dtype, shardings["layers"][rule.param])
-                block = jax.device_put(value, named_sharding(mesh, spec.axes[1:]))
-                params["layers"][rule.param] = jax.block_until_ready(_write_block(stack, block, np.int32(layer)))
-                filled.add((rule.param, layer))
+                    stack = _zeros(spec.shape, BITS if bits else dtype, shardings["layers"][rule.param])
+                block = jax.device_put(to_bits(value) if bits else value, named_sharding(mesh, spec.axes[1:]))
+                # [L, ...] start of this tensor in the stack: its block, and its part of a fused param
+                at = [layer] + [0] * (len(spec.shape) - 1)
+                if rule.part is not None:
+                    at[1 + spec.axes[1:].index("parts")] = rule.part(config).start
+                params["layers"][rule.param] = jax.block_until_ready(_write_block(stack, block, np.asarray(at, np.int32)))
+                filled.add((rule.name, layer))
                 del stack, block  # the stack was donated; the block is written
             # The transfer is done: at most one tensor's host and device copies are alive at any time.
             del value
@@ -221,35 +261,42 @@ def _zeros_program(shape: tuple[int, ...], dtype, sharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
-# Writes one block into its stack in place (the stack's buffer is donated): one small program per
-# weight shape, whatever the number of blocks.
+# Writes one block's tensor (a fused param's part) into its stack in place at `at` [L, ...] (the
+# stack's buffer is donated): one small program per tensor shape, whatever the number of blocks.
 @functools.partial(jax.jit, donate_argnums=0)
-def _write_block(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stack, value, layer, 0)
+def _write_block(stack: jax.Array, value: jax.Array, at: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(stack, value[None], tuple(at))
 
 
 def _check_complete(params: dict, filled: set, specs: dict, config: ModelConfig, num_layers: int) -> None:
     if params["embed"] is None:
         raise UsageError(f"checkpoint is missing {hf_key('embed', None)}")
     for i in range(num_layers):
-        missing = [name for name in specs["layers"] if (name, i) not in filled]
+        missing = [r.name for r in block_rules(config) if (r.name, i) not in filled]
         if missing:
             raise UsageError(f"checkpoint is missing {hf_key(missing[0], i)}"
                              + (f" (and {len(missing) - 1} more weights of layer {i})" if len(missing) > 1 else ""))
 
 
-def to_hf(param: str, value: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """Our array for one weight (one block's, for a block weight) -> its HF tensor: the exact
-    inverse of that KEY_TABLE row's to_ours, so keys and layouts are written where they are read.
+def to_hf(name: str, value: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """One HF tensor in our layout (one block's, for a block weight; its part, for a fused param:
+    `split_block`) -> the HF tensor: the exact inverse of that KEY_TABLE row's to_ours, so keys and
+    layouts are written where they are read.
 
     Every to_ours is a rearrangement (transposes and reshapes, which NumPy makes as views), so
     to_ours applied to an empty HF-shaped tensor is a view of it in our layout: writing `value`
     through that view fills the HF tensor, and no transform is written twice.
     """
-    rule = RULE_OF[param]
+    rule = RULE_OF[name]
     out = np.empty(rule.hf_shape(config), value.dtype)
     view = rule.to_ours(out, config)
     if not (view is out or view.base is out) or view.shape != value.shape:
-        raise ValueError(f"{param}: KEY_TABLE's to_ours is not a view of shape {value.shape}; it has no inverse here")
+        raise ValueError(f"{name}: KEY_TABLE's to_ours is not a view of shape {value.shape}; it has no inverse here")
     view[...] = value
     return out
+
+
+def split_block(param: str, value: np.ndarray, config: ModelConfig) -> list[tuple[str, np.ndarray]]:
+    """One block of our param -> (HF short name, tensor in our layout) for each HF tensor it holds
+    (three for qkv, two for gate_up, else one): what to_hf takes."""
+    return [(r.name, value[part_index(r, config)]) for r in KEY_TABLE if r.param == param]

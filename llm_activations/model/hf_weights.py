@@ -17,10 +17,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from llm_activations.model.checkpoint import RULE_OF, hf_key, to_hf
+from llm_activations.model.checkpoint import RULE_OF, hf_key, part_index, split_block, to_hf
 from llm_activations.model.source import INDEX_FILE, SINGLE_FILE
 from llm_activations.model.config import ModelConfig
-from llm_activations.model.transformer import layer_specs
+from llm_activations.model.transformer import param_specs
 
 # The two HF keys our params never hold (checkpoint.IGNORED_KEYS skips them on load) but that
 # transformers needs to load a checkpoint as a *ForCausalLM. Same layout as HF.
@@ -32,7 +32,8 @@ DRAW_ORDER = ("attn_norm", "mlp_norm", "q", "q_bias", "k", "k_bias", "v", "v_bia
               "gate", "up", "down")
 NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
 
-Tensor = tuple[str, "int | None", np.ndarray]  # (param or HEAD_KEYS name, block or None, value in our layout)
+# (KEY_TABLE short name or HEAD_KEYS name, block or None, value in our layout: a fused param's part)
+Tensor = tuple[str, "int | None", np.ndarray]
 
 
 def draw(rng: np.random.Generator, param: str, hf_shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
@@ -59,23 +60,25 @@ def random_tensors(c: ModelConfig, num_layers: int | None = None, seed: int = 0)
     if not c.tie_word_embeddings:
         yield "lm_head", None, draw(rng, "lm_head", (c.vocab_size, c.hidden_size))
     yield "norm", None, np.ones(c.hidden_size, np.float32)
-    specs = layer_specs(c)
+    specs = param_specs(c, 1)["layers"]
     for layer in range(c.num_layers if num_layers is None else num_layers):
         for name in DRAW_ORDER:
-            if name in specs:
+            if RULE_OF[name].param in specs:
                 yield name, layer, RULE_OF[name].to_ours(draw(rng, name, RULE_OF[name].hf_shape(c)), c)
 
 
 def random_params(c: ModelConfig, num_layers: int, seed: int = 0) -> dict:
     """random_tensors as the params pytree forward takes, in NumPy: {"embed": [V, D], "layers":
-    {name: [num_layers, ...]}} (the blocks stacked; no lm_head or final norm)."""
-    params: dict = {"embed": None, "layers": {}}
+    {param: [num_layers, ...]}} (the blocks stacked, q|k|v and gate|up fused as the loader fuses
+    them; no lm_head or final norm)."""
+    specs = param_specs(c, num_layers)["layers"]
+    params: dict = {"embed": None, "layers": {name: np.zeros(s.shape, np.float32) for name, s in specs.items()}}
     for name, layer, value in random_tensors(c, num_layers, seed):
         if name == "embed":
             params["embed"] = value
         elif layer is not None:
-            params["layers"].setdefault(name, []).append(value)
-    params["layers"] = {name: np.stack(blocks) for name, blocks in params["layers"].items()}
+            rule = RULE_OF[name]
+            params["layers"][rule.param][layer][part_index(rule, c)] = value
     return params
 
 
@@ -96,12 +99,14 @@ def hf_tensors(c: ModelConfig, tensors: Iterable[Tensor]) -> Iterator[tuple[str,
             yield hf_key(RULE_OF[name], layer), to_hf(name, value, c)
 
 
-def params_tensors(params: dict) -> Iterator[Tensor]:
-    """Our params pytree (stacked blocks) as the (param, block, value) stream save_hf_checkpoint takes."""
+def params_tensors(params: dict, c: ModelConfig) -> Iterator[Tensor]:
+    """Our params pytree (stacked blocks, fused params split into their HF tensors) as the
+    (name, block, value) stream save_hf_checkpoint takes."""
     yield "embed", None, np.asarray(params["embed"])
-    for name, stack in params["layers"].items():
+    for param, stack in params["layers"].items():
         for layer in range(stack.shape[0]):
-            yield name, layer, np.asarray(stack[layer])
+            for name, value in split_block(param, np.asarray(stack[layer]), c):
+                yield name, layer, value
 
 
 def save_hf_checkpoint(folder: str | os.PathLike, c: ModelConfig, tensors: Iterable[Tensor], hf_config: dict,

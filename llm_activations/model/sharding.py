@@ -30,6 +30,7 @@ RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "head_dim": None,
     "mlp": "model",
+    "parts": None,  # the pieces of a fused weight (q|k|v of a kv head, gate|up): never split
 }
 
 # Fraction of a device's memory the weights may take; the rest is for activations and XLA scratch.

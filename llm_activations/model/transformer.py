@@ -30,24 +30,30 @@ class ParamSpec(NamedTuple):
     axes: tuple[str, ...]  # logical axis names, mapped to mesh axes by sharding.RULES
 
 
+def qkv_parts(c: ModelConfig) -> int:
+    """Size of the fused q|k|v weight's "parts" axis: per kv head, its G query heads, then k, then v."""
+    return c.num_heads // c.num_kv_heads + 2
+
+
 def layer_specs(c: ModelConfig) -> dict[str, ParamSpec]:
-    """Every weight of one decoder block, declared once with its shape and logical axes."""
+    """Every weight of one decoder block, declared once with its shape and logical axes.
+
+    q, k and v are one weight "qkv" [D, K, G + 2, H], and gate and up one weight "gate_up"
+    [D, 2, F] (fused at load time, checkpoint.KEY_TABLE's `part`): one GEMM each instead of three
+    and two, and a kv head's query heads, key and value stay on the same device under tensor
+    parallelism (the "parts" axis is never split).
+    """
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     specs = {
         "attn_norm": ParamSpec((d,), ("embed",)),
-        "q": ParamSpec((d, n, h), ("embed", "heads", "head_dim")),
-        "k": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
-        "v": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "qkv": ParamSpec((d, k, qkv_parts(c), h), ("embed", "kv_heads", "parts", "head_dim")),
         "o": ParamSpec((n, h, d), ("heads", "head_dim", "embed")),
         "mlp_norm": ParamSpec((d,), ("embed",)),
-        "gate": ParamSpec((d, f), ("embed", "mlp")),
-        "up": ParamSpec((d, f), ("embed", "mlp")),
+        "gate_up": ParamSpec((d, 2, f), ("embed", "parts", "mlp")),
         "down": ParamSpec((f, d), ("mlp", "embed")),
     }
     if c.qkv_bias:
-        specs["q_bias"] = ParamSpec((n, h), ("heads", "head_dim"))
-        specs["k_bias"] = ParamSpec((k, h), ("kv_heads", "head_dim"))
-        specs["v_bias"] = ParamSpec((k, h), ("kv_heads", "head_dim"))
+        specs["qkv_bias"] = ParamSpec((k, qkv_parts(c), h), ("kv_heads", "parts", "head_dim"))
     if c.o_bias:
         specs["o_bias"] = ParamSpec((d,), ("embed",))
     if c.qk_norm:
@@ -77,34 +83,46 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (HF "rotate_half" layout) of x [B, T, N, H] at positions [B, T], in float32."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+class Rope(NamedTuple):
+    """cos and sin [B, T, 1, H/2] float32 of every position: computed once per step, shared by every block."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> Rope:
+    """The rotary tables at positions [B, T] (HF's inv_freq, in float32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     # [B, T, H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    return Rope(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+
+
+def rope(x: jax.Array, tables: Rope) -> jax.Array:
+    """Rotary embedding (HF "rotate_half" layout) of x [B, T, N, H], in float32."""
+    cos, sin = tables
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_heads(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, aux,
+def attention_heads(p: dict, c: ModelConfig, x: jax.Array, tables: Rope, segment_ids: jax.Array, aux,
                     backend: Backend, mesh: Mesh | None = None) -> jax.Array:
     """Per-head attention outputs before o_proj (the "z" hook): normed x [B, T, D] -> [B, T, N, H].
 
     Every attention backend (attention.attend) returns this per-head layout; o_proj is ours, so z
     is the same tensor whichever kernel ran.
     """
-    f32 = backend.float32_dots
-    # [B, T, N, H] / [B, T, K, H]
-    q = attn.dot("btd,dnh->btnh", x, p["q"], f32)
-    k = attn.dot("btd,dkh->btkh", x, p["k"], f32)
-    v = attn.dot("btd,dkh->btkh", x, p["v"], f32)
+    b, t, _ = x.shape
+    g = c.num_heads // c.num_kv_heads
+    # [B, T, K, G + 2, H]: one GEMM for q, k and v
+    qkv = attn.dot("btd,dkph->btkph", x, p["qkv"], backend.float32_dots)
     if c.qkv_bias:  # Qwen2: q/k/v projections have a bias (o_proj does not)
-        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        qkv = qkv + p["qkv_bias"]
+    # [B, T, N, H] (query head n = kv head n // G, as HF's repeat_kv) / [B, T, K, H]
+    q, k, v = qkv[:, :, :, :g].reshape(b, t, c.num_heads, c.head_dim), qkv[:, :, :, g], qkv[:, :, :, g + 1]
     if c.qk_norm:  # Qwen3: per-head RMSNorm on q and k, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    q, k = rope(q, tables), rope(k, tables)
     # [B, T, N, H]
     return attn.attend(backend, q, k, v, segment_ids, aux, mesh)
 
@@ -118,24 +136,24 @@ def o_proj(p: dict, c: ModelConfig, heads: jax.Array, float32_dots: bool) -> jax
 
 def mlp(p: dict, x: jax.Array, float32_dots: bool) -> jax.Array:
     """SwiGLU MLP of normed x [B, T, D] -> [B, T, D]."""
-    # [B, T, F]
-    gate = attn.dot("btd,df->btf", x, p["gate"], float32_dots)
-    up = attn.dot("btd,df->btf", x, p["up"], float32_dots)
+    # [B, T, 2, F]: one GEMM for gate and up
+    gate_up = attn.dot("btd,dpf->btpf", x, p["gate_up"], float32_dots)
+    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     # [B, T, D]
     return attn.dot("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], float32_dots)
 
 
-def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, aux,
+def block(p: dict, c: ModelConfig, x: jax.Array, tables: Rope, segment_ids: jax.Array, aux,
           backend: Backend, mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One pre-norm decoder block: x [B, T, D] -> (residual stream after the block [B, T, D],
     {hook: [B, T, width]} of every hook point in it, format/hooks.py).
 
-    The dict costs nothing by itself: under jit, XLA drops the hooks nobody keeps (select_hooks).
+    The dict costs nothing by itself: under jit, XLA drops the hooks nobody keeps.
     """
     b, t, _ = x.shape
     f32 = backend.float32_dots
     # [B, T, N, H]
-    heads = attention_heads(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), positions, segment_ids, aux,
+    heads = attention_heads(p, c, rms_norm(x, p["attn_norm"], c.rms_norm_eps), tables, segment_ids, aux,
                             backend, mesh)
     attn_out = o_proj(p, c, heads, f32)
     mid = x + attn_out
@@ -154,9 +172,24 @@ def block(p: dict, c: ModelConfig, x: jax.Array, positions: jax.Array, segment_i
     }
 
 
-def select_hooks(hook_dict: dict[str, jax.Array], hooks: Sequence[str]) -> dict[str, jax.Array]:
-    """The requested hooks of one block's hook dict; the rest are never stored, so XLA drops them."""
-    return {h: hook_dict[h] for h in hooks}
+# Block stacks of a 16-bit float model may be held as their uint16 bits (checkpoint.load_params
+# does so on CPU): XLA:CPU's float normalisation turns a bfloat16 dynamic-slice into a float32 one,
+# and loop-invariant code motion then hoists the conversion of the *whole stack* out of the scan:
+# a float32 copy of every weight, every step. Integers are never normalised, so the scan slices one
+# block of bits and views it as bfloat16 (a free bitcast). tests/test_step_hlo.py checks the HLO.
+BITS = np.uint16
+
+
+def to_bits(w):
+    """A 16-bit float weight (NumPy or JAX) as its uint16 bits; other dtypes unchanged."""
+    if w.dtype.itemsize != 2 or w.dtype == BITS:
+        return w
+    return w.view(BITS) if isinstance(w, np.ndarray) else jax.lax.bitcast_convert_type(w, BITS)
+
+
+def from_bits(w: jax.Array, dtype) -> jax.Array:
+    """to_bits' inverse (one block's slice, inside the scan): w viewed as dtype."""
+    return jax.lax.bitcast_convert_type(w, dtype) if w.dtype == BITS and dtype != BITS else w
 
 
 def num_blocks(params: dict) -> int:
@@ -172,9 +205,12 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: j
     tokens, segment_ids (0 = padding), positions: int [B, T]. Returns {(hook, layer): [B, T, width]}
     in the params' dtype (width: hidden, or heads x head_dim for z). Blocks 0 .. max(layers) run as
     one lax.scan over the stacked weights, so the program (and its compile time) does not grow with
-    depth. Each requested hook has one [R, B, T, width] carry (R = len(layers)) that the scan
-    writes as it passes a requested block; no other block's or hook's activations are kept. With
-    a mesh, the residual stream is constrained to batch-over-"data" at block edges.
+    depth. Each requested hook has one [R, B, T, width] carry (R = len(layers); one fewer for
+    resid_post, whose deepest layer is the residual stream the scan ends with) that the scan writes
+    as it passes a requested block; no other block's or hook's activations are kept. The RoPE
+    tables and the attention kernel's segment data are computed once, before the scan. Block
+    stacks may hold 16-bit floats as their bits (BITS). With a mesh, the residual stream is
+    constrained to batch-over-"data" at block edges.
     """
     wanted = sorted(set(layers))
     deepest = wanted[-1]
@@ -185,33 +221,46 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, segment_ids: j
     def constrain(x, axes=("batch", "seq", "embed")):
         return x if mesh is None else jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes))
 
+    # Once per step, shared by every block: the attention kernel's segment data and the RoPE tables.
     aux = attn.prepare(backend, segment_ids)
-    # [deepest + 1]: the slot of block i's activations in the carries, -1 if not requested
-    slot = np.full(deepest + 1, -1, np.int32)
-    slot[wanted] = np.arange(len(wanted))
+    tables = rope_tables(positions, config.head_dim, config.rope_theta)
+    # The deepest block's resid_post is the scan's final carry: no buffer slot for it.
+    stored = {h: [layer for layer in wanted if not (h == "resid_post" and layer == deepest)] for h in hooks}
+    stored = {h: ls for h, ls in stored.items() if ls}
+    # hook -> [deepest + 1]: the slot of block i's activations in that hook's buffer, -1 if not stored
+    slots = {}
+    for h, ls in stored.items():
+        slots[h] = np.full(deepest + 1, -1, np.int32)
+        slots[h][ls] = np.arange(len(ls))
     # [B, T, D]
     x = constrain(jnp.take(params["embed"], tokens, axis=0))
     b, t, _ = x.shape
-    widths = {h: hk.width(h, config.hidden_size, config.num_heads, config.head_dim) for h in hooks}
     # hook -> [R, B, T, width]
-    kept = {h: constrain(jnp.zeros((len(wanted), b, t, w), x.dtype), (None, "batch", "seq", "embed"))
-            for h, w in widths.items()}
+    kept = {h: constrain(jnp.zeros((len(ls), b, t, hk.width(h, config.hidden_size, config.num_heads, config.head_dim)),
+                                   x.dtype), (None, "batch", "seq", "embed"))
+            for h, ls in stored.items()}
+
+    dtype = params["embed"].dtype  # the compute dtype (block stacks may hold its bits: BITS)
+
+    stacks = jax.tree.map(to_bits, params["layers"])
 
     def body(carry, i):
         x, kept = carry
-        p = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), params["layers"])
-        x, hook_dict = block(p, config, x, positions, segment_ids, aux, backend, mesh)
+        # Block i's weights: one slice of each stack (of bits, for 16-bit floats: BITS)
+        p = jax.tree.map(lambda w: from_bits(jax.lax.dynamic_index_in_dim(w, i, keepdims=False), dtype), stacks)
+        x, hook_dict = block(p, config, x, tables, segment_ids, aux, backend, mesh)
         x = constrain(x)
-        picked = select_hooks({**hook_dict, "resid_post": x}, hooks)
-        s = jnp.asarray(slot)[i]
-        r = jnp.maximum(s, 0)
+        picked = {**hook_dict, "resid_post": x}
 
-        def keep(buf, a):
-            # Blocks not requested rewrite slot 0 with what it already holds (an in-place select).
+        def keep(h, buf):
+            # Blocks not stored rewrite slot 0 with what it already holds (an in-place select).
+            s = jnp.asarray(slots[h])[i]
+            r = jnp.maximum(s, 0)
             old = jax.lax.dynamic_index_in_dim(buf, r, keepdims=False)
-            return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(s >= 0, a, old), r, 0)
+            return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(s >= 0, picked[h], old), r, 0)
 
-        return (x, {h: keep(kept[h], picked[h]) for h in hooks}), None
+        return (x, {h: keep(h, buf) for h, buf in kept.items()}), None
 
-    (_, kept), _ = jax.lax.scan(body, (x, kept), jnp.arange(deepest + 1, dtype=jnp.int32))
-    return {(h, layer): kept[h][r] for h in hooks for r, layer in enumerate(wanted)}
+    (x, kept), _ = jax.lax.scan(body, (x, kept), jnp.arange(deepest + 1, dtype=jnp.int32))
+    return {(h, layer): x if (h == "resid_post" and layer == deepest) else kept[h][stored[h].index(layer)]
+            for h in hooks for layer in wanted}
