@@ -112,11 +112,74 @@ def test_parquet_units_begin_at_row_groups_smaller_than_half_a_unit(tmp_path, mo
     assert counter.total() <= 1.05 * text_bytes + footer, (counter.total(), text_bytes)
     assert docs == [(i, r["text"]) for i, r in enumerate(records)]
     assert all(u.start % 100 == 0 and u.stop % 100 == 0 for u in units)
-    # a row group larger than half a unit is shared rather than leaving a unit empty (parallelism)
-    big = tmp_path / "big.parquet"
-    pq.write_table(pa.table({"text": [r["text"] for r in records[:80]]}), big)  # one row group
-    units, docs = _read(inputs.plan_sources([str(big)], "text"), 2)
-    assert [(u.start, u.stop) for u in units] == [(0, 40), (40, 80)] and len(docs) == 80
+
+
+def _plan(path, **options_):
+    from llm_activations import options, run_plan
+
+    cfg = options.ExtractConfig(model="unused", inputs=(str(path),), output="/nonexistent", **options_)
+    return run_plan.plan(cfg)
+
+
+def _row_group_bytes(path) -> list[int]:
+    meta = pq.read_metadata(path)
+    return [meta.row_group(g).column(0).total_compressed_size for g in range(meta.num_row_groups)]
+
+
+@pytest.fixture
+def big_groups(tmp_path):
+    """1,200 records in row groups of 300: each larger than half of a 100-document unit."""
+    records = _lines(1200)
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in records]}), path, row_group_size=300)
+    return path, records
+
+
+def test_row_groups_larger_than_a_unit_are_read_once_per_run(big_groups, monkeypatch, capsys):
+    """The planner's choice (--num-shards 0): fewer, larger units, each beginning at a row group,
+    so that no two units read one row group (before: 12 units of 100, each reading its whole row
+    group of 300: 3x the bytes)."""
+    path, records = big_groups
+    _, host_docs, units = _plan(path, docs_per_unit=100)
+    assert host_docs == (0, 1200) and [(u.start, u.stop) for u in units] == [(0, 300), (300, 600), (600, 900), (900, 1200)]
+    footer_read = 65536  # pyarrow's first (speculative) read of the footer, once per process
+    counter = ByteCounter(monkeypatch)
+    per_unit = []
+    for u in units:
+        before = counter.total()
+        docs = [(d.doc_index, d.text) for d in inputs.read_unit(u, "text")]
+        assert docs == [(i, records[i]["text"]) for i in range(u.start, u.stop)]
+        per_unit.append(counter.total() - before)
+    groups = _row_group_bytes(path)
+    assert per_unit[0] <= groups[0] + footer_read and per_unit[1:] == groups[1:]  # each its own row group, once
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_hosts_shares_begin_at_row_groups(big_groups):
+    path, _ = big_groups
+    shares = [_plan(path, docs_per_unit=100, num_hosts=3, host_index=h)[1] for h in range(3)]
+    assert shares == [(0, 300), (300, 900), (900, 1200)]  # edges 400 and 800 moved to the nearest row group
+    # --max-docs ends the run where it says, even inside a row group (or a compressed file)
+    assert _plan(path, max_docs=450)[1] == (0, 450)
+    assert [_plan(path, max_docs=450, num_hosts=2, host_index=h)[1] for h in range(2)] == [(0, 300), (300, 450)]
+
+
+def test_num_shards_beyond_the_row_groups_leaves_units_empty_and_says_so(big_groups, monkeypatch, capsys):
+    """An explicit --num-shards is kept (N files per layer), but a row group is still read by one
+    unit: the units between two row groups hold no records, and one line says how to avoid them."""
+    path, records = big_groups
+    _, _, units = _plan(path, num_shards=8)
+    assert [(u.start, u.stop) for u in units] == [(0, 0), (0, 300), (300, 300), (300, 600), (600, 600),
+                                                  (600, 900), (900, 900), (900, 1200)]
+    assert all(u.pieces == () for u in units if u.start == u.stop)
+    assert "note: 4 of --num-shards 8 units hold no records" in capsys.readouterr().err
+    counter = ByteCounter(monkeypatch)
+    docs = [(d.doc_index, d.text) for u in units for d in inputs.read_unit(u, "text")]
+    assert docs == [(i, r["text"]) for i, r in enumerate(records)]
+    assert counter.total() <= sum(_row_group_bytes(path)) + 65536
+    # as many as the row groups allow: no empty unit, no note
+    assert [(u.start, u.stop) for u in _plan(path, num_shards=4)[2]] == [(0, 300), (300, 600), (600, 900), (900, 1200)]
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_a_rerun_does_not_scan_unchanged_inputs_again(tmp_path, monkeypatch):
