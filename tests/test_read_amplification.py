@@ -219,3 +219,68 @@ def test_seeking_units_equal_reading_from_the_start(tmp_path, num_units):
     sources = inputs.plan_sources([str(path)], "text")
     plain = [inputs.SourceFile(**{**s.__dict__, "checkpoints": ()}) for s in sources]
     assert _read(sources, num_units)[1] == _read(plain, num_units)[1] == _read(plain, 1)[1]
+
+
+def test_empty_units_end_to_end(tmp_path, capsys):
+    """Units that hold no records (--num-shards beyond the row groups, and a host whose share is
+    one row group) write empty shards that every tool takes as they are: metadata counts, validate,
+    --resume (byte-identical), merge of hosts, and the reader, which delivers exactly the rows of a
+    run without empty units."""
+    import glob
+    import hashlib
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer
+
+    from llm_activations import reader
+    from llm_activations.cli import main
+    from llm_activations.format import records as rec
+    from llm_activations.format.metadata import read_metadata
+
+    model = tiny_model_with_tokenizer()[0]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": corpus_texts(12, seed=5)}), path, row_group_size=4)  # 3 row groups
+
+    def extract(out, *extra):
+        assert main(extract_args(model, [str(path)], str(out), "--layers", "0", *extra)) == 0
+
+    def rows(out):
+        meta = read_metadata(str(out))
+        found = []
+        for rel in meta["files"]["0"]:
+            for data in rec.read_shard(os.path.join(out, rel)):
+                ex = rec.decode_example(data)
+                found.append((ex["doc_index"].tolist(), ex["token_ids"].tolist(), bytes(ex["activations"])))
+        return sorted(found)
+
+    def delivered(out):  # the reader, which checks every shard it opens
+        batches = reader.iter_numpy_batches(str(out), 0, 1, max_norm_ratio=None, shuffle_buffer=0, seed=0)
+        return sorted(b.tobytes() for b in batches)
+
+    def hashes(out):
+        return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in sorted(glob.glob(f"{out}/layer_00/*"))}
+
+    full, sparse = tmp_path / "full", tmp_path / "sparse"
+    extract(full, "--num-shards", "3")
+    extract(sparse, "--num-shards", "6")  # units (0,0) (0,4) (4,4) (4,8) (8,8) (8,12)
+    assert "note: 3 of --num-shards 6 units hold no records" in capsys.readouterr().err
+    meta = read_metadata(str(sparse))
+    assert meta["counts"] == read_metadata(str(full))["counts"] and meta["counts"]["documents"] == 12
+    assert [s["records"] == 0 for s in meta["shards"]] == [True, False] * 3
+    assert rows(sparse) == rows(full) and delivered(sparse) == delivered(full)
+    assert main(["validate", str(sparse)]) == 0
+    before = hashes(sparse)
+    os.remove(sparse / "metadata.json")  # as if killed after the last unit
+    extract(sparse, "--num-shards", "6", "--resume")
+    assert hashes(sparse) == before and len(read_metadata(str(sparse))["run"]["resumed_units"]) == 6
+    # two hosts: the share edge 6 moves to row group 4; host 0 then has 2 empty units of 3
+    hosts = [str(tmp_path / f"host-{h}") for h in range(2)]
+    for h, host in enumerate(hosts):
+        extract(host, "--num-shards", "3", "--num-hosts", "2", "--host-index", str(h))
+    assert [s["records"] for s in read_metadata(hosts[0])["shards"]][:2] == [0, 0]
+    merged = tmp_path / "merged"
+    assert main(["merge", "--output", str(merged), *hosts]) == 0
+    assert main(["validate", str(merged)]) == 0
+    assert read_metadata(str(merged))["counts"] == meta["counts"] and rows(merged) == rows(full)
+    assert delivered(merged) == delivered(full)
