@@ -56,9 +56,9 @@ def plan(cfg):
     units = inputs.plan_units(sources, start=start, stop=stop, num_units=cfg.num_shards)
     empty = sum(u.start == u.stop for u in units)
     if empty:
-        print(f"note: {empty} of --num-shards {cfg.num_shards} units hold no records, so their shards are empty files: "
-              "units begin only at a parquet row group or a compressed or .txt file, so that no input is read twice; "
-              "fewer --num-shards (or smaller parquet row groups, or more files) fill them", file=sys.stderr)
+        print(f"note: {empty} of --num-shards {cfg.num_shards} units hold no records and write empty shards (a unit "
+              "begins only at a record, a parquet row group or a compressed or .txt file, so that no input is read "
+              "twice); fewer --num-shards, smaller parquet row groups or more, smaller files fill them", file=sys.stderr)
     return sources, (start, stop), units
 
 
