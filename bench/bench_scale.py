@@ -2,14 +2,15 @@
 
   1. resume:   bytes a `--resume` of a finished dataset (metadata.json lost) reads / shard bytes
   2. inputs:   bytes the workers read / input bytes, for JSONL, .jsonl.gz, parquet and an hf://
-               folder of parquet files split over 2 hosts (all units of every host, as extract plans them)
+               folder of parquet files split over 2 hosts, and parquet whose row groups are larger than
+               a unit (planner's units, 3 hosts, --num-shards 48); all units of every host, as extract plans them
   3. launcher: seconds to plan 1,000 small local JSONL files (first run, then a rerun)
 
 Bytes are counted where they are read: every stream fileio.open_read hands out (shards, manifests,
 input files); for hf://, which `datasets` reads through its own files, the process's read
 syscalls (/proc/self/io rchar). Runs on the CPU with a simulated device (bench/common.SimulatedDevice).
 
-    PYTHONPATH=$PWD python bench/bench_scale.py [--docs 20000]
+    PYTHONPATH=$PWD python bench/bench_scale.py [--docs 20000] [--only inputs]
 """
 
 from __future__ import annotations
@@ -168,20 +169,23 @@ def bench_inputs(root: str, docs: int) -> list[dict]:
                        os.path.join(hf, f"train-{k:05d}-of-{parts:05d}.parquet"), row_group_size=1000)
     rows = []
     unit_docs = max(1, docs // 48)  # ~48 units, as in the issue's 113 MB / 49-unit file
-    for name, pattern, size in [
-        ("JSONL, 1 file", jsonl, os.path.getsize(jsonl)),
+    for name, pattern, size, hosts, shards in [
+        ("JSONL, 1 file", jsonl, os.path.getsize(jsonl), 1, 0),
         (f".jsonl.gz, {parts} files", os.path.join(gz, "*.jsonl.gz"),
-         sum(os.path.getsize(os.path.join(gz, n)) for n in os.listdir(gz))),
-        ("parquet, 1 file, row groups of 200", parquet, os.path.getsize(parquet)),
-        ("parquet, 1 file, row groups of 1,000", parquet_big, os.path.getsize(parquet_big)),
+         sum(os.path.getsize(os.path.join(gz, n)) for n in os.listdir(gz)), 1, 0),
+        ("parquet, 1 file, row groups of 200", parquet, os.path.getsize(parquet), 1, 0),
+        ("parquet, 1 file, row groups of 1,000", parquet_big, os.path.getsize(parquet_big), 1, 0),
+        ("parquet, row groups of 1,000, 3 hosts", parquet_big, os.path.getsize(parquet_big), 3, 0),
+        ("parquet, row groups of 1,000, --num-shards 48", parquet_big, os.path.getsize(parquet_big), 1, 48),
     ]:
-        units = _plan([pattern], docs_per_unit=unit_docs)
-        with Counting() as c:
+        with contextlib.redirect_stderr(open(os.devnull, "w")):  # the planner's notes
+            units = [u for host in range(hosts)  # every host's units, as each host plans them
+                     for u in _plan([pattern], num_hosts=hosts, host_index=host, docs_per_unit=unit_docs, num_shards=shards)]
+        with Counting() as c:  # the workers' reads only (the launcher's scan is not counted)
             t0 = time.perf_counter()
             n = _read_units(units)
-            seconds = time.perf_counter() - t0
         rows.append({"input": name, "units": len(units), "records": n, "input MiB": round(size / 2**20, 1),
-                     "read / input bytes": round(c.total() / size, 3), "read seconds": round(seconds, 2)})
+                     "read / input bytes": round(c.total() / size, 3), "read seconds": round(time.perf_counter() - t0, 2)})
     spec = f"hf://{os.path.dirname(hf)}:train"
     size = sum(os.path.getsize(os.path.join(hf, n)) for n in os.listdir(hf))
     _read_units(_plan([spec], num_hosts=2, host_index=0)[:1], 2, 0)  # warm: datasets' imports read files too
@@ -228,17 +232,23 @@ def bench_launcher(root: str, files: int = 1000) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=20000, help="documents of the input corpora")
+    p.add_argument("--only", choices=("resume", "inputs", "launcher"), help="measure one part alone")
     args = p.parse_args()
     os.environ.setdefault("LLM_ACTIVATIONS_NO_PROGRESS", "1")
     root = tempfile.mkdtemp(prefix="bench_scale_")
     os.environ["XDG_CACHE_HOME"] = os.path.join(root, "cache")  # a cold scan cache, this run's own
     try:
         common.header("bench_scale: bytes read against the work's bytes (issue 25)")
-        with contextlib.redirect_stderr(open(os.devnull, "w")):
-            resume = bench_resume(root, args.docs)
-        common.table([resume])
-        common.table(bench_inputs(root, args.docs))
-        common.table(bench_launcher(root), ["launcher", "units", "seconds", "MiB read"])
+        if args.only in (None, "resume"):
+            with contextlib.redirect_stderr(open(os.devnull, "w")):
+                resume = bench_resume(root, args.docs)
+            common.table([resume])
+        if args.only in (None, "inputs", "launcher"):  # the launcher part re-plans the inputs' JSONL file
+            rows = bench_inputs(root, args.docs)
+            if args.only != "launcher":
+                common.table(rows)
+        if args.only in (None, "launcher"):
+            common.table(bench_launcher(root), ["launcher", "units", "seconds", "MiB read"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

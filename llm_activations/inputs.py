@@ -496,12 +496,12 @@ def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None =
     return sources
 
 
-def snap(boundary: int, sources: list[SourceFile], tolerance: float = float("inf")) -> int:
+def snap(boundary: int, sources: list[SourceFile]) -> int:
     """The doc_index nearest to `boundary` at which a unit (or a host's share) can begin without
     reading records before it: any line of an uncompressed JSON lines file; only the edges of a
-    compressed or .txt file (a stream cannot seek); in parquet, a row group's first row if one is
-    within `tolerance` (half a unit): a row group larger than that is shared by two units rather
-    than leaving one of them empty. Ties go to the earlier point."""
+    compressed or .txt file (a stream cannot seek); in parquet, a row group's first row (pyarrow
+    reads a row group whole, so an edge inside one would have both units read it). Ties go to the
+    earlier point."""
     for s in sources:
         lo, hi = s.first_index, s.first_index + s.num_records
         if not lo < boundary < hi:
@@ -512,8 +512,7 @@ def snap(boundary: int, sources: list[SourceFile], tolerance: float = float("inf
             points = [lo + g for g in s.row_groups] + [hi]
         else:
             return boundary
-        best = min(points, key=lambda p: (abs(p - boundary), p))
-        return best if s.whole_file_only() or abs(best - boundary) <= tolerance else boundary
+        return min(points, key=lambda p: (abs(p - boundary), p))
     return boundary
 
 
@@ -522,20 +521,33 @@ def host_range(total: int, num_hosts: int, host_index: int) -> tuple[int, int]:
     return total * host_index // num_hosts, total * (host_index + 1) // num_hosts
 
 
-def plan_units(sources: list[SourceFile], *, start: int, stop: int, num_units: int) -> list[WorkUnit]:
-    """Split doc_index range [start, stop) into num_units contiguous units (some may be empty).
-
-    Unit boundaries are moved to where reading can begin (snap), so that every input byte is read
-    by one unit only; each piece of an uncompressed JSON lines file records the offset to seek to.
-    """
-    half = (stop - start) / num_units / 2
-    edges = [start] + [min(stop, max(start, snap(start + (stop - start) * u // num_units, sources, half)))
+def unit_edges(sources: list[SourceFile], *, start: int, stop: int, num_units: int, keep_empty: bool) -> list[int]:
+    """Edges of num_units even units over [start, stop), each moved to where reading can begin
+    (snap). Two edges that snap to one point make an empty unit: kept when the user asked for
+    num_units files (--num-shards), merged away when the planner chose the number (fewer, larger
+    units)."""
+    edges = [start] + [min(stop, max(start, snap(start + (stop - start) * u // num_units, sources)))
                        for u in range(1, num_units)] + [stop]
     edges = [max(edges[: i + 1]) for i in range(len(edges))]  # stays monotone after snapping
+    if not keep_empty:
+        edges = [start] + [e for prev, e in zip(edges, edges[1:]) if e > prev]
+        edges = edges if len(edges) > 1 else [start, stop]  # no records at all: still one unit
+    return edges
+
+
+def plan_units(sources: list[SourceFile], *, start: int, stop: int, num_units: int,
+               keep_empty: bool = True) -> list[WorkUnit]:
+    """Split doc_index range [start, stop) into contiguous units whose edges are where reading can
+    begin (unit_edges): num_units of them, some perhaps empty, or with keep_empty=False as many as
+    remain non-empty (at least one). Every input byte is then read by one unit only; each piece of
+    an uncompressed JSON lines file records the offset to seek to.
+    """
+    edges = unit_edges(sources, start=start, stop=stop, num_units=num_units, keep_empty=keep_empty)
     units = []
-    for u in range(num_units):
+    by_path = {s.path: s for s in sources}
+    for u in range(len(edges) - 1):
         lo, hi = edges[u], edges[u + 1]
-        last = u == num_units - 1
+        last = u == len(edges) - 2
         pieces = tuple(
             (replace(s, checkpoints=()), max(lo, s.first_index) - s.first_index,
              min(hi, s.first_index + s.num_records) - s.first_index)
@@ -545,7 +557,6 @@ def plan_units(sources: list[SourceFile], *, start: int, stop: int, num_units: i
             # an empty file owns no doc_index; the unit at its position reports it as rejected
             or (s.num_records == 0 and (lo <= s.first_index < hi or (last and s.first_index >= hi)))
         )
-        by_path = {s.path: s for s in sources}
         starts = tuple(_seek_point(by_path[s.path], first) for s, first, _ in pieces)
         units.append(WorkUnit(u, lo, hi, pieces, starts if any(starts) else ()))
     return units

@@ -45,11 +45,21 @@ def plan(cfg):
     total = sum(s.num_records for s in sources)
     if cfg.max_docs:
         total = min(total, cfg.max_docs)
-    # hosts' shares begin where reading can begin, as units do (every host snaps the same edges)
-    half = total / cfg.num_hosts / 2
-    start, stop = (min(total, inputs.snap(x, sources, half)) for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
-    num_units = cfg.num_shards or inputs.auto_num_units(stop - start, cfg.docs_per_unit)
-    return sources, (start, stop), inputs.plan_units(sources, start=start, stop=stop, num_units=num_units)
+    # hosts' shares begin where reading can begin, as units do (every host snaps the same edges);
+    # the run's end stays where --max-docs puts it, even inside a row group or a compressed file
+    start, stop = (x if x >= total else min(total, inputs.snap(x, sources))
+                   for x in inputs.host_range(total, cfg.num_hosts, cfg.host_index))
+    if not cfg.num_shards:  # the planner's choice: fewer, larger units rather than an empty one
+        units = inputs.plan_units(sources, start=start, stop=stop, keep_empty=False,
+                                  num_units=inputs.auto_num_units(stop - start, cfg.docs_per_unit))
+        return sources, (start, stop), units
+    units = inputs.plan_units(sources, start=start, stop=stop, num_units=cfg.num_shards)
+    empty = sum(u.start == u.stop for u in units)
+    if empty:
+        print(f"note: {empty} of --num-shards {cfg.num_shards} units hold no records and write empty shards (a unit "
+              "begins only at a record, a parquet row group or a compressed or .txt file, so that no input is read "
+              "twice); fewer --num-shards, smaller parquet row groups or more, smaller files fill them", file=sys.stderr)
+    return sources, (start, stop), units
 
 
 def plan_hf(cfg, src):

@@ -112,11 +112,74 @@ def test_parquet_units_begin_at_row_groups_smaller_than_half_a_unit(tmp_path, mo
     assert counter.total() <= 1.05 * text_bytes + footer, (counter.total(), text_bytes)
     assert docs == [(i, r["text"]) for i, r in enumerate(records)]
     assert all(u.start % 100 == 0 and u.stop % 100 == 0 for u in units)
-    # a row group larger than half a unit is shared rather than leaving a unit empty (parallelism)
-    big = tmp_path / "big.parquet"
-    pq.write_table(pa.table({"text": [r["text"] for r in records[:80]]}), big)  # one row group
-    units, docs = _read(inputs.plan_sources([str(big)], "text"), 2)
-    assert [(u.start, u.stop) for u in units] == [(0, 40), (40, 80)] and len(docs) == 80
+
+
+def _plan(path, **options_):
+    from llm_activations import options, run_plan
+
+    cfg = options.ExtractConfig(model="unused", inputs=(str(path),), output="/nonexistent", **options_)
+    return run_plan.plan(cfg)
+
+
+def _row_group_bytes(path) -> list[int]:
+    meta = pq.read_metadata(path)
+    return [meta.row_group(g).column(0).total_compressed_size for g in range(meta.num_row_groups)]
+
+
+@pytest.fixture
+def big_groups(tmp_path):
+    """1,200 records in row groups of 300: each larger than half of a 100-document unit."""
+    records = _lines(1200)
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in records]}), path, row_group_size=300)
+    return path, records
+
+
+def test_row_groups_larger_than_a_unit_are_read_once_per_run(big_groups, monkeypatch, capsys):
+    """The planner's choice (--num-shards 0): fewer, larger units, each beginning at a row group,
+    so that no two units read one row group (before: 12 units of 100, each reading its whole row
+    group of 300: 3x the bytes)."""
+    path, records = big_groups
+    _, host_docs, units = _plan(path, docs_per_unit=100)
+    assert host_docs == (0, 1200) and [(u.start, u.stop) for u in units] == [(0, 300), (300, 600), (600, 900), (900, 1200)]
+    footer_read = 65536  # pyarrow's first (speculative) read of the footer, once per process
+    counter = ByteCounter(monkeypatch)
+    per_unit = []
+    for u in units:
+        before = counter.total()
+        docs = [(d.doc_index, d.text) for d in inputs.read_unit(u, "text")]
+        assert docs == [(i, records[i]["text"]) for i in range(u.start, u.stop)]
+        per_unit.append(counter.total() - before)
+    groups = _row_group_bytes(path)
+    assert per_unit[0] <= groups[0] + footer_read and per_unit[1:] == groups[1:]  # each its own row group, once
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_hosts_shares_begin_at_row_groups(big_groups):
+    path, _ = big_groups
+    shares = [_plan(path, docs_per_unit=100, num_hosts=3, host_index=h)[1] for h in range(3)]
+    assert shares == [(0, 300), (300, 900), (900, 1200)]  # edges 400 and 800 moved to the nearest row group
+    # --max-docs ends the run where it says, even inside a row group (or a compressed file)
+    assert _plan(path, max_docs=450)[1] == (0, 450)
+    assert [_plan(path, max_docs=450, num_hosts=2, host_index=h)[1] for h in range(2)] == [(0, 300), (300, 450)]
+
+
+def test_num_shards_beyond_the_row_groups_leaves_units_empty_and_says_so(big_groups, monkeypatch, capsys):
+    """An explicit --num-shards is kept (N files per layer), but a row group is still read by one
+    unit: the units between two row groups hold no records, and one line says how to avoid them."""
+    path, records = big_groups
+    _, _, units = _plan(path, num_shards=8)
+    assert [(u.start, u.stop) for u in units] == [(0, 0), (0, 300), (300, 300), (300, 600), (600, 600),
+                                                  (600, 900), (900, 900), (900, 1200)]
+    assert all(u.pieces == () for u in units if u.start == u.stop)
+    assert "note: 4 of --num-shards 8 units hold no records" in capsys.readouterr().err
+    counter = ByteCounter(monkeypatch)
+    docs = [(d.doc_index, d.text) for u in units for d in inputs.read_unit(u, "text")]
+    assert docs == [(i, r["text"]) for i, r in enumerate(records)]
+    assert counter.total() <= sum(_row_group_bytes(path)) + 65536
+    # as many as the row groups allow: no empty unit, no note
+    assert [(u.start, u.stop) for u in _plan(path, num_shards=4)[2]] == [(0, 300), (300, 600), (600, 900), (900, 1200)]
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_a_rerun_does_not_scan_unchanged_inputs_again(tmp_path, monkeypatch):
@@ -156,3 +219,68 @@ def test_seeking_units_equal_reading_from_the_start(tmp_path, num_units):
     sources = inputs.plan_sources([str(path)], "text")
     plain = [inputs.SourceFile(**{**s.__dict__, "checkpoints": ()}) for s in sources]
     assert _read(sources, num_units)[1] == _read(plain, num_units)[1] == _read(plain, 1)[1]
+
+
+def test_empty_units_end_to_end(tmp_path, capsys):
+    """Units that hold no records (--num-shards beyond the row groups, and a host whose share is
+    one row group) write empty shards that every tool takes as they are: metadata counts, validate,
+    --resume (byte-identical), merge of hosts, and the reader, which delivers exactly the rows of a
+    run without empty units."""
+    import glob
+    import hashlib
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from pipeline_fixtures import corpus_texts, extract_args, tiny_model_with_tokenizer
+
+    from llm_activations import reader
+    from llm_activations.cli import main
+    from llm_activations.format import records as rec
+    from llm_activations.format.metadata import read_metadata
+
+    model = tiny_model_with_tokenizer()[0]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": corpus_texts(12, seed=5)}), path, row_group_size=4)  # 3 row groups
+
+    def extract(out, *extra):
+        assert main(extract_args(model, [str(path)], str(out), "--layers", "0", *extra)) == 0
+
+    def rows(out):
+        meta = read_metadata(str(out))
+        found = []
+        for rel in meta["files"]["0"]:
+            for data in rec.read_shard(os.path.join(out, rel)):
+                ex = rec.decode_example(data)
+                found.append((ex["doc_index"].tolist(), ex["token_ids"].tolist(), bytes(ex["activations"])))
+        return sorted(found)
+
+    def delivered(out):  # the reader, which checks every shard it opens
+        batches = reader.iter_numpy_batches(str(out), 0, 1, max_norm_ratio=None, shuffle_buffer=0, seed=0)
+        return sorted(b.tobytes() for b in batches)
+
+    def hashes(out):
+        return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in sorted(glob.glob(f"{out}/layer_00/*"))}
+
+    full, sparse = tmp_path / "full", tmp_path / "sparse"
+    extract(full, "--num-shards", "3")
+    extract(sparse, "--num-shards", "6")  # units (0,0) (0,4) (4,4) (4,8) (8,8) (8,12)
+    assert "note: 3 of --num-shards 6 units hold no records" in capsys.readouterr().err
+    meta = read_metadata(str(sparse))
+    assert meta["counts"] == read_metadata(str(full))["counts"] and meta["counts"]["documents"] == 12
+    assert [s["records"] == 0 for s in meta["shards"]] == [True, False] * 3
+    assert rows(sparse) == rows(full) and delivered(sparse) == delivered(full)
+    assert main(["validate", str(sparse)]) == 0
+    before = hashes(sparse)
+    os.remove(sparse / "metadata.json")  # as if killed after the last unit
+    extract(sparse, "--num-shards", "6", "--resume")
+    assert hashes(sparse) == before and len(read_metadata(str(sparse))["run"]["resumed_units"]) == 6
+    # two hosts: the share edge 6 moves to row group 4; host 0 then has 2 empty units of 3
+    hosts = [str(tmp_path / f"host-{h}") for h in range(2)]
+    for h, host in enumerate(hosts):
+        extract(host, "--num-shards", "3", "--num-hosts", "2", "--host-index", str(h))
+    assert [s["records"] for s in read_metadata(hosts[0])["shards"]][:2] == [0, 0]
+    merged = tmp_path / "merged"
+    assert main(["merge", "--output", str(merged), *hosts]) == 0
+    assert main(["validate", str(merged)]) == 0
+    assert read_metadata(str(merged))["counts"] == meta["counts"] and rows(merged) == rows(full)
+    assert delivered(merged) == delivered(full)
