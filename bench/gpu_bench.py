@@ -79,22 +79,6 @@ MAX_OUT_FILES, MAX_OUT_BYTES = 8, 16 * 2**20
 PARITY_TOL = 2e-2
 
 
-def hf_config(name: str) -> dict:
-    return dict(QWEN[name], architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=32768,
-                rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
-
-
-def peak_tflops(device, override: float | None) -> float | None:
-    if override:
-        return override
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 def random_params(c, dtype, seed: int = 0):
     """The params pytree in dtype on the default device: each HF tensor of one block drawn on the
     host by model.hf_weights.draw (float32 normals), placed in its part of the fused params
