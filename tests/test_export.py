@@ -129,3 +129,33 @@ def test_overwrite_replaces_atomically(dataset, tmp_path):
                      "--context-size", "32"]) == 0
     assert not (dest / "old.txt").exists() and (dest / "state.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["cache"]  # no temporary sibling left behind
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype):
+    """bf16 shards wait in bf16 buckets (float32 out: widened at the end) or in float16 ones: each row
+    must be the stored row, bit for bit in float32, and float16 as NumPy rounds the float32 value."""
+    import datasets
+
+    src = str(tmp_path / "src")
+    make_dataset(src, layers=(2,), hidden_size=8, num_docs=30, seq_len=32, num_shards=2, dtype="bfloat16")
+    rows, ids = _rows_of(src, 2, "resid_post", CONTEXT)
+    export.BUCKET_BYTES, saved = 10 * CONTEXT * (8 * 2 + 4), export.BUCKET_BYTES  # ~10 rows a bucket
+    try:
+        dest = str(tmp_path / "cache")
+        assert cli.main(["export", "saelens", src, dest, "--layer", "2", "--context-size", str(CONTEXT),
+                         "--dtype", out_dtype, "--no-progress"]) == 0
+    finally:
+        export.BUCKET_BYTES = saved
+    ds = datasets.load_from_disk(dest).with_format("numpy")
+    got, got_ids = ds["blocks.2.hook_resid_post"][:], ds["token_ids"][:]
+    assert ds.features["blocks.2.hook_resid_post"].dtype == out_dtype and got.shape == rows.shape
+    storage = {"float32": "float", "float16": "halffloat"}[out_dtype]  # datasets hands float16 back as float32
+    assert str(ds.data.column("blocks.2.hook_resid_post").type.storage_type) == f"list<item: list<item: {storage}>>"
+    want = rows.astype(out_dtype).astype(got.dtype)
+    index = {r.tobytes(): i for i, r in enumerate(want)}
+    order = np.array([index[r.tobytes()] for r in got])
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(rows)))
+    np.testing.assert_array_equal(got_ids, ids[order])
+    assert np.mean(order != np.arange(len(rows))) > 0.9
+    assert len(ds.cache_files) > 2
