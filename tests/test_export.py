@@ -140,13 +140,15 @@ def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype):
     src = str(tmp_path / "src")
     make_dataset(src, layers=(2,), hidden_size=8, num_docs=30, seq_len=32, num_shards=2, dtype="bfloat16")
     rows, ids = _rows_of(src, 2, "resid_post", CONTEXT)
-    export.BUCKET_BYTES, saved = 10 * CONTEXT * (8 * 2 + 4), export.BUCKET_BYTES  # ~10 rows a bucket
+    saved = export.BUCKET_BYTES, export.BATCH_BYTES
+    # ~10 rows a bucket, 3 rows a reader batch and a record batch: both passes reuse their two buffers
+    export.BUCKET_BYTES, export.BATCH_BYTES = 10 * CONTEXT * (8 * 2 + 4), 3 * CONTEXT * 8 * 4
     try:
         dest = str(tmp_path / "cache")
         assert cli.main(["export", "saelens", src, dest, "--layer", "2", "--context-size", str(CONTEXT),
                          "--dtype", out_dtype, "--no-progress"]) == 0
     finally:
-        export.BUCKET_BYTES = saved
+        export.BUCKET_BYTES, export.BATCH_BYTES = saved
     ds = datasets.load_from_disk(dest).with_format("numpy")
     got, got_ids = ds["blocks.2.hook_resid_post"][:], ds["token_ids"][:]
     assert ds.features["blocks.2.hook_resid_post"].dtype == out_dtype and got.shape == rows.shape

@@ -56,6 +56,7 @@ TL_NAMES = {
 DTYPES = {"float32": np.float32, "float16": np.float16}
 BUCKET_BYTES = 256 << 20  # rows of one temporary bucket file (pass 2 maps one at a time)
 BF16 = STORAGE["bfloat16"]
+BATCH_BYTES = 64 << 20  # float32 rows per reader batch (pass 1), output rows per Arrow record batch (pass 2)
 IOV_MAX = 1024  # buffers per writev (the Linux and POSIX minimum limit)
 
 
@@ -158,7 +159,7 @@ def _write(spec, folder: str, context: int, dtype: np.dtype, max_norm_ratio, see
     num_buckets = max(1, math.ceil(max(1, spec.tokens // context) / rows_per_bucket))
     rng = np.random.default_rng([seed, 1])
     buckets = [_Bucket(os.path.join(folder, f"bucket-{b:05d}")) for b in range(num_buckets)]
-    rows_per_read = max(1, (64 << 20) // (context * width * 4))  # ~64 MiB of float32 rows per reader batch
+    rows_per_read = max(1, BATCH_BYTES // (context * width * 4))
     # two reused buffers: one being narrowed while the other's rows are written (fresh pages cost more than copies)
     narrowed = [np.empty((rows_per_read, context * width), held) for _ in range(2)] if held != np.float32 else None
     # Every batch but the last holds whole rows (batch_size is a multiple of context); the last one's
@@ -314,7 +315,7 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
 
     schema = _features(context, width, dtype, column).arrow_schema
     row_elems = context * width
-    chunk = max(1, (64 << 20) // (row_elems * dtype.itemsize))
+    chunk = max(1, BATCH_BYTES // (row_elems * dtype.itemsize))
     # two of each: one batch gathered while the other is written
     out = [np.empty((chunk, row_elems), dtype) for _ in range(2)]
     staged = np.empty((chunk, row_elems), held) if held != dtype else None
