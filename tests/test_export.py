@@ -131,8 +131,8 @@ def test_overwrite_replaces_atomically(dataset, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cache"]  # no temporary sibling left behind
 
 
-@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype):
+@pytest.mark.parametrize("out_dtype,row_by_row", [("float32", False), ("float32", True), ("float16", False)])
+def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype, row_by_row):
     """bf16 shards wait in bf16 buckets (float32 out: widened at the end) or in float16 ones: each row
     must be the stored row, bit for bit in float32, and float16 as NumPy rounds the float32 value."""
     import datasets
@@ -140,15 +140,17 @@ def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype):
     src = str(tmp_path / "src")
     make_dataset(src, layers=(2,), hidden_size=8, num_docs=30, seq_len=32, num_shards=2, dtype="bfloat16")
     rows, ids = _rows_of(src, 2, "resid_post", CONTEXT)
-    saved = export.BUCKET_BYTES, export.BATCH_BYTES
-    # ~10 rows a bucket, 3 rows a reader batch and a record batch: both passes reuse their two buffers
+    saved = export.BUCKET_BYTES, export.BATCH_BYTES, export.ROW_BY_ROW_BYTES
+    # ~10 rows a bucket, 3 rows a reader batch and a record batch: both passes reuse their two buffers;
+    # row_by_row: pass 2 widens each row from the mapped bucket (what real rows of >= 1 MiB take)
     export.BUCKET_BYTES, export.BATCH_BYTES = 10 * CONTEXT * (8 * 2 + 4), 3 * CONTEXT * 8 * 4
+    export.ROW_BY_ROW_BYTES = 0 if row_by_row else saved[2]
     try:
         dest = str(tmp_path / "cache")
         assert cli.main(["export", "saelens", src, dest, "--layer", "2", "--context-size", str(CONTEXT),
                          "--dtype", out_dtype, "--no-progress"]) == 0
     finally:
-        export.BUCKET_BYTES, export.BATCH_BYTES = saved
+        export.BUCKET_BYTES, export.BATCH_BYTES, export.ROW_BY_ROW_BYTES = saved
     ds = datasets.load_from_disk(dest).with_format("numpy")
     got, got_ids = ds["blocks.2.hook_resid_post"][:], ds["token_ids"][:]
     assert ds.features["blocks.2.hook_resid_post"].dtype == out_dtype and got.shape == rows.shape

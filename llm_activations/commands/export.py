@@ -60,6 +60,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 BUCKET_BYTES = 256 << 20  # rows of one temporary bucket file (pass 2 maps one at a time)
 BF16 = STORAGE["bfloat16"]
 BATCH_BYTES = 64 << 20  # float32 rows per reader batch (pass 1), output rows per Arrow record batch (pass 2)
+ROW_BY_ROW_BYTES = 1 << 20  # rows at least this big are converted one by one in pass 2 (see _gather)
 IOV_MAX = 1024  # buffers per writev (the Linux and POSIX minimum limit)
 
 
@@ -321,7 +322,7 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
     chunk = max(1, BATCH_BYTES // (row_elems * dtype.itemsize))
     # two of each: one batch gathered while the other is written
     out = [np.empty((chunk, row_elems), dtype) for _ in range(2)]
-    staged = np.empty((chunk, row_elems), held) if held != dtype else None
+    staged = np.empty((chunk, row_elems), held) if held != dtype and row_elems * dtype.itemsize < ROW_BY_ROW_BYTES else None
     ids = [np.empty((chunk, context), np.int32) for _ in range(2)]
     inner_offsets = pa.array(np.arange(0, chunk * context + 1, dtype=np.int32) * width)
     outer_offsets = pa.array(np.arange(0, chunk + 1, dtype=np.int32) * context)
@@ -340,10 +341,7 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
                 take = perm[start:start + chunk]
                 n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
                 j += 1
-                if staged is None:
-                    np.take(src_acts, take, axis=0, out=acts, mode="clip")  # "raise" would buffer a whole extra copy
-                else:
-                    _convert(np.take(src_acts, take, axis=0, out=staged[:n], mode="clip"), acts)
+                _gather(src_acts, take, acts, staged)
                 np.take(src_ids, take, axis=0, out=tok, mode="clip")
                 inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
                 outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
@@ -365,6 +363,17 @@ def _features(context: int, width: int, dtype: np.dtype, column: str):
 
     return Features({column: Array2D(shape=(context, width), dtype=dtype.name),
                      "token_ids": Sequence(Value("int32"), length=context)})
+
+
+def _gather(src: np.ndarray, take: np.ndarray, out: np.ndarray, staged: np.ndarray | None) -> None:
+    """out[k] = src[take[k]], converted to out's dtype where it differs (staged: a buffer in src's dtype)."""
+    if src.dtype == out.dtype:
+        np.take(src, take, axis=0, out=out, mode="clip")  # "raise" would buffer a whole extra copy
+    elif out[0].nbytes >= ROW_BY_ROW_BYTES:
+        for k, r in enumerate(take):  # straight from the mapped bucket: half the memory traffic of a staged take
+            _convert(src[r], out[k])
+    else:  # small rows: one vectorised take, then one conversion (a Python call per row would dominate)
+        _convert(np.take(src, take, axis=0, out=staged[: len(take)], mode="clip"), out)
 
 
 def _write_dataset_files(folder: str, files: list[str], context: int, width: int, dtype: np.dtype, column: str) -> None:
