@@ -5,6 +5,7 @@ import os
 import subprocess
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from synthetic import make_dataset, read_all_rows
 
@@ -32,7 +33,8 @@ def _rows_of(root, layer, hook, context):
 @pytest.fixture(scope="module")
 def exported(dataset, tmp_path_factory):
     dest = str(tmp_path_factory.mktemp("exp_out") / "cache")
-    export.BUCKET_BYTES, saved = 40 * CONTEXT * (16 * 4 + 4), export.BUCKET_BYTES  # ~40 rows a bucket: several files
+    # ~8 rows a bucket: many files, of sizes varied enough that some Arrow file is written over a longer spent bucket
+    export.BUCKET_BYTES, saved = 8 * CONTEXT * (16 * 4 + 4), export.BUCKET_BYTES
     try:
         assert cli.main(["export", "saelens", dataset, dest, "--layer", "1", "--hook", "mlp_in",
                          "--context-size", str(CONTEXT), "--no-progress"]) == 0
@@ -81,6 +83,15 @@ def test_folder_is_a_datasets_save_to_disk_folder(exported):
     assert ds.features["token_ids"].feature.dtype == "int32" and ds.features["token_ids"].length == CONTEXT
     assert sorted(os.listdir(exported)) == sorted(["dataset_info.json", "state.json",
                                                    *[f["filename"] for f in json.load(open(f"{exported}/state.json"))["_data_files"]]])
+    for name in (f for f in os.listdir(exported) if f.endswith(".arrow")):
+        # each file is exactly one Arrow IPC stream, nothing after it (Arrow files are written over spent buckets)
+        with pa.memory_map(os.path.join(exported, name)) as mm:
+            batches = list(pa.ipc.open_stream(mm))
+        again = pa.BufferOutputStream()
+        with pa.ipc.new_stream(again, batches[0].schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        assert os.path.getsize(os.path.join(exported, name)) == again.getvalue().size
 
 
 def test_float16_and_the_default_context(dataset, tmp_path):

@@ -330,29 +330,42 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
     names = []
     bar = tqdm(total=sum(b.rows for b in full), unit="row", desc="export pass 2/2 (shuffle, write)", disable=not progress)
     j = 0
+    spent = None  # the activations file of the last bucket read: the next Arrow file is written over it
     for i, b in enumerate(full):
         src_acts, src_ids = b.open(row_elems, held, context)
         perm = rng.permutation(b.rows)
         name = f"data-{i:05d}-of-{len(full):05d}.arrow"
-        # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features)
-        with pa.OSFile(os.path.join(folder, name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
-                _OneInFlight() as writes:
-            for start in range(0, b.rows, chunk):
-                take = perm[start:start + chunk]
-                n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
-                j += 1
-                _gather(src_acts, take, acts, staged)
-                np.take(src_ids, take, axis=0, out=tok, mode="clip")
-                inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
-                outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
-                writes.submit(writer.write_batch, pa.RecordBatch.from_arrays(
-                    [pa.ExtensionArray.from_storage(schema.field(column).type, outer),
-                     pa.FixedSizeListArray.from_arrays(pa.array(tok.reshape(-1)), context)], schema=schema))
-                bar.update(n)
+        path = os.path.join(folder, name)
+        # Overwriting a spent bucket's pages costs ~0.3 s/GiB of system time where new tmpfs or page-cache
+        # pages cost ~0.55 (and freeing them ~0.15): rename it, write from offset 0, cut off the rest.
+        if spent:
+            os.rename(spent, path)
+        # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features);
+        # PythonFile hands the batch buffers to the file object without copying them
+        with open(path, "r+b" if spent else "wb") as f:
+            sink = pa.PythonFile(f, mode="w")
+            with pa.ipc.new_stream(sink, schema) as writer, _OneInFlight() as writes:
+                for start in range(0, b.rows, chunk):
+                    take = perm[start:start + chunk]
+                    n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
+                    j += 1
+                    _gather(src_acts, take, acts, staged)
+                    np.take(src_ids, take, axis=0, out=tok, mode="clip")
+                    inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
+                    outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
+                    writes.submit(writer.write_batch, pa.RecordBatch.from_arrays(
+                        [pa.ExtensionArray.from_storage(schema.field(column).type, outer),
+                         pa.FixedSizeListArray.from_arrays(pa.array(tok.reshape(-1)), context)], schema=schema))
+                    bar.update(n)
+            f.truncate(f.tell())
+            sink.close()
         del src_acts, src_ids
-        b.remove()
+        spent = b.paths[0]
+        os.unlink(b.paths[1])
         names.append(name)
     bar.close()
+    if spent:
+        os.unlink(spent)
     for b in buckets:  # buckets that stayed empty
         b.remove()
     return names
