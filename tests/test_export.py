@@ -92,6 +92,14 @@ def test_folder_is_a_datasets_save_to_disk_folder(exported):
             for batch in batches:
                 writer.write_batch(batch)
         assert os.path.getsize(os.path.join(exported, name)) == again.getvalue().size
+    modes = {os.stat(os.path.join(exported, name)).st_mode & 0o777 for name in os.listdir(exported)}
+    assert modes == {0o666 & ~_umask()}  # Arrow files written over bucket files get the usual permissions
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_float16_and_the_default_context(dataset, tmp_path):

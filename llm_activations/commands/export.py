@@ -273,7 +273,7 @@ class _Bucket:
 
     def append(self, acts: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
         for path, data in zip(self.paths, (acts, ids)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # as open(): the umask decides (the file may become an Arrow file)
             try:
                 raw = data.view(np.uint8)  # bytes: bfloat16 has no buffer-protocol format
                 views = [memoryview(raw[r]) for r in rows]
