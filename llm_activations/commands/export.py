@@ -61,7 +61,7 @@ BUCKET_BYTES = 256 << 20  # rows of one temporary bucket file (pass 2 maps one a
 BF16 = STORAGE["bfloat16"]
 BATCH_BYTES = 64 << 20  # float32 rows per reader batch (pass 1), output rows per Arrow record batch (pass 2)
 ROW_BY_ROW_BYTES = 1 << 20  # rows at least this big are converted one by one in pass 2 (see _gather)
-IOV_MAX = 1024  # buffers per writev (the Linux and POSIX minimum limit)
+IOV_MAX = 1024  # buffers per writev: Linux's limit
 
 
 def tl_name(hook: str, layer: int) -> str:
@@ -298,6 +298,7 @@ class _Bucket:
 
 
 def _writev_all(fd: int, views: list) -> None:
+    """writev until every byte of views is written (a writev may write less than asked)."""
     while views:
         n = os.writev(fd, views)
         while views and n >= len(views[0]):
