@@ -13,7 +13,7 @@ device iterator with --readers jax) unshuffled and shuffled with the DEFAULT shu
 deletes the dataset. The synthetic metadata gets a norm histogram (one reader pass; --no-norms
 skips it), so the readers apply their default massive-activation filter as on a new dataset;
 `numpy-all` is the NumPy reader with max_norm_ratio=None (no norm computed). `--readers export`
-times `export saelens` (float32, into --tmp-dir) in GiB/s of stored bytes read.
+times `export saelens` (float32, into --tmp-dir) in GiB/s of stored bytes read, once per --repeats.
 
 Columns (the fastest of --repeats passes): wall GiB/s of stored bytes (tokens x hidden x dtype
 size; the float32 batches delivered are twice that for bf16), then user and system CPU seconds
@@ -154,19 +154,26 @@ def add_norm_histogram(root: str, layer: int) -> None:
 
 
 def bench_export(path: str, spec, args) -> None:
+    """export saelens (float32) into --tmp-dir, --repeats times: the fastest wall and the least CPU.
+
+    CPU seconds per GiB (user + sys, all threads) are the number to compare on a shared machine; the
+    1-minute load average is printed with each pass so a wall figure can be judged."""
     from llm_activations.commands import export
 
-    dest = tempfile.mkdtemp(prefix="bench_export_", dir=args.tmp_dir)
-    try:
-        t0, u0, s0, f0 = _usage()
-        summary = export.export_saelens(spec, os.path.join(dest, "cache"), context_size=args.seq_len, progress=False)
-        t1, u1, s1, f1 = _usage()
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
-    gib = summary["stored_tokens"] * spec.bytes_per_token / GIB
-    print(f"export saelens float32: {gib:.2f} GiB stored in {t1 - t0:.2f}s = {gib / (t1 - t0):.2f} GiB/s "
-          f"({gib / (t1 - t0) * 1024:.0f} MiB/s); user {(u1 - u0) / gib:.2f} s/GiB, sys {(s1 - s0) / gib:.2f} s/GiB; "
-          f"{summary['rows']} rows in {summary['files']} files", flush=True)
+    for _ in range(args.repeats):
+        dest = tempfile.mkdtemp(prefix="bench_export_", dir=args.tmp_dir)
+        try:
+            load = os.getloadavg()[0]
+            t0, u0, s0, f0 = _usage()
+            summary = export.export_saelens(spec, os.path.join(dest, "cache"), context_size=args.seq_len, progress=False)
+            t1, u1, s1, f1 = _usage()
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        gib = summary["stored_tokens"] * spec.bytes_per_token / GIB
+        print(f"export saelens float32: {gib:.2f} GiB stored in {t1 - t0:.2f}s = {gib / (t1 - t0):.2f} GiB/s "
+              f"({gib / (t1 - t0) * 1024:.0f} MiB/s); user {(u1 - u0) / gib:.2f} s/GiB, sys {(s1 - s0) / gib:.2f} s/GiB, "
+              f"CPU {(u1 - u0 + s1 - s0) / gib:.2f} s/GiB; {summary['rows']} rows in {summary['files']} files; "
+              f"load average {load:.1f}", flush=True)
 
 
 def main(argv=None) -> int:

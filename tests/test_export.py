@@ -5,6 +5,7 @@ import os
 import subprocess
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from synthetic import make_dataset, read_all_rows
 
@@ -32,7 +33,8 @@ def _rows_of(root, layer, hook, context):
 @pytest.fixture(scope="module")
 def exported(dataset, tmp_path_factory):
     dest = str(tmp_path_factory.mktemp("exp_out") / "cache")
-    export.BUCKET_BYTES, saved = 40 * CONTEXT * (16 * 4 + 4), export.BUCKET_BYTES  # ~40 rows a bucket: several files
+    # ~8 rows a bucket: many files, of sizes varied enough that some Arrow file is written over a longer spent bucket
+    export.BUCKET_BYTES, saved = 8 * CONTEXT * (16 * 4 + 4), export.BUCKET_BYTES
     try:
         assert cli.main(["export", "saelens", dataset, dest, "--layer", "1", "--hook", "mlp_in",
                          "--context-size", str(CONTEXT), "--no-progress"]) == 0
@@ -81,6 +83,23 @@ def test_folder_is_a_datasets_save_to_disk_folder(exported):
     assert ds.features["token_ids"].feature.dtype == "int32" and ds.features["token_ids"].length == CONTEXT
     assert sorted(os.listdir(exported)) == sorted(["dataset_info.json", "state.json",
                                                    *[f["filename"] for f in json.load(open(f"{exported}/state.json"))["_data_files"]]])
+    for name in (f for f in os.listdir(exported) if f.endswith(".arrow")):
+        # each file is exactly one Arrow IPC stream, nothing after it (Arrow files are written over spent buckets)
+        with pa.memory_map(os.path.join(exported, name)) as mm:
+            batches = list(pa.ipc.open_stream(mm))
+        again = pa.BufferOutputStream()
+        with pa.ipc.new_stream(again, batches[0].schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        assert os.path.getsize(os.path.join(exported, name)) == again.getvalue().size
+    modes = {os.stat(os.path.join(exported, name)).st_mode & 0o777 for name in os.listdir(exported)}
+    assert modes == {0o666 & ~_umask()}  # Arrow files written over bucket files get the usual permissions
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_float16_and_the_default_context(dataset, tmp_path):
@@ -129,3 +148,37 @@ def test_overwrite_replaces_atomically(dataset, tmp_path):
                      "--context-size", "32"]) == 0
     assert not (dest / "old.txt").exists() and (dest / "state.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["cache"]  # no temporary sibling left behind
+
+
+@pytest.mark.parametrize("out_dtype,row_by_row", [("float32", False), ("float32", True), ("float16", False)])
+def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype, row_by_row):
+    """bf16 shards wait in bf16 buckets (float32 out: widened at the end) or in float16 ones: each row
+    must be the stored row, bit for bit in float32, and float16 as NumPy rounds the float32 value."""
+    import datasets
+
+    src = str(tmp_path / "src")
+    make_dataset(src, layers=(2,), hidden_size=8, num_docs=30, seq_len=32, num_shards=2, dtype="bfloat16")
+    rows, ids = _rows_of(src, 2, "resid_post", CONTEXT)
+    saved = export.BUCKET_BYTES, export.BATCH_BYTES, export.ROW_BY_ROW_BYTES
+    # ~10 rows a bucket, 3 rows a reader batch and a record batch: both passes reuse their two buffers;
+    # row_by_row: pass 2 widens each row from the mapped bucket (what real rows of >= 1 MiB take)
+    export.BUCKET_BYTES, export.BATCH_BYTES = 10 * CONTEXT * (8 * 2 + 4), 3 * CONTEXT * 8 * 4
+    export.ROW_BY_ROW_BYTES = 0 if row_by_row else saved[2]
+    try:
+        dest = str(tmp_path / "cache")
+        assert cli.main(["export", "saelens", src, dest, "--layer", "2", "--context-size", str(CONTEXT),
+                         "--dtype", out_dtype, "--no-progress"]) == 0
+    finally:
+        export.BUCKET_BYTES, export.BATCH_BYTES, export.ROW_BY_ROW_BYTES = saved
+    ds = datasets.load_from_disk(dest).with_format("numpy")
+    got, got_ids = ds["blocks.2.hook_resid_post"][:], ds["token_ids"][:]
+    assert ds.features["blocks.2.hook_resid_post"].dtype == out_dtype and got.shape == rows.shape
+    storage = {"float32": "float", "float16": "halffloat"}[out_dtype]  # datasets hands float16 back as float32
+    assert str(ds.data.column("blocks.2.hook_resid_post").type.storage_type) == f"list<item: list<item: {storage}>>"
+    want = rows.astype(out_dtype).astype(got.dtype)
+    index = {r.tobytes(): i for i, r in enumerate(want)}
+    order = np.array([index[r.tobytes()] for r in got])
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(rows)))
+    np.testing.assert_array_equal(got_ids, ids[order])
+    assert np.mean(order != np.arange(len(rows))) > 0.9
+    assert len(ds.cache_files) > 2

@@ -8,8 +8,11 @@ after the TransformerLens hook (`cfg.hook_name`), an `Array2D(context_size, d_in
 * rows are `--context-size` consecutive stored tokens of the layer (default: the extraction's
   seq_len), in file order, so a row is mostly one packed sequence; the last partial row is left out;
 * the rows are then shuffled globally (a uniform permutation, with bounded memory: pass 1 deals
-  each row to a random bucket file of at most ~256 MiB, pass 2 permutes each bucket in memory
-  and writes it as one Arrow file of the folder);
+  each row to a random bucket file of at most ~256 MiB, pass 2 maps each bucket, permutes it and
+  writes it as one Arrow file of the folder, ~64 MiB record batch by record batch). Buckets hold
+  the stored dtype where it is narrower than --dtype (bf16 shards, float32 cache: half the
+  temporary bytes; widened exactly in pass 2). Writes run on a helper thread while the next batch
+  is prepared, so reading, converting and writing overlap;
 * the reader's token filter applies (`--max-norm-ratio`, default the readers' 10; `none` keeps
   every token), so the cache holds what `iter_numpy_batches` would deliver;
 * the folder appears at DEST only when complete: it is written into a hidden sibling
@@ -42,6 +45,7 @@ from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
 from llm_activations.format import norms
 from llm_activations.format import records
+from llm_activations.format.dtypes import STORAGE, numpy_dtype
 
 TL_NAMES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -53,7 +57,11 @@ TL_NAMES = {
     "resid_post": "blocks.{layer}.hook_resid_post",
 }
 DTYPES = {"float32": np.float32, "float16": np.float16}
-BUCKET_BYTES = 256 << 20  # rows held in memory at once by pass 2 (about one bucket)
+BUCKET_BYTES = 256 << 20  # rows of one temporary bucket file (pass 2 maps one at a time)
+BF16 = STORAGE["bfloat16"]
+BATCH_BYTES = 64 << 20  # float32 rows per reader batch (pass 1), output rows per Arrow record batch (pass 2)
+ROW_BY_ROW_BYTES = 1 << 20  # rows at least this big are converted one by one in pass 2 (see _gather)
+IOV_MAX = 1024  # buffers per writev: Linux's limit
 
 
 def tl_name(hook: str, layer: int) -> str:
@@ -149,31 +157,33 @@ def _write(spec, folder: str, context: int, dtype: np.dtype, max_norm_ratio, see
     from llm_activations.reader import iter_numpy_batches
 
     width = spec.hidden_size
-    row_bytes = context * (width * dtype.itemsize + 4)
+    held = bucket_dtype(numpy_dtype(spec.dtype), dtype)
+    row_bytes = context * (width * held.itemsize + 4)
     rows_per_bucket = max(1, BUCKET_BYTES // row_bytes)
     num_buckets = max(1, math.ceil(max(1, spec.tokens // context) / rows_per_bucket))
     rng = np.random.default_rng([seed, 1])
     buckets = [_Bucket(os.path.join(folder, f"bucket-{b:05d}")) for b in range(num_buckets)]
-    rows_per_read = max(1, (64 << 20) // row_bytes)  # ~64 MiB of rows per reader batch
+    rows_per_read = max(1, BATCH_BYTES // (context * width * 4))
+    # two reused buffers: one being narrowed while the other's rows are written (fresh pages cost more than copies)
+    narrowed = [np.empty((rows_per_read, context * width), held) for _ in range(2)] if held != np.float32 else None
     # Every batch but the last holds whole rows (batch_size is a multiple of context); the last one's
     # partial row is left out (counted in the summary).
     batches = iter_numpy_batches(spec.root, spec.layer, rows_per_read * context, hook=spec.hook, shuffle_buffer=0,
                                  with_metadata=True, drop_remainder=False, max_norm_ratio=max_norm_ratio, cycle_length=1)
     bar = tqdm(total=spec.tokens, unit="tok", unit_scale=True, desc="export pass 1/2 (deal rows)", disable=not progress)
     try:
-        for batch in batches:
-            acts, ids = batch[records.ACTIVATIONS], batch["token_ids"]
-            bar.update(len(acts))
-            n = len(acts) // context
-            if n:
-                acts = acts[: n * context].reshape(n, context * width)
-                if acts.dtype != dtype:
-                    acts = acts.astype(dtype)
-                ids = ids[: n * context].astype(np.int32).reshape(n, context)
-                assign = rng.integers(num_buckets, size=n)
-                for b in np.unique(assign):
-                    buckets[b].append(acts, ids, np.flatnonzero(assign == b))
-            del batch, acts, ids
+        with _OneInFlight() as writes:
+            for i, batch in enumerate(batches):
+                acts, ids = batch[records.ACTIVATIONS], batch["token_ids"]
+                bar.update(len(acts))
+                n = len(acts) // context
+                if n:
+                    acts = acts[: n * context].reshape(n, context * width)
+                    if narrowed is not None:
+                        acts = _convert(acts, narrowed[i % 2][:n])
+                    ids = ids[: n * context].astype(np.int32).reshape(n, context)
+                    writes.submit(_deal, buckets, acts, ids, rng.integers(num_buckets, size=n))
+                del batch, acts, ids
     finally:
         bar.close()
     stats = batches.stats
@@ -182,7 +192,7 @@ def _write(spec, folder: str, context: int, dtype: np.dtype, max_norm_ratio, see
         raise UsageError(f"{spec.root}: {spec.hook} at layer {spec.layer} has {stats.delivered_tokens} tokens to export, "
                          f"fewer than one row of --context-size {context}")
     column = tl_name(spec.hook, spec.layer)
-    files = _write_buckets(folder, buckets, context, width, dtype, column, rng, progress)
+    files = _write_buckets(folder, buckets, context, width, held, dtype, column, rng, progress)
     _write_dataset_files(folder, files, context, width, dtype, column)
     return {"rows": total_rows, "context_size": context, "d_in": width, "dtype": dtype.name,
             "stored_tokens": stats.stored_tokens, "dropped_tokens": stats.dropped_tokens,
@@ -190,12 +200,72 @@ def _write(spec, folder: str, context: int, dtype: np.dtype, max_norm_ratio, see
             "files": len(files)}
 
 
+def _deal(buckets: list, acts: np.ndarray, ids: np.ndarray, assign: np.ndarray) -> None:
+    """Append row r of the batch to bucket assign[r]: one writev per bucket that got rows."""
+    order = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[order], np.arange(len(buckets) + 1))
+    for b in np.flatnonzero(np.diff(bounds)):
+        buckets[b].append(acts, ids, order[bounds[b]:bounds[b + 1]])
+
+
+class _OneInFlight:
+    """Runs the writes on one helper thread, at most one at a time, while the caller prepares the
+    next batch into the other of two buffers (file writes, NumPy and Arrow release the GIL, so reading,
+    converting and writing overlap on two cores). submit() waits for the previous write first, so a
+    buffer is reused only after its write finished; leaving the block waits for the last one, and a
+    write's error is raised in the caller."""
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool, self._pending = ThreadPoolExecutor(1, thread_name_prefix="export-write"), None
+        return self
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def bucket_dtype(stored: np.dtype, out: np.dtype) -> np.dtype:
+    """The dtype rows wait in between the two passes: the stored one where it is narrower than the
+    output's (every value the reader delivers is exact in it, so widening at the end gives the same
+    numbers, and the bucket files are half the bytes), else the output's (narrowed once, in pass 1)."""
+    return stored if stored.itemsize < out.itemsize else out
+
+
+def _convert(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[...] = src in out's dtype. bfloat16 <-> float32 moves the high 16 bits (little-endian: the
+    odd uint16 of a float32): exact for values that came from bfloat16, and several times faster than
+    ml_dtypes' cast (a plain copy and shift beat a shift that casts on the fly)."""
+    if src.dtype == np.float32 and out.dtype == BF16:
+        np.copyto(out.view(np.uint16), src.view(np.uint16)[..., 1::2])
+    elif src.dtype == BF16 and out.dtype == np.float32:
+        wide = out.view(np.uint32)
+        np.copyto(wide, src.view(np.uint16))
+        np.left_shift(wide, 16, out=wide)
+    else:
+        np.copyto(out, src, casting="unsafe")
+    return out
+
+
 class _Bucket:
     """One temporary bucket of pass 1: its rows' activations and token ids, appended to two files.
 
     Files are opened per reader batch, not held open: a large export has thousands of buckets, more
-    than a process may hold open. Rows are written one by one from the reader's batch (a row is a
-    contiguous view, so there is no gather copy)."""
+    than a process may hold open. A batch's rows of a bucket go in one writev of row views (a row
+    is contiguous, so there is no gather copy and no Python call per row)."""
 
     def __init__(self, prefix: str):
         self.paths = (f"{prefix}.acts", f"{prefix}.ids")
@@ -203,65 +273,102 @@ class _Bucket:
 
     def append(self, acts: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
         for path, data in zip(self.paths, (acts, ids)):
-            with open(path, "ab") as f:
-                for r in rows:
-                    f.write(memoryview(data[r]))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # as open(): the umask decides (the file may become an Arrow file)
+            try:
+                raw = data.view(np.uint8)  # bytes: bfloat16 has no buffer-protocol format
+                views = [memoryview(raw[r]) for r in rows]
+                for i in range(0, len(views), IOV_MAX):
+                    _writev_all(fd, views[i:i + IOV_MAX])
+            finally:
+                os.close(fd)
         self.rows += len(rows)
 
-    def read_into(self, acts: np.ndarray, ids: np.ndarray) -> None:
-        """Fill [rows, ...] arrays with the bucket's rows, then delete its files."""
-        for path, out in zip(self.paths, (acts, ids)):
-            with open(path, "rb", buffering=0) as f:
-                view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise OSError(f"{path}: bucket file shorter than the rows written to it")
-                    got += n
-            os.unlink(path)
+    def open(self, row_elems: int, dtype: np.dtype, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bucket's rows, mapped (pass 2 gathers straight from the page cache: no read copy)."""
+        acts = np.memmap(self.paths[0], dtype=dtype, mode="r", shape=(self.rows, row_elems))
+        ids = np.fromfile(self.paths[1], dtype=np.int32).reshape(-1, context)
+        if len(ids) != self.rows:
+            raise OSError(f"{self.paths[1]}: bucket file holds {len(ids)} rows, {self.rows} were written to it")
+        return acts, ids
+
+    def remove(self) -> None:
+        for path in self.paths:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
-def _write_buckets(folder: str, buckets: list, context: int, width: int, dtype: np.dtype, column: str, rng,
-                   progress: bool) -> list[str]:
+def _writev_all(fd: int, views: list) -> None:
+    """writev until every byte of views is written (a writev may write less than asked)."""
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _write_buckets(folder: str, buckets: list, context: int, width: int, held: np.dtype, dtype: np.dtype, column: str,
+                   rng, progress: bool) -> list[str]:
     """Pass 2: each bucket's rows in a uniformly random order, as one Arrow file of the dataset.
 
-    Two buffers of the largest bucket's size serve every bucket (read, then gathered in permuted
-    order): fresh arrays per bucket were fresh zero-filled pages, which cost more than the copies."""
+    The bucket is mapped and gathered in permuted order, a record batch (~64 MiB) at a time, into
+    buffers reused for every batch (fresh pages cost more than the copies), widened to the output
+    dtype on the way where it was held narrower, and written as one Arrow IPC record batch."""
     import pyarrow as pa
     from tqdm import tqdm
 
-    features = _features(context, width, dtype, column)
-    schema = features.arrow_schema
-    most = max(b.rows for b in buckets)
-    raw_acts, acts = np.empty((most, context * width), dtype), np.empty((most, context * width), dtype)
-    raw_ids, ids = np.empty((most, context), np.int32), np.empty((most, context), np.int32)
+    schema = _features(context, width, dtype, column).arrow_schema
+    row_elems = context * width
+    chunk = max(1, BATCH_BYTES // (row_elems * dtype.itemsize))
+    # two of each: one batch gathered while the other is written
+    out = [np.empty((chunk, row_elems), dtype) for _ in range(2)]
+    staged = np.empty((chunk, row_elems), held) if held != dtype and row_elems * dtype.itemsize < ROW_BY_ROW_BYTES else None
+    ids = [np.empty((chunk, context), np.int32) for _ in range(2)]
+    inner_offsets = pa.array(np.arange(0, chunk * context + 1, dtype=np.int32) * width)
+    outer_offsets = pa.array(np.arange(0, chunk + 1, dtype=np.int32) * context)
     full = [b for b in buckets if b.rows]
     names = []
     bar = tqdm(total=sum(b.rows for b in full), unit="row", desc="export pass 2/2 (shuffle, write)", disable=not progress)
+    j = 0
+    spent = None  # the activations file of the last bucket read: the next Arrow file is written over it
     for i, b in enumerate(full):
-        n = b.rows
-        b.read_into(raw_acts[:n], raw_ids[:n])
-        perm = rng.permutation(n)
-        np.take(raw_acts[:n], perm, axis=0, out=acts[:n], mode="clip")  # "raise" would buffer a whole extra copy
-        np.take(raw_ids[:n], perm, axis=0, out=ids[:n], mode="clip")
-        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * context + 1, dtype=np.int32) * width),
-                                         pa.array(acts[:n].reshape(-1)))
-        outer = pa.ListArray.from_arrays(pa.array(np.arange(0, n + 1, dtype=np.int32) * context), inner)
-        table = pa.Table.from_arrays([pa.ExtensionArray.from_storage(schema.field(column).type, outer),
-                                      pa.FixedSizeListArray.from_arrays(pa.array(ids[:n].reshape(-1)), context)],
-                                     schema=schema)
+        src_acts, src_ids = b.open(row_elems, held, context)
+        perm = rng.permutation(b.rows)
         name = f"data-{i:05d}-of-{len(full):05d}.arrow"
-        # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features)
-        with pa.OSFile(os.path.join(folder, name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            writer.write_table(table, max_chunksize=max(1, (64 << 20) // (context * (width * dtype.itemsize + 4))))
+        path = os.path.join(folder, name)
+        # Overwriting a spent bucket's pages costs ~0.3 s/GiB of system time where new tmpfs or page-cache
+        # pages cost ~0.55 (and freeing them ~0.15): rename it, write from offset 0, cut off the rest.
+        if spent:
+            os.rename(spent, path)
+        # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features);
+        # PythonFile hands the batch buffers to the file object without copying them
+        with open(path, "r+b" if spent else "wb") as f:
+            sink = pa.PythonFile(f, mode="w")
+            with pa.ipc.new_stream(sink, schema) as writer, _OneInFlight() as writes:
+                for start in range(0, b.rows, chunk):
+                    take = perm[start:start + chunk]
+                    n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
+                    j += 1
+                    _gather(src_acts, take, acts, staged)
+                    np.take(src_ids, take, axis=0, out=tok, mode="clip")
+                    inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
+                    outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
+                    writes.submit(writer.write_batch, pa.RecordBatch.from_arrays(
+                        [pa.ExtensionArray.from_storage(schema.field(column).type, outer),
+                         pa.FixedSizeListArray.from_arrays(pa.array(tok.reshape(-1)), context)], schema=schema))
+                    bar.update(n)
+            f.truncate(f.tell())
+            sink.close()
+        del src_acts, src_ids
+        spent = b.paths[0]
+        os.unlink(b.paths[1])
         names.append(name)
-        bar.update(n)
-        del table, inner, outer
     bar.close()
+    if spent:
+        os.unlink(spent)
     for b in buckets:  # buckets that stayed empty
-        for path in b.paths:
-            if os.path.exists(path):
-                os.unlink(path)
+        b.remove()
     return names
 
 
@@ -270,6 +377,17 @@ def _features(context: int, width: int, dtype: np.dtype, column: str):
 
     return Features({column: Array2D(shape=(context, width), dtype=dtype.name),
                      "token_ids": Sequence(Value("int32"), length=context)})
+
+
+def _gather(src: np.ndarray, take: np.ndarray, out: np.ndarray, staged: np.ndarray | None) -> None:
+    """out[k] = src[take[k]], converted to out's dtype where it differs (staged: a buffer in src's dtype)."""
+    if src.dtype == out.dtype:
+        np.take(src, take, axis=0, out=out, mode="clip")  # "raise" would buffer a whole extra copy
+    elif out[0].nbytes >= ROW_BY_ROW_BYTES:
+        for k, r in enumerate(take):  # straight from the mapped bucket: half the memory traffic of a staged take
+            _convert(src[r], out[k])
+    else:  # small rows: one vectorised take, then one conversion (a Python call per row would dominate)
+        _convert(np.take(src, take, axis=0, out=staged[: len(take)], mode="clip"), out)
 
 
 def _write_dataset_files(folder: str, files: list[str], context: int, width: int, dtype: np.dtype, column: str) -> None:
