@@ -48,6 +48,10 @@ def _check(compiled, config, mesh, layers, seq_len, batch):
     inputs = 3 * (batch // mesh[0]) * seq_len * 4
     assert 0 <= compiled.argument_bytes - (weights + inputs) <= max(weights // 1000, 1 << 18)
     assert compiled.splash_kernels >= 1
+    # no copy of the weight stacks among the temporaries (a bitcast of every stack to uint16 once
+    # put 6.86 GiB there at 7B): at these few rows the working memory is far below the weights
+    if weights > 2**28:
+        assert compiled.temp_bytes < weights // 4
 
 
 @pytest.mark.parametrize("model, topology, mesh, layers, hooks, seq_len, batch", CASES,
