@@ -39,9 +39,9 @@ def layer_specs(c: ModelConfig) -> dict[str, ParamSpec]:
     """Every weight of one decoder block, declared once with its shape and logical axes.
 
     q, k and v are one weight "qkv" [D, K, G + 2, H], and gate and up one weight "gate_up"
-    [D, 2, F] (fused at load time, checkpoint.KEY_TABLE's `part`): one GEMM each instead of three
-    and two, and a kv head's query heads, key and value stay on the same device under tensor
-    parallelism (the "parts" axis is never split).
+    [D, 2, F] (fused at load time, checkpoint.KEY_TABLE's `part`): one GEMM for q|k|v instead of
+    three, and a kv head's query heads, key and value stay on the same device under tensor
+    parallelism (the "parts" axis is never split). gate and up stay two GEMMs on the halves (mlp).
     """
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     specs = {
@@ -136,9 +136,11 @@ def o_proj(p: dict, c: ModelConfig, heads: jax.Array, float32_dots: bool) -> jax
 
 def mlp(p: dict, x: jax.Array, float32_dots: bool) -> jax.Array:
     """SwiGLU MLP of normed x [B, T, D] -> [B, T, D]."""
-    # [B, T, 2, F]: one GEMM for gate and up
-    gate_up = attn.dot("btd,dpf->btpf", x, p["gate_up"], float32_dots)
-    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    # [B, T, F] each: two GEMMs on the fused weight's halves (slicing the weight is free). One GEMM
+    # to [B, T, 2, F] keeps the whole product alive next to silu(gate) * up: plan --topology
+    # measured 154 MiB of temporaries per row at 7B on TPU v4 with it, 96 MiB like this.
+    gate = attn.dot("btd,df->btf", x, p["gate_up"][:, 0], float32_dots)
+    up = attn.dot("btd,df->btf", x, p["gate_up"][:, 1], float32_dots)
     # [B, T, D]
     return attn.dot("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], float32_dots)
 
