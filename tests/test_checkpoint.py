@@ -59,8 +59,8 @@ def test_weights_land_where_the_table_says(single, mesh):
     np.testing.assert_array_equal(np.asarray(params["layers"]["qkv"][2])[:, 3 // g, 3 % g], q[3 * 8:4 * 8].T)
     v = sd["model.layers.2.self_attn.v_proj.weight"]  # [K*H, D]
     np.testing.assert_array_equal(np.asarray(params["layers"]["qkv"][2])[:, 1, g + 1], v[8:16].T)
-    up = sd["model.layers.3.mlp.up_proj.weight"]  # [F, D]; gate_up [L, D, 2, F]
-    np.testing.assert_array_equal(np.asarray(params["layers"]["gate_up"][3])[:, 1], up.T)
+    up = sd["model.layers.3.mlp.up_proj.weight"]  # [F, D]; gate_up [L, 2, D, F]
+    np.testing.assert_array_equal(np.asarray(params["layers"]["gate_up"][3])[1], up.T)
     o = sd["model.layers.1.self_attn.o_proj.weight"]  # [D, N*H]
     np.testing.assert_array_equal(np.asarray(params["layers"]["o"][1])[5], o[:, 5 * 8:6 * 8].T)
     np.testing.assert_array_equal(params["layers"]["down"][3], sd["model.layers.3.mlp.down_proj.weight"].T)

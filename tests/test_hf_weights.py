@@ -41,8 +41,8 @@ def test_fused_params_hold_hf_heads_in_repeat_kv_order():
         np.testing.assert_array_equal(qkv[:, kv, g], tensors["k"][kv * h:(kv + 1) * h].T)
         np.testing.assert_array_equal(qkv[:, kv, g + 1], tensors["v"][kv * h:(kv + 1) * h].T)
         np.testing.assert_array_equal(params["layers"]["qkv_bias"][0][kv, g + 1], tensors["v_bias"][kv * h:(kv + 1) * h])
-    np.testing.assert_array_equal(params["layers"]["gate_up"][0][:, 0], tensors["gate"].T)
-    np.testing.assert_array_equal(params["layers"]["gate_up"][0][:, 1], tensors["up"].T)
+    np.testing.assert_array_equal(params["layers"]["gate_up"][0][0], tensors["gate"].T)
+    np.testing.assert_array_equal(params["layers"]["gate_up"][0][1], tensors["up"].T)
 
 
 @pytest.mark.parametrize("shard_bytes", [None, 4096], ids=["single", "sharded"])

@@ -52,7 +52,7 @@ def _fused(pattern, name, param, hf_shape, to_ours, part) -> KeyRule:
 
 # HF Linear weights are [out, in]; ours are [in, ...] with heads split out. q, k and v are fused
 # into qkv [D, K, G + 2, H] (per kv head: its G query heads - HF's query head n belongs to kv head
-# n // G - then k, then v), and gate and up into gate_up [D, 2, F]: transformer.layer_specs.
+# n // G - then k, then v), and gate and up into gate_up [2, D, F]: transformer.layer_specs.
 KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size), _same),
     KeyRule(r"model\.layers\.(\d+)\.input_layernorm\.weight", "attn_norm", lambda c: (c.hidden_size,), _same),
@@ -78,9 +78,9 @@ KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "k_norm", lambda c: (c.head_dim,), _same),
     KeyRule(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "mlp_norm", lambda c: (c.hidden_size,), _same),
     _fused(r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "gate", "gate_up",
-           lambda c: (c.intermediate_size, c.hidden_size), lambda w, c: w.T[:, None], lambda c: slice(0, 1)),
+           lambda c: (c.intermediate_size, c.hidden_size), lambda w, c: w.T[None], lambda c: slice(0, 1)),
     _fused(r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "up", "gate_up",
-           lambda c: (c.intermediate_size, c.hidden_size), lambda w, c: w.T[:, None], lambda c: slice(1, 2)),
+           lambda c: (c.intermediate_size, c.hidden_size), lambda w, c: w.T[None], lambda c: slice(1, 2)),
     KeyRule(r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "down", lambda c: (c.hidden_size, c.intermediate_size),
             lambda w, c: w.T),
 )
