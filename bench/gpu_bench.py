@@ -153,17 +153,6 @@ def row(name, batch, seq_len, c, impl, seconds, peak, **extra) -> dict:
     return r
 
 
-def row(name, batch, seq_len, c, impl, seconds, peak, **extra) -> dict:
-    from llm_activations.model.cost import flops_per_token
-
-    flops = flops_per_token(c, seq_len) * batch * seq_len
-    r = {"model": name, "batch x seq": f"{batch} x {seq_len}", "impl": impl, "step ms": seconds * 1e3,
-         "tokens/s": batch * seq_len / seconds, "TFLOP/s": flops / seconds / 1e12, **extra}
-    if peak:
-        r["MFU"] = f"{flops / seconds / 1e12 / peak:.1%}"
-    return r
-
-
 def parity(c, backend, seq_len: int, batch: int = 2) -> tuple[bool, str]:
     """The kernel in bf16 on device against the float32 "xla" path on the same bf16 inputs, on
     packed rows within the kernel's segment bound and with one row past it; real tokens only."""
