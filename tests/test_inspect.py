@@ -75,7 +75,7 @@ def test_columns_stay_apart_near_1e5_and_delivered_follows_the_histogram(tmp_pat
     meta = make_dataset(str(tmp_path), layers=(0,), hidden_size=8, num_docs=20, seq_len=32, dtype="float32", scale=4e4)
     assert main(["inspect", str(tmp_path), "--plot", str(tmp_path / "n.png")]) == 0
     out = capsys.readouterr().out.splitlines()
-    (row,) = [line for line in out if line.split()[:1] == ["0"] and "|" in line]
+    (row,) = [line for line in out if line.split()[:1] == ["0"] and "|" in line and " / " not in line]
     fields = row.split()
     assert len(fields) == 9, row  # key, mean, scale, |, tokens, p5, p50, p95, max: none ran together
     assert float(fields[1]) == pytest.approx(meta["stats"]["0"]["mean_norm"], rel=1e-3)
@@ -83,8 +83,31 @@ def test_columns_stay_apart_near_1e5_and_delivered_follows_the_histogram(tmp_pat
     assert float(fields[8]) > 1e5
     (drow,) = [line for line in out if line.split()[:1] == ["0"] and "|" not in line and ":" not in line]
     p = norms.policy(norms.NormHistogram.from_json(meta["stats"]["0"]["norms"]), 10)
-    assert drow.split()[3] == f"{p.dropped:,}" and drow.split()[-1] == "0"
+    assert drow.split()[3] == f"{p.dropped:,}" and drow.split()[-2] == "0"  # inf/nan
+    assert drow.split()[-1] == f"{p.top1_energy_share:.1%}"
     assert any(line.startswith("by position") for line in out)
+    (rrow,) = [line for line in out if line.split()[:1] == ["0"] and " / " in line]
+    cells = [c.split(" / ") for c in rrow.split(None, 1)[1].split(" | ")]
+    assert len(cells) == len(inspect_dataset.TRADE_OFF_RATIOS) and cells[-1][0] == "100.0%"
+
+
+def test_heavy_tokens_below_the_default_threshold_get_a_note_and_a_ratio_that_drops_them():
+    from llm_activations.format import norms
+
+    # 97% ordinary tokens around norm 10, 3% "massive" at 70 (7x the median): the default ratio
+    # keeps them and they hold most of the energy; a ratio of 6 drops exactly them
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(9, 11, 9700), rng.uniform(69, 71, 300)])
+    hist = norms.NormHistogram.of(x)
+    lines = inspect_dataset._ratio_lines({("resid_post", 3): hist}, 5)
+    row = lines[1].split(None, 1)[1].split(" | ")
+    ratios = list(inspect_dataset.TRADE_OFF_RATIOS)
+    kept6, top6 = row[ratios.index(6.0)].split(" / ")
+    assert kept6 == "97.0%" and float(top6.rstrip("%")) < 1.3  # like tokens: the top 1% hold ~1%
+    kept10, top10 = row[ratios.index(10.0)].split(" / ")
+    share = (x[x > 60] ** 2)[:100].sum() / (x ** 2).sum()
+    assert kept10 == "100.0%" and float(top10.rstrip("%")) == pytest.approx(100 * share, abs=0.5)
+    assert lines[-1].startswith("NOTE") and "3 (" in lines[-1]
 
 
 def test_nonfinite_tokens_are_shown_loudly(tmp_path, capsys):

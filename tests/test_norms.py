@@ -56,6 +56,34 @@ def test_policy_counts_and_mean_match_a_direct_filter():
     assert pol.scaling_factor(576) == pytest.approx(math.sqrt(576) / kept.mean(), rel=1e-12)
 
 
+def _top1_share(x):
+    x = np.sort(x)[::-1]
+    k = len(x) / 100
+    whole = int(k)
+    top = (x[:whole] ** 2).sum() + (k - whole) * x[whole] ** 2
+    return top / (x ** 2).sum()
+
+
+def test_top1_energy_share_is_exact_when_the_top_percent_fills_whole_bins():
+    x = np.concatenate([np.full(9900, 1.0), np.full(100, 50.0)])  # 1% at 50x: 2500 / 2599 of the energy
+    hist = norms.NormHistogram.of(x)
+    assert norms.policy(hist, None).top1_energy_share == pytest.approx(250000 / 259900, rel=1e-12)
+    pol = norms.policy(hist, 10.0)  # drops the 50s: 99 tokens of norm 1 hold 1% of what is left
+    assert pol.dropped == 100 and pol.top1_energy_share == pytest.approx(0.01, rel=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [None, 10.0, 3.0])
+def test_top1_energy_share_matches_the_tokens_within_one_bin(ratio):
+    x = _norms(4)
+    pol = norms.policy(norms.NormHistogram.of(x), ratio)
+    kept = x[x <= pol.threshold]
+    exact = _top1_share(kept)
+    # only the bin where the top 1% runs out is estimated (its mean energy per token): at most
+    # that bin's width, 7.5% in norm, on the part of the share it holds
+    assert pol.top1_energy_share == pytest.approx(exact, rel=0.16)
+    assert abs(pol.top1_energy_share - exact) < 0.02
+
+
 def test_policy_none_keeps_everything():
     x = _norms(3)
     pol = norms.policy(norms.NormHistogram.of(x), None)

@@ -170,7 +170,7 @@ def _delivered_lines(keys, stats: dict, label: int) -> list[str]:
     if not any(h is not None for h in hists.values()):
         return ["delivered    (no norm histograms in this metadata: written before they existed)"]
     lines = [f"delivered    {'':>{label}}  median norm  threshold  dropped    share  energy dropped  delivered mean"
-             f"  scale factor  inf/nan   (max_norm_ratio {nm.DEFAULT_MAX_NORM_RATIO:g}, the readers' default)"]
+             f"  scale factor  inf/nan  top 1% energy   (max_norm_ratio {nm.DEFAULT_MAX_NORM_RATIO:g}, the readers' default)"]
     bad = []
     for key, h in hists.items():
         if h is None:
@@ -182,12 +182,42 @@ def _delivered_lines(keys, stats: dict, label: int) -> list[str]:
         lines.append(f"             {hk.key(*key):>{label}} " + _col(h.median(), 12, ".3f") + _col(p.threshold, 11, ".2f")
                      + _col(p.dropped, 9, ",") + _col(p.dropped / total if total else 0.0, 9, ".2%")
                      + _col(p.energy_share_dropped, 16, ".1%") + _col(p.mean_norm, 16, ".3f")
-                     + _col(p.scaling_factor(len(st.get("mean", ())) or 1), 14, ".4f") + _col(h.nonfinite, 9, ","))
+                     + _col(p.scaling_factor(len(st.get("mean", ())) or 1), 14, ".4f") + _col(h.nonfinite, 9, ",")
+                     + _col(p.top1_energy_share, 15, ".1%"))
         if h.nonfinite:
             bad.append(f"{hk.key(*key)}: {h.nonfinite:,}")
     if bad:
         lines.append("WARNING      tokens holding inf or nan (float16 overflow? re-extract with --dtype bfloat16): "
                      + ", ".join(bad))
+    return lines + _ratio_lines({k: h for k, h in hists.items() if h is not None}, label)
+
+
+TRADE_OFF_RATIOS = (4.0, 6.0, 8.0, nm.DEFAULT_MAX_NORM_RATIO, None)
+CONCENTRATED = 0.15  # top 1% of the delivered tokens holding more than this: a few tokens dominate
+
+
+def _ratio_lines(hists: dict, label: int) -> list[str]:
+    """Per (hook, layer), what other max_norm_ratio values would deliver: the share of tokens kept and
+    the share of their energy the top 1% hold. Massive activations a few times the median (early
+    layers: SmolLM2-135M's layer 3 holds ~2% of its tokens at 6-11x) pass the default; this table is
+    where a user sees it and picks a ratio for that layer (every reader takes max_norm_ratio)."""
+    if not hists:
+        return []
+    names = " | ".join("none" if r is None else f"{r:g}" for r in TRADE_OFF_RATIOS)
+    lines = [f"by ratio     {'':>{label}}   kept / top 1% energy at max_norm_ratio {names}"]
+    loud = []
+    for key, h in hists.items():
+        cells = []
+        for r in TRADE_OFF_RATIOS:
+            p = nm.policy(h, r)
+            cells.append(f"{p.count / h.count if h.count else 0.0:.1%} / {p.top1_energy_share:.1%}")
+            if r == nm.DEFAULT_MAX_NORM_RATIO and p.top1_energy_share > CONCENTRATED:
+                loud.append(f"{hk.key(*key)} ({p.top1_energy_share:.0%})")
+        lines.append(f"             {hk.key(*key):>{label}}   " + " | ".join(cells))
+    if loud:
+        lines.append(f"NOTE         the top 1% of delivered tokens hold more than {CONCENTRATED:.0%} of the energy at "
+                     + ", ".join(loud) + ": heavy tokens below the default threshold; a smaller max_norm_ratio "
+                     "for those layers (table above) drops them")
     return lines
 
 

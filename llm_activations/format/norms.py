@@ -113,6 +113,7 @@ class NormPolicy:
     dropped: int  # finite tokens dropped
     mean_norm: float  # mean norm of the delivered tokens
     energy_share_dropped: float  # share of sum ||x||^2 held by the dropped tokens
+    top1_energy_share: float  # share of the delivered energy held by the 1% of delivered tokens with the largest norms
 
     def scaling_factor(self, width: int) -> float | None:
         """SAE input scale over the delivered tokens: their mean norm becomes sqrt(width)."""
@@ -125,6 +126,26 @@ def check_ratio(max_norm_ratio: float | None) -> None:
                                            and math.isfinite(max_norm_ratio) and max_norm_ratio > 1):
         raise ValueError(f"max_norm_ratio must be a number above 1 (tokens above ratio x median norm are "
                          f"dropped) or None to keep every token; got {max_norm_ratio!r}")
+
+
+def top_energy_share(hist: NormHistogram, keep: int, fraction: float = 0.01) -> float:
+    """Share of the energy of the tokens in bins [0, keep) held by the `fraction` of them with the
+    largest norms: how much a few tokens dominate what an SAE trains on (attention sinks and massive
+    activations make it 30-99%; tokens of similar norm, about `fraction`). Whole bins are taken from the
+    top down; the bin where the count runs out contributes its mean energy per token, so the figure
+    is exact to that one bin's 7.5% norm width."""
+    counts, sumsq = hist.counts[:keep], hist.sumsq[:keep]
+    total, energy = float(counts.sum()), float(sumsq.sum())
+    if total == 0 or energy <= 0:
+        return 0.0
+    want, got, top = fraction * total, 0.0, 0.0
+    for i in np.nonzero(counts)[0][::-1]:
+        take = min(float(counts[i]), want - got)
+        top += float(sumsq[i]) * take / float(counts[i])
+        got += take
+        if got >= want:
+            break
+    return top / energy
 
 
 def policy(hist: NormHistogram, max_norm_ratio: float | None) -> NormPolicy:
@@ -142,4 +163,5 @@ def policy(hist: NormHistogram, max_norm_ratio: float | None) -> NormPolicy:
     dropped_energy = float(hist.sumsq[keep:].sum())
     return NormPolicy(max_norm_ratio, threshold, count, hist.count - count,
                       norm_sum / count if count else 0.0,
-                      dropped_energy / total_energy if total_energy > 0 else 0.0)
+                      dropped_energy / total_energy if total_energy > 0 else 0.0,
+                      top_energy_share(hist, keep))

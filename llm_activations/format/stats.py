@@ -95,7 +95,8 @@ def delivered_json(hist: nm.NormHistogram, width: int,
     return {"max_norm_ratio": p.max_norm_ratio,
             "norm_threshold": p.threshold if math.isfinite(p.threshold) else None,  # JSON has no inf
             "count": p.count, "dropped": p.dropped, "mean_norm": p.mean_norm,
-            "scaling_factor": p.scaling_factor(width), "energy_share_dropped": p.energy_share_dropped}
+            "scaling_factor": p.scaling_factor(width), "energy_share_dropped": p.energy_share_dropped,
+            "top1_energy_share": p.top1_energy_share}
 
 
 def merge_all(parts, hidden_size: int) -> Moments:
