@@ -31,6 +31,7 @@ that weight into W_in by default, so its hook_normalized differs from ours by th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -62,6 +63,7 @@ BF16 = STORAGE["bfloat16"]
 BATCH_BYTES = 64 << 20  # float32 rows per reader batch (pass 1), output rows per Arrow record batch (pass 2)
 ROW_BY_ROW_BYTES = 1 << 20  # rows at least this big are converted one by one in pass 2 (see _gather)
 IOV_MAX = 1024  # buffers per writev: Linux's limit
+PASS2_WRITERS = 2  # buckets written at once in pass 2 (this machine has 2 cores)
 
 
 def tl_name(hook: str, layer: int) -> str:
@@ -314,9 +316,38 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
 
     The bucket is mapped and gathered in permuted order, a record batch (~64 MiB) at a time, into
     buffers reused for every batch (fresh pages cost more than the copies), widened to the output
-    dtype on the way where it was held narrower, and written as one Arrow IPC record batch."""
-    import pyarrow as pa
+    dtype on the way where it was held narrower, and written as one Arrow IPC record batch.
+    PASS2_WRITERS buckets are written at once, each by its own thread: one bucket at a time kept
+    about one core busy (the page-cache writes of the float32 output are most of pass 2). The
+    permutations are drawn in bucket order first, so the files do not depend on the threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
+
+    full = [b for b in buckets if b.rows]
+    perms = [rng.permutation(b.rows) for b in full]
+    names = [f"data-{i:05d}-of-{len(full):05d}.arrow" for i in range(len(full))]
+    bar = tqdm(total=sum(b.rows for b in full), unit="row", desc="export pass 2/2 (shuffle, write)", disable=not progress)
+    todo = iter(range(len(full)))  # shared by the writers: next() on a range iterator is atomic under the GIL
+    failed: list = []
+    write = functools.partial(_write_some, folder, full, perms, names, todo, failed, bar, context, width, held, dtype,
+                              column)
+    try:
+        with ThreadPoolExecutor(PASS2_WRITERS, thread_name_prefix="export-pass2") as ex:
+            for f in [ex.submit(write) for _ in range(min(PASS2_WRITERS, len(full)))]:
+                f.result()
+    finally:
+        bar.close()
+    for b in buckets:  # buckets that stayed empty
+        b.remove()
+    return names
+
+
+def _write_some(folder: str, full: list, perms: list, names: list, todo, failed: list, bar, context: int, width: int,
+                held: np.dtype, dtype: np.dtype, column: str) -> None:
+    """One pass-2 writer: buckets from todo until none is left (or another writer failed), each as
+    its Arrow file, with this writer's own reused buffers."""
+    import pyarrow as pa
 
     schema = _features(context, width, dtype, column).arrow_schema
     row_elems = context * width
@@ -327,49 +358,48 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
     ids = [np.empty((chunk, context), np.int32) for _ in range(2)]
     inner_offsets = pa.array(np.arange(0, chunk * context + 1, dtype=np.int32) * width)
     outer_offsets = pa.array(np.arange(0, chunk + 1, dtype=np.int32) * context)
-    full = [b for b in buckets if b.rows]
-    names = []
-    bar = tqdm(total=sum(b.rows for b in full), unit="row", desc="export pass 2/2 (shuffle, write)", disable=not progress)
     j = 0
-    spent = None  # the activations file of the last bucket read: the next Arrow file is written over it
-    for i, b in enumerate(full):
-        src_acts, src_ids = b.open(row_elems, held, context)
-        perm = rng.permutation(b.rows)
-        name = f"data-{i:05d}-of-{len(full):05d}.arrow"
-        path = os.path.join(folder, name)
-        # Overwriting a spent bucket's pages costs ~0.3 s/GiB of system time where new tmpfs or page-cache
-        # pages cost ~0.55 (and freeing them ~0.15): rename it, write from offset 0, cut off the rest.
+    spent = None  # the activations file of this writer's last bucket: its next Arrow file is written over it
+    try:
+        for i in todo:
+            if failed:
+                return
+            b = full[i]
+            src_acts, src_ids = b.open(row_elems, held, context)
+            perm = perms[i]
+            path = os.path.join(folder, names[i])
+            # Overwriting a spent bucket's pages costs ~0.3 s/GiB of system time where new tmpfs or page-cache
+            # pages cost ~0.55 (and freeing them ~0.15): rename it, write from offset 0, cut off the rest.
+            if spent:
+                os.rename(spent, path)
+            # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features);
+            # PythonFile hands the batch buffers to the file object without copying them
+            with open(path, "r+b" if spent else "wb") as f:
+                sink = pa.PythonFile(f, mode="w")
+                with pa.ipc.new_stream(sink, schema) as writer, _OneInFlight() as writes:
+                    for start in range(0, b.rows, chunk):
+                        take = perm[start:start + chunk]
+                        n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
+                        j += 1
+                        _gather(src_acts, take, acts, staged)
+                        np.take(src_ids, take, axis=0, out=tok, mode="clip")
+                        inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
+                        outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
+                        writes.submit(writer.write_batch, pa.RecordBatch.from_arrays(
+                            [pa.ExtensionArray.from_storage(schema.field(column).type, outer),
+                             pa.FixedSizeListArray.from_arrays(pa.array(tok.reshape(-1)), context)], schema=schema))
+                        bar.update(n)
+                f.truncate(f.tell())
+                sink.close()
+            del src_acts, src_ids
+            spent = b.paths[0]
+            os.unlink(b.paths[1])
+    except BaseException:
+        failed.append(True)
+        raise
+    finally:
         if spent:
-            os.rename(spent, path)
-        # the Arrow IPC stream that datasets' ArrowWriter writes and load_from_disk maps (schema with features);
-        # PythonFile hands the batch buffers to the file object without copying them
-        with open(path, "r+b" if spent else "wb") as f:
-            sink = pa.PythonFile(f, mode="w")
-            with pa.ipc.new_stream(sink, schema) as writer, _OneInFlight() as writes:
-                for start in range(0, b.rows, chunk):
-                    take = perm[start:start + chunk]
-                    n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
-                    j += 1
-                    _gather(src_acts, take, acts, staged)
-                    np.take(src_ids, take, axis=0, out=tok, mode="clip")
-                    inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
-                    outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
-                    writes.submit(writer.write_batch, pa.RecordBatch.from_arrays(
-                        [pa.ExtensionArray.from_storage(schema.field(column).type, outer),
-                         pa.FixedSizeListArray.from_arrays(pa.array(tok.reshape(-1)), context)], schema=schema))
-                    bar.update(n)
-            f.truncate(f.tell())
-            sink.close()
-        del src_acts, src_ids
-        spent = b.paths[0]
-        os.unlink(b.paths[1])
-        names.append(name)
-    bar.close()
-    if spent:
-        os.unlink(spent)
-    for b in buckets:  # buckets that stayed empty
-        b.remove()
-    return names
+            os.unlink(spent)
 
 
 def _features(context: int, width: int, dtype: np.dtype, column: str):
