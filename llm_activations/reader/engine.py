@@ -140,9 +140,9 @@ def keep_mask(acts: np.ndarray, threshold: float, scratch: list) -> np.ndarray |
 
 
 def rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, scales: dict, pool: BufferPool,
-            stats: ReaderStats) -> Iterator[dict]:
+            stats: ReaderStats, widen: bool = True) -> Iterator[dict]:
     """Copy the chunks' tokens into batches of batch_size: activations (the keys of scales) cast to
-    float32 and scaled, int64 lists as they are.
+    float32 and scaled (widen=False: in the stored dtype, unscaled), int64 lists as they are.
 
     Every token is copied as soon as its chunk arrives, so no chunk is referenced after the next
     one is asked for, and the batches come from the pool rather than from concatenate/astype.
@@ -156,7 +156,7 @@ def rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, scale
                 out, fill = {}, 0
                 for k, v in chunk.items():
                     if k in scales:
-                        out[k] = pool.take((batch_size, *v.shape[1:]), np.float32)
+                        out[k] = pool.take((batch_size, *v.shape[1:]), np.float32 if widen else v.dtype)
                     else:
                         out[k] = np.empty((batch_size, *v.shape[1:]), v.dtype)  # small: int64 [batch]
             take = min(n - start, batch_size - fill)
@@ -195,9 +195,10 @@ def _zip_shards(iters: list[Iterator], group: tuple[ShardInfo, ...]) -> Iterator
 
 def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opts: ReaderOptions, *,
              epoch: int | tuple[int, ...], read_records: Callable[[ShardInfo], Iterator], pool: BufferPool,
-             stats: ReaderStats) -> Iterator[dict]:
+             stats: ReaderStats, widen: bool = True) -> Iterator[dict]:
     """One pass: dicts of float32 "activations" [B, W] (a pair's second hook as "target" [B, W2]) and,
-    with opts.with_metadata, the int64 [B] lists.
+    with opts.with_metadata, the int64 [B] lists. widen=False delivers the stored dtype (bfloat16:
+    what export's pass 1 keeps; it would narrow float32 right back) and refuses normalize.
 
     Thread 1 interleaves the files, shuffles records (stage 2), reads them and applies the norm
     filter; thread 2 permutes windows (stage 3) and fills batches. Each stage has its own generator,
@@ -207,6 +208,8 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
     shuffle, so the order stays a pure function of (dataset, seed, options), and a pair read in one
     pass drops the same rows of both hooks.
     """
+    if not widen and any(d.scale is not None for d in deliveries):
+        raise ValueError("normalize needs float32 batches (widen=True)")
     rng = pass_rng(opts.seed, epoch)
     keys = (records.ACTIVATIONS, TARGET)[: len(specs)]
     dts = [numpy_dtype(s.dtype) for s in specs]
@@ -274,6 +277,6 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
         if opts.shuffled:
             stream = sf.permuted_windows(stream, opts.shuffle_buffer, window_rng, pool)
         scales = {k: d.scale for k, d in zip(keys, deliveries)}
-        return rebatch(stream, opts.batch_size, opts.drop_remainder, scales, pool, stats)
+        return rebatch(stream, opts.batch_size, opts.drop_remainder, scales, pool, stats, widen)
 
     return prefetched(batches(), depth=2)
