@@ -152,11 +152,27 @@ def _commit(tmp: str, dest: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _import_in_background(module: str) -> None:
+    """Start importing module on a daemon thread. Why: `datasets` takes ~1 s to import and is needed
+    only in pass 2, so the import overlaps pass 1 (an import error surfaces at the real import)."""
+    import importlib
+    import threading
+
+    def work():
+        try:
+            importlib.import_module(module)
+        except Exception:  # the caller's own import raises it, in its thread
+            pass
+
+    threading.Thread(target=work, daemon=True, name=f"import-{module}").start()
+
+
 def _write(spec, folder: str, context: int, dtype: np.dtype, max_norm_ratio, seed: int, progress: bool) -> dict:
     from tqdm import tqdm
 
     from llm_activations.reader import Batches, ReaderOptions, pass_over
 
+    _import_in_background("datasets")
     width = spec.hidden_size
     stored = numpy_dtype(spec.dtype)
     held = bucket_dtype(stored, dtype)
@@ -349,13 +365,13 @@ def _write_some(folder: str, full: list, perms: list, names: list, todo, failed:
     schema = _features(context, width, dtype, column).arrow_schema
     row_elems = context * width
     chunk = max(1, BATCH_BYTES // (row_elems * dtype.itemsize))
-    # two of each: one batch gathered while the other is written
-    out = [np.empty((chunk, row_elems), dtype) for _ in range(2)]
+    # one of each: the other writer keeps the second core busy (two per writer were 2x the fresh
+    # pages, which cost more than the overlap gained)
+    out = np.empty((chunk, row_elems), dtype)
     staged = np.empty((chunk, row_elems), held) if held != dtype and row_elems * dtype.itemsize < ROW_BY_ROW_BYTES else None
-    ids = [np.empty((chunk, context), np.int32) for _ in range(2)]
+    ids = np.empty((chunk, context), np.int32)
     inner_offsets = pa.array(np.arange(0, chunk * context + 1, dtype=np.int32) * width)
     outer_offsets = pa.array(np.arange(0, chunk + 1, dtype=np.int32) * context)
-    j = 0
     spent = None  # the activations file of this writer's last bucket: its next Arrow file is written over it
     try:
         for i in todo:
@@ -373,16 +389,15 @@ def _write_some(folder: str, full: list, perms: list, names: list, todo, failed:
             # PythonFile hands the batch buffers to the file object without copying them
             with open(path, "r+b" if spent else "wb") as f:
                 sink = pa.PythonFile(f, mode="w")
-                with pa.ipc.new_stream(sink, schema) as writer, _OneInFlight() as writes:
+                with pa.ipc.new_stream(sink, schema) as writer:
                     for start in range(0, b.rows, chunk):
                         take = perm[start:start + chunk]
-                        n, acts, tok = len(take), out[j % 2][: len(take)], ids[j % 2][: len(take)]
-                        j += 1
+                        n, acts, tok = len(take), out[: len(take)], ids[: len(take)]
                         _gather(src_acts, take, acts, staged)
                         np.take(src_ids, take, axis=0, out=tok, mode="clip")
                         inner = pa.ListArray.from_arrays(inner_offsets[: n * context + 1], pa.array(acts.reshape(-1)))
                         outer = pa.ListArray.from_arrays(outer_offsets[: n + 1], inner)
-                        writes.submit(writer.write_batch, pa.RecordBatch.from_arrays(
+                        writer.write_batch(pa.RecordBatch.from_arrays(
                             [pa.ExtensionArray.from_storage(schema.field(column).type, outer),
                              pa.FixedSizeListArray.from_arrays(pa.array(tok.reshape(-1)), context)], schema=schema))
                         bar.update(n)
