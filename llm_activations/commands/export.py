@@ -9,10 +9,11 @@ after the TransformerLens hook (`cfg.hook_name`), an `Array2D(context_size, d_in
   seq_len), in file order, so a row is mostly one packed sequence; the last partial row is left out;
 * the rows are then shuffled globally (a uniform permutation, with bounded memory: pass 1 deals
   each row to a random bucket file of at most ~256 MiB, pass 2 maps each bucket, permutes it and
-  writes it as one Arrow file of the folder, ~64 MiB record batch by record batch). Buckets hold
-  the stored dtype where it is narrower than --dtype (bf16 shards, float32 cache: half the
-  temporary bytes; widened exactly in pass 2). Writes run on a helper thread while the next batch
-  is prepared, so reading, converting and writing overlap;
+  writes it as one Arrow file of the folder, ~64 MiB record batch by record batch, two buckets at
+  once on two threads). Buckets hold the stored dtype where it is narrower than --dtype (bf16
+  shards, float32 cache: half the temporary bytes; pass 1 reads the shards without widening them,
+  pass 2 widens exactly). Pass 1's bucket writes run on a helper thread while the next batch is
+  read, and `datasets` is imported in the background meanwhile;
 * the reader's token filter applies (`--max-norm-ratio`, default the readers' 10; `none` keeps
   every token), so the cache holds what `iter_numpy_batches` would deliver;
 * the folder appears at DEST only when complete: it is written into a hidden sibling

@@ -1,10 +1,11 @@
 """The engine behind every front end: one pass over one hook (or an aligned pair of hooks) of a layer.
 
 How it runs (`run_pass`): one thread shuffles records and reads and CRC-checks them (read() releases
-the GIL) and drops massive-activation tokens, a second permutes windows and writes float32 batches
-into reused buffers, and the caller only takes finished batches off a queue. Work per token: one
-copy out of the page cache, one scatter into the shuffle window, one cast into the batch (plus,
-when a norm policy applies, one float32 norm); nothing is allocated per batch (buffers.BufferPool).
+the GIL), a second (only when a norm policy applies) drops massive-activation tokens, a third
+permutes windows and writes float32 batches into reused buffers, and the caller only takes
+finished batches off a queue. Work per token: one copy out of the page cache, one scatter into the
+shuffle window, one cast into the batch (plus, with a norm policy, one float32 copy and sum of
+squares); nothing is allocated per batch (buffers.BufferPool).
 """
 
 from __future__ import annotations
