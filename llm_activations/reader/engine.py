@@ -151,7 +151,8 @@ def keep_mask(acts: np.ndarray, threshold: float, scratch: list) -> np.ndarray |
         block = scratch[0][: min(NORM_BLOCK, n - start)]
         np.copyto(block, acts[start : start + len(block)], casting="unsafe")
         np.vecdot(block, block, out=sq[start : start + len(block)])
-    band = screen_band(width) * threshold * threshold
+    # plus what underflow (or a BLAS flushing subnormals) can lose: under 2**-126 per square, per sum
+    band = screen_band(width) * threshold * threshold + width * 2.0**-125
     keep = sq < threshold * threshold - band
     unsure = np.flatnonzero(~(keep | (sq > threshold * threshold + band)))  # nan: unsure, too
     if len(unsure):
