@@ -290,9 +290,12 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
         # Reading + CRC and the norm filter run on threads of their own: on one thread they
         # were ~0.5 CPU s/GiB, the slowest stage, while the batcher needed ~0.3.
         stream = prefetched(loaded(), depth=2) if stats.filtered else loaded()
-        for item in stream:
-            yield chunk_of(item)
-            del item
+        try:
+            for item in stream:
+                yield chunk_of(item)
+                del item
+        finally:
+            stream.close()  # stops the reading thread now when the consumer stopped early
 
     def batches():
         stream = prefetched(chunks(), depth=4)
