@@ -348,8 +348,13 @@ def _write_buckets(folder: str, buckets: list, context: int, width: int, held: n
                               column)
     try:
         with ThreadPoolExecutor(PASS2_WRITERS, thread_name_prefix="export-pass2") as ex:
-            for f in [ex.submit(write) for _ in range(min(PASS2_WRITERS, len(full)))]:
-                f.result()
+            futures = [ex.submit(write) for _ in range(min(PASS2_WRITERS, len(full)))]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # an error or Ctrl-C: the other writers stop after their current bucket
+                failed.append(True)
+                raise
     finally:
         bar.close()
     for b in buckets:  # buckets that stayed empty
