@@ -223,8 +223,9 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
     what export's pass 1 keeps; it would narrow float32 right back) and refuses normalize.
 
     Thread 1 interleaves the files, shuffles records (stage 2) and reads them; thread 2 (only with
-    a threshold) applies the norm filter; thread 3 permutes windows (stage 3) and fills batches. Each stage has its own generator,
-    spawned from the pass's, so the order does not depend on how the threads run. Local
+    a threshold) applies the norm filter; thread 3 permutes windows (stage 3) and fills batches.
+    Each stage has its own generator, spawned from the pass's, so the order does not depend on how
+    the threads run. Local
     uncompressed shards are shuffled as RecordRefs and read when released; other shards (gzip,
     URLs) are read first, by read_records. The filter drops tokens of each record after the record
     shuffle, so the order stays a pure function of (dataset, seed, options), and a pair read in one
