@@ -182,3 +182,29 @@ def test_bfloat16_source_round_trips_exactly(tmp_path, out_dtype, row_by_row):
     np.testing.assert_array_equal(got_ids, ids[order])
     assert np.mean(order != np.arange(len(rows))) > 0.9
     assert len(ds.cache_files) > 2
+
+
+def test_a_failing_pass2_writer_stops_the_export_and_leaves_nothing(dataset, tmp_path, monkeypatch):
+    """Pass 2 writes buckets on several threads: one bucket that cannot be read must fail the export
+    with that error, leave no DEST and no temporary sibling, and stop the other writers."""
+    import threading
+
+    from llm_activations.reader import layer_spec
+
+    opened = []
+    real_open = export._Bucket.open
+
+    def open_or_fail(self, *a):
+        opened.append(self)
+        if len(opened) == 2:
+            raise OSError("bucket unreadable (test)")
+        return real_open(self, *a)
+
+    monkeypatch.setattr(export, "BUCKET_BYTES", 4 * CONTEXT * (16 * 4 + 4))
+    monkeypatch.setattr(export._Bucket, "open", open_or_fail)
+    dest = tmp_path / "cache"
+    with pytest.raises(OSError, match="bucket unreadable"):
+        export.export_saelens(layer_spec(dataset, 1, hook="mlp_in"), str(dest), context_size=CONTEXT, progress=False)
+    assert os.listdir(tmp_path) == []
+    assert 2 <= len(opened) < 10  # of 45 buckets: the other writer stopped after its current one
+    assert not [t for t in threading.enumerate() if t.name.startswith("export-pass2")]

@@ -185,3 +185,23 @@ def test_keep_mask_over_several_blocks_matches_float32_norms():
     np.testing.assert_array_equal(keep, norm <= 20.0)
     assert set(np.flatnonzero(~keep)) == {5, 7, 300, 540}
     assert engine.keep_mask(x, math.inf, scratch) is None
+
+
+def test_keep_mask_screen_decides_as_einsum_at_the_threshold():
+    """keep_mask screens with a fast sum of squares and lets einsum decide within screen_band of the
+    threshold: thresholds equal to tokens' own norms, and one float32 step either side, must give
+    einsum's decisions exactly (the ties take the exact path)."""
+    import ml_dtypes
+
+    from llm_activations.reader import engine
+
+    rng = np.random.default_rng(1)
+    for width in (24, 3584):
+        x = (rng.standard_normal((300, width)) * rng.lognormal(0, 1.5, (300, 1))).astype(ml_dtypes.bfloat16)
+        x[3, 1], x[4, 2], x[5] = np.nan, np.inf, 0
+        wide = x.astype(np.float32)
+        norm = np.sqrt(np.einsum("nh,nh->n", wide, wide))
+        finite = norm[np.isfinite(norm)][:40]
+        for t in [*finite, *np.nextafter(finite, np.inf), *np.nextafter(finite, -np.inf)]:
+            np.testing.assert_array_equal(engine.keep_mask(x, float(t), []), norm <= t)
+    assert 0 < engine.screen_band(3584) < 1e-3

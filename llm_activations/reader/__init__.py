@@ -20,10 +20,11 @@ folder without one, or with an unknown format_version, in one line (errors.Datas
 one hook point (`hook=`, default "resid_post") of one layer.
 
 How it runs (`engine.run_pass`): one thread shuffles records and reads and CRC-checks them (read() releases
-the GIL), a second permutes windows and writes float32 batches into reused buffers, and the caller
-only takes finished batches off a queue. The activation_dataset wraps the same batches with Dataset.from_generator
-(TF wraps 64-byte-aligned arrays without copying them), so for one seed both readers deliver the
-same batches in the same order. Work per token: one copy out of the page cache, one scatter into
+the GIL), a second applies the norm filter (when there is one), a third permutes windows and writes
+float32 batches into reused buffers, and the caller only takes finished batches off a queue. The
+activation_dataset wraps the same batches with Dataset.from_generator (TF wraps 64-byte-aligned
+arrays without copying them), so for one seed both readers deliver the same batches in the same
+order. Work per token: one copy out of the page cache, one scatter into
 the shuffle window, one cast into the batch; nothing is allocated per batch (see BufferPool).
 The reason: fresh multi-MiB arrays are fresh zero-filled pages from the kernel, and when every
 batch and window was a new allocation, page faults took most of the run (system time 53 of 76 s),

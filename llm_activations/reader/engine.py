@@ -1,10 +1,11 @@
 """The engine behind every front end: one pass over one hook (or an aligned pair of hooks) of a layer.
 
 How it runs (`run_pass`): one thread shuffles records and reads and CRC-checks them (read() releases
-the GIL) and drops massive-activation tokens, a second permutes windows and writes float32 batches
-into reused buffers, and the caller only takes finished batches off a queue. Work per token: one
-copy out of the page cache, one scatter into the shuffle window, one cast into the batch (plus,
-when a norm policy applies, one float32 norm); nothing is allocated per batch (buffers.BufferPool).
+the GIL), a second (only when a norm policy applies) drops massive-activation tokens, a third
+permutes windows and writes float32 batches into reused buffers, and the caller only takes
+finished batches off a queue. Work per token: one copy out of the page cache, one scatter into the
+shuffle window, one cast into the batch (plus, with a norm policy, one float32 copy and sum of
+squares); nothing is allocated per batch (buffers.BufferPool).
 """
 
 from __future__ import annotations
@@ -119,9 +120,23 @@ def _copy_into(dst: np.ndarray, src: np.ndarray, scale: float | None) -> None:
 NORM_BLOCK = 256  # tokens whose float32 copy is made at once to take their norms (3.5 MiB at width 3584)
 
 
+def screen_band(width: int) -> float:
+    """Relative half-width of the band around threshold**2 in which keep_mask's fast sum of squares
+    cannot decide and the exact one runs. Any float32 sum of `width` squares is within
+    g = width * 2**-24 / (1 - width * 2**-24) of the true sum, relative (nonnegative terms, any order,
+    with or without FMA), so two such sums differ by under ~2g; 4g plus 1e-5 also covers the sqrt
+    and the float32 threshold's rounding (~1e-7 each)."""
+    u = width * 2.0**-24
+    return 4 * u / (1 - u) + 1e-5
+
+
 def keep_mask(acts: np.ndarray, threshold: float, scratch: list) -> np.ndarray | None:
     """bool [n]: tokens whose L2 norm (float32, from the stored values) is <= threshold; None: all kept.
 
+    The norm that decides is np.einsum's float32 sum of squares, as before this screen existed.
+    Each token's sum of squares is first taken by np.vecdot (BLAS, ~3x faster than einsum); only a
+    token within screen_band of threshold**2 (or not finite) is summed again by einsum, so the
+    decisions are einsum's bit for bit (the two sums are within the band of each other).
     A token with a nan or inf component is in no histogram bin (format/norms.py) and is dropped too.
     The float32 copy is made NORM_BLOCK tokens at a time into scratch[0], kept for the pass: one
     float32 copy of every record was a fresh multi-MiB array each time, and its page faults cost
@@ -135,14 +150,21 @@ def keep_mask(acts: np.ndarray, threshold: float, scratch: list) -> np.ndarray |
     for start in range(0, n, NORM_BLOCK):
         block = scratch[0][: min(NORM_BLOCK, n - start)]
         np.copyto(block, acts[start : start + len(block)], casting="unsafe")
-        np.einsum("nh,nh->n", block, block, out=sq[start : start + len(block)])
-    return np.sqrt(sq, out=sq) <= threshold
+        np.vecdot(block, block, out=sq[start : start + len(block)])
+    # plus what underflow (or a BLAS flushing subnormals) can lose: under 2**-126 per square, per sum
+    band = screen_band(width) * threshold * threshold + width * 2.0**-125
+    keep = sq < threshold * threshold - band
+    unsure = np.flatnonzero(~(keep | (sq > threshold * threshold + band)))  # nan: unsure, too
+    if len(unsure):
+        exact = acts[unsure].astype(np.float32)
+        keep[unsure] = np.sqrt(np.einsum("nh,nh->n", exact, exact)) <= threshold
+    return keep
 
 
 def rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, scales: dict, pool: BufferPool,
-            stats: ReaderStats) -> Iterator[dict]:
+            stats: ReaderStats, widen: bool = True) -> Iterator[dict]:
     """Copy the chunks' tokens into batches of batch_size: activations (the keys of scales) cast to
-    float32 and scaled, int64 lists as they are.
+    float32 and scaled (widen=False: in the stored dtype, unscaled), int64 lists as they are.
 
     Every token is copied as soon as its chunk arrives, so no chunk is referenced after the next
     one is asked for, and the batches come from the pool rather than from concatenate/astype.
@@ -156,7 +178,7 @@ def rebatch(chunks: Iterator[dict], batch_size: int, drop_remainder: bool, scale
                 out, fill = {}, 0
                 for k, v in chunk.items():
                     if k in scales:
-                        out[k] = pool.take((batch_size, *v.shape[1:]), np.float32)
+                        out[k] = pool.take((batch_size, *v.shape[1:]), np.float32 if widen else v.dtype)
                     else:
                         out[k] = np.empty((batch_size, *v.shape[1:]), v.dtype)  # small: int64 [batch]
             take = min(n - start, batch_size - fill)
@@ -195,18 +217,22 @@ def _zip_shards(iters: list[Iterator], group: tuple[ShardInfo, ...]) -> Iterator
 
 def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opts: ReaderOptions, *,
              epoch: int | tuple[int, ...], read_records: Callable[[ShardInfo], Iterator], pool: BufferPool,
-             stats: ReaderStats) -> Iterator[dict]:
+             stats: ReaderStats, widen: bool = True) -> Iterator[dict]:
     """One pass: dicts of float32 "activations" [B, W] (a pair's second hook as "target" [B, W2]) and,
-    with opts.with_metadata, the int64 [B] lists.
+    with opts.with_metadata, the int64 [B] lists. widen=False delivers the stored dtype (bfloat16:
+    what export's pass 1 keeps; it would narrow float32 right back) and refuses normalize.
 
-    Thread 1 interleaves the files, shuffles records (stage 2), reads them and applies the norm
-    filter; thread 2 permutes windows (stage 3) and fills batches. Each stage has its own generator,
-    spawned from the pass's, so the order does not depend on how the threads run. Local
+    Thread 1 interleaves the files, shuffles records (stage 2) and reads them; thread 2 (only with
+    a threshold) applies the norm filter; thread 3 permutes windows (stage 3) and fills batches.
+    Each stage has its own generator, spawned from the pass's, so the order does not depend on how
+    the threads run. Local
     uncompressed shards are shuffled as RecordRefs and read when released; other shards (gzip,
     URLs) are read first, by read_records. The filter drops tokens of each record after the record
     shuffle, so the order stays a pure function of (dataset, seed, options), and a pair read in one
     pass drops the same rows of both hooks.
     """
+    if not widen and any(d.scale is not None for d in deliveries):
+        raise ValueError("normalize needs float32 batches (widen=True)")
     rng = pass_rng(opts.seed, epoch)
     keys = (records.ACTIVATIONS, TARGET)[: len(specs)]
     dts = [numpy_dtype(s.dtype) for s in specs]
@@ -228,7 +254,7 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
         chunk = {}
         for key, data, dt, spec in zip(keys, items, dts, specs):
             if opts.with_metadata and key == records.ACTIVATIONS:
-                ex = records.decode_example(data)
+                ex = records.decode_example(data, copy=False)
                 chunk[key] = records.decode_activations(ex, dt, spec.hidden_size)
                 chunk.update({k: ex[k] for k in records.INT_FEATURES})
             else:
@@ -248,24 +274,35 @@ def run_pass(specs: tuple[LayerSpec, ...], deliveries: tuple[Delivery, ...], opt
             chunk = {k: v[keep] for k, v in chunk.items()}  # a copy: the pooled record buffer is free again
         return chunk
 
-    def chunks():
+    def loaded():
         stream = sf.interleaved_records(groups, opts.cycle_length, read_group)
         if opts.shuffled:
             stream = sf.shuffle_records(stream, specs[0].record_buffer(opts.shuffle_buffer), record_rng)
         fds: dict = {}
         try:
             for item in stream:
-                yield chunk_of(tuple(sh.load(r, opts.check_crc, fds, pool) for r in item) if lazy else item)
+                yield tuple(sh.load(r, opts.check_crc, fds, pool) for r in item) if lazy else item
                 del item
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+    def chunks():
+        # Reading + CRC and the norm filter run on threads of their own: on one thread they
+        # were ~0.5 CPU s/GiB, the slowest stage, while the batcher needed ~0.3.
+        stream = prefetched(loaded(), depth=2) if stats.filtered else loaded()
+        try:
+            for item in stream:
+                yield chunk_of(item)
+                del item
+        finally:
+            stream.close()  # stops the reading thread now when the consumer stopped early
 
     def batches():
         stream = prefetched(chunks(), depth=4)
         if opts.shuffled:
             stream = sf.permuted_windows(stream, opts.shuffle_buffer, window_rng, pool)
         scales = {k: d.scale for k, d in zip(keys, deliveries)}
-        return rebatch(stream, opts.batch_size, opts.drop_remainder, scales, pool, stats)
+        return rebatch(stream, opts.batch_size, opts.drop_remainder, scales, pool, stats, widen)
 
     return prefetched(batches(), depth=2)

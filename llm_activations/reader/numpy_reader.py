@@ -54,13 +54,15 @@ def _whole(batch: dict) -> dict:
 
 
 def pass_over(specs: tuple[LayerSpec, ...], opts: ReaderOptions, *, epoch: int | tuple[int, ...] = 0, pool: BufferPool | None = None,
-              stats: ReaderStats | None = None, read_records=None) -> tuple[Iterator[dict], ReaderStats]:
-    """One pass of the engine over specs (one hook, or an aligned pair) with opts: (dict batches, stats)."""
+              stats: ReaderStats | None = None, read_records=None, widen: bool = True) -> tuple[Iterator[dict], ReaderStats]:
+    """One pass of the engine over specs (one hook, or an aligned pair) with opts: (dict batches, stats).
+    widen=False: activations in the stored dtype (engine.run_pass)."""
     pool = pool or shared_pool()
     stats = stats if stats is not None else ReaderStats()
     deliveries = tuple(delivery(s, opts.max_norm_ratio, opts.normalize) for s in specs)
     read_records = read_records or (lambda shard: sh.read_shard(shard, opts.check_crc, pool))
-    return engine.run_pass(specs, deliveries, opts, epoch=epoch, read_records=read_records, pool=pool, stats=stats), stats
+    return engine.run_pass(specs, deliveries, opts, epoch=epoch, read_records=read_records, pool=pool, stats=stats,
+                           widen=widen), stats
 
 
 def numpy_batches(spec: LayerSpec, batch_size: int, *, pool: BufferPool | None = None,
