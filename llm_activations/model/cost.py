@@ -12,20 +12,33 @@ every implementation (query blocks that skip later keys on CPU, splash / flash k
 accelerators), so this count matches the work actually done up to the kernels' block granularity.
 
 Working memory per row, the peak of one block (blocks run one after another in a scan), with a
-fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores:
-    residual stream                   2 T D b
-    one MLP intermediate              T F b / M      (XLA fuses gate, up and silu(gate) * up)
-    tensor-parallel partial sums      3 T D b        (only when M > 1)
-    capture buffers                   2 T (V - D) b  (V = the outputs' values per token; the scan's
-                                      carry and its copy out, beyond the first D, which XLA aliases)
-    captured outputs                  T x (sum of the outputs' widths) x s  (held until the step ends;
-                                      a hook's width is D, or q for z)
-This is what the TPU compiler reports for the step at the batch sizes that fill a chip (v5e,
-Qwen2.5-7B, T = 2048: 106.98 MB of temporaries per row at M = 1 against 106.95 MB here; with 4
-layers captured 197 MB against 195 MB; M = 4 about 5% more than here). Below ~10 rows the compiler keeps part of it in on-chip memory, so
-small batches take less HBM than this; with a model axis it is conservative (v4, M = 2, 4 layers:
-25% more per row than compiled). BENCHMARKS.md (issue 23) has the figures. GPU kernels (cuDNN,
-tokamax) take the same formula, not calibrated on a GPU.
+fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores.
+The peak is the MLP; what is alive there (read from the TPU compiler's buffer assignment of the
+step, `plan --topology` with XLA_FLAGS=--xla_dump_to):
+    mlp          T F b / M   the gate GEMM's output; silu(gate) * up is written over it, and up
+                             never exists whole (two GEMMs on gate_up's halves, transformer.mlp)
+    residual     T D b       the stream after attention (x + attn_out), which the MLP's output is
+                             added to; 2 T D b at M = 1, where the compiler reports 0.86 T D b per
+                             row more (outside the buffer the MLP shares; not traced further)
+                 + T D b     the scan's carry, unless the deepest resid_post is captured: then the
+                             carry is that output's own buffer
+    captures     T (K + 2 D) b   K = values per token kept in the scan's [R, B, T, width] carries
+                             (every captured output but the deepest resid_post), plus the slot a
+                             block rewrites: its old value and the new one (transformer.forward)
+    outputs      T V s       the step's outputs (V = values per token over all captured outputs)
+Under memory pressure, and only without a model axis, the TPU compiler also updates the residual
+stream in place: the residual term is then not held (lean). It does so when the program's
+temporaries would pass LEAN_SHARE of what the chip's HBM leaves after the weights and outputs;
+it decides against the chip's own HBM, not against a smaller budget (`plan --memory-gib`).
+Measured (libtpu 0.0.42.1, Qwen2.5-7B, T = 2048; compiled temporaries per row against this model):
+    M = 1, one layer     104.86 MB   (model 106.95; lean 77.60 MB at 79 rows on v5e, model 77.59)
+    M = 1, four layers   165.6 MB    (model 180.4)
+    M = 2, one layer      53.48 MB   (model 53.48)      M = 4, one layer  34.09 MB (model 34.08)
+    M = 2, four layers   121.64 MB   (model 127.0)
+On v5e (16 GiB) the compiler went lean at 60 rows per chip (temporaries 77% of what HBM left) and
+not at 56 (71%); v4 (32 GiB) went lean at 250 rows; four layers at 6 rows per chip (37%) did not,
+nor did M = 4 at 240 rows (88%). BENCHMARKS.md ("Issue 23, recalibration") has the figures. GPU
+kernels (cuDNN, tokamax) take the same formula without the lean case, not calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
     MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
@@ -41,6 +54,11 @@ from llm_activations.model.config import ModelConfig
 # Queries per attention block on accelerators (the CPU reference path uses smaller blocks); the
 # largest logits tile the blocked attention keeps live.
 ACCELERATOR_QUERY_BLOCK = 512
+
+# Without a model axis the TPU compiler updates the residual stream in place once the step's
+# temporaries (this model's) would pass this share of what HBM leaves after weights and outputs:
+# measured between 72% (v5e, 7B, 56 rows per chip: not lean) and 78% (60 rows: lean). Module doc.
+LEAN_SHARE = 0.75
 
 
 def matmul_params_per_block(c: ModelConfig) -> int:
@@ -75,23 +93,25 @@ def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> 
 
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
               storage_bytes: int = 2, outputs: int = 1, output_values: int | None = None,
-              attention: str = "xla", query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
+              carry_is_output: bool = True, attention: str = "xla",
+              query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
     """Peak working memory of one row (sequence) on one chip, by component (module doc).
 
     output_values: values per token over all captured (hook, layer) outputs; default outputs x D.
-    attention: the kernel (attention.IMPLEMENTATIONS). The fused kernels (splash, cuDNN, tokamax)
-    never materialise scores, and the rest is calibrated to what the TPU compiler reports; the
+    carry_is_output: the deepest layer's resid_post is among them (the scan's final carry is then
+    that output). attention: the kernel (attention.IMPLEMENTATIONS). The fused kernels (splash,
+    cuDNN, tokamax) never materialise scores, and the rest is what the TPU compiler holds; the
     blocked "xla" path keeps the conservative per-tensor sum and one logits tile.
     """
     t, d, m, b = seq_len, c.hidden_size, model_axis, compute_bytes
     output_values = outputs * d if output_values is None else output_values
     stored = t * output_values * storage_bytes
     if attention != "xla":
-        rows = {"residual": 2 * t * d * b, "mlp": t * c.intermediate_size * b // m}
-        if m > 1:
-            rows["tensor_parallel"] = 3 * t * d * b
-        if output_values > d:
-            rows["captures"] = 2 * t * (output_values - d) * b
+        carry = 0 if carry_is_output and storage_bytes == compute_bytes else t * d * b
+        rows = {"residual": (2 if m == 1 else 1) * t * d * b + carry, "mlp": t * c.intermediate_size * b // m}
+        kept = output_values - (d if carry_is_output else 0)
+        if kept > 0:
+            rows["captures"] = t * (kept + 2 * d) * b
         return {**rows, "outputs": stored}
     return {
         "residual": 2 * t * d * b,
@@ -101,3 +121,25 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
         "mlp": 3 * t * c.intermediate_size * b // m,
         "outputs": stored,
     }
+
+
+def rows_per_chip(row: dict[str, int], usable_bytes: int, weight_bytes: int, *, model_axis: int = 1,
+                  compiler_hbm_bytes: int | None = None) -> tuple[int, bool]:
+    """(rows of `row` bytes per row that fit beside the weights in usable_bytes, whether the TPU
+    compiler goes lean for them).
+
+    compiler_hbm_bytes: the HBM the TPU compiler plans against (the chip's own, whatever the
+    budget; None: no TPU compiler, never lean). The lean answer (no residual term) is taken only
+    where the compiler would go lean at it (module doc).
+    """
+    free_bytes = usable_bytes - weight_bytes
+    total = sum(row.values())
+    full = max(0, free_bytes // total)
+    if compiler_hbm_bytes is None or model_axis > 1 or "residual" not in row:
+        return full, False
+    lean = max(0, free_bytes // (total - row["residual"]))
+    temporaries = lean * (total - row["outputs"])
+    left = compiler_hbm_bytes - weight_bytes - lean * row["outputs"]
+    if lean > full and temporaries > LEAN_SHARE * left:
+        return lean, True
+    return full, False
