@@ -286,12 +286,13 @@ def test_largest_rows_brackets_the_answer():
 def test_text_shows_the_compiled_search():
     """The text form of a --topology plan (the figures of the v5e-8 compile search, BENCHMARKS.md)."""
     p = make_7b(layers=(14,), mesh=(8, 1), seq_len=2048)
-    compiled = {"topology": "v5e:2x4", "devices": 8, "mesh": [8, 1], "batch_size": 480, "weight_bytes": 8_081_728_512,
-                "argument_bytes": 8_083_322_880, "output_bytes": 880_838_144, "temp_bytes": 6_418_916_352,
-                "peak_bytes": 15_389_547_520, "hbm_bytes": 16 * 2**30, "usable_bytes": p.usable_bytes, "fits": True,
-                "compile_seconds": 131.4, "splash_kernels": 1, "error": None, "largest_batch": 480, "compiles": 3,
-                "compile_seconds_total": 349.1, "next_batch": 488, "tried": {}}
+    compiled = {"topology": "v5e:2x4", "devices": 8, "mesh": [8, 1], "batch_size": 632, "weight_bytes": 8_081_728_512,
+                "argument_bytes": 8_083_708_928, "output_bytes": 1_160_414_720, "temp_bytes": 6_131_268_096,
+                "peak_bytes": 15_381_996_544, "hbm_bytes": 16 * 2**30, "usable_bytes": p.usable_bytes, "fits": True,
+                "compile_seconds": 22.15, "splash_kernels": 1, "error": None, "largest_batch": 632, "compiles": 2,
+                "compile_seconds_total": 41.6, "next_batch": 640, "tried": {}}
     out = plan.format_plan(plan.replace(p, compiled=compiled))
-    assert "compiled for TPU        v5e:2x4 (8 devices per host), mesh (8, 1), batch 480: fits" in out
+    assert "compiled for TPU        v5e:2x4 (8 devices per host), mesh (8, 1), batch 632: fits" in out
     assert "peak 14.33 GiB of 14.40 GiB usable" in out
-    assert "480 rows (3 compiles, 349 s); the next, 488, does not fit" in out
+    assert "632 rows (2 compiles, 42 s); the next, 640, does not fit" in out
+    assert "632 rows (79 per data shard); the TPU compiler updates the residual stream in place there" in out
