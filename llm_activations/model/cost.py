@@ -26,19 +26,21 @@ step, `plan --topology` with XLA_FLAGS=--xla_dump_to):
                              (every captured output but the deepest resid_post), plus the slot a
                              block rewrites: its old value and the new one (transformer.forward)
     outputs      T V s       the step's outputs (V = values per token over all captured outputs)
-Under memory pressure, and only without a model axis, the TPU compiler also updates the residual
-stream in place: the residual term is then not held (lean). It does so when the program's
-temporaries would pass LEAN_SHARE of what the chip's HBM leaves after the weights and outputs;
-it decides against the chip's own HBM, not against a smaller budget (`plan --memory-gib`).
-Measured (libtpu 0.0.42.1, Qwen2.5-7B, T = 2048; compiled temporaries per row against this model):
-    M = 1, one layer     104.86 MB   (model 106.95; lean 77.60 MB at 79 rows on v5e, model 77.59)
-    M = 1, four layers   165.6 MB    (model 180.4)
-    M = 2, one layer      53.48 MB   (model 53.48)      M = 4, one layer  34.09 MB (model 34.08)
-    M = 2, four layers   121.64 MB   (model 127.0)
-On v5e (16 GiB) the compiler went lean at 60 rows per chip (temporaries 77% of what HBM left) and
-not at 56 (71%); v4 (32 GiB) went lean at 250 rows; four layers at 6 rows per chip (37%) did not,
-nor did M = 4 at 240 rows (88%). BENCHMARKS.md ("Issue 23, recalibration") has the figures. GPU
-kernels (cuDNN, tokamax) take the same formula without the lean case, not calibrated on a GPU.
+Under memory pressure, and only without a model axis, the TPU compiler may also update the
+residual stream in place, so that the residual term is not held ("lean"); whether it does is its
+own heuristic, decided against the chip's own HBM (not `plan --memory-gib`), and this model does
+not predict it: largest batches come from the terms above, and lean_rows_per_chip is an upper bound.
+Measured (libtpu 0.0.42.1, T = 2048; compiled temporaries per row, slope between two batches,
+against the terms above less the outputs):
+    Qwen2.5-7B, M = 1, one layer     104.86 MB   (model 106.95)
+    Qwen2.5-7B, M = 1, four layers   165.6 MB    (model 180.4)
+    Qwen2.5-7B, M = 2, one layer      53.48 MB   (model 53.48)    M = 4: 34.09 MB (model 34.08)
+    Qwen2.5-7B, M = 2, four layers   121.64 MB   (model 126.9)
+Lean: Qwen2.5-7B on v5e (16 GiB) went lean from 60 rows per chip (77.6 MB per row at 79 rows: the
+MLP term alone), as on v4 (32 GiB) at 250 rows; Qwen2.5-3B (four layers, T = 1024, v4) went half
+way; Qwen3-8B on v5e did not, and ran out of HBM at the lean answer. BENCHMARKS.md ("Issue 23,
+recalibration") has the figures. GPU kernels (cuDNN, tokamax) take the same formula, not
+calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
     MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
@@ -54,11 +56,6 @@ from llm_activations.model.config import ModelConfig
 # Queries per attention block on accelerators (the CPU reference path uses smaller blocks); the
 # largest logits tile the blocked attention keeps live.
 ACCELERATOR_QUERY_BLOCK = 512
-
-# Without a model axis the TPU compiler updates the residual stream in place once the step's
-# temporaries (this model's) would pass this share of what HBM leaves after weights and outputs:
-# measured between 72% (v5e, 7B, 56 rows per chip: not lean) and 78% (60 rows: lean). Module doc.
-LEAN_SHARE = 0.75
 
 
 def matmul_params_per_block(c: ModelConfig) -> int:
@@ -123,23 +120,14 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
     }
 
 
-def rows_per_chip(row: dict[str, int], usable_bytes: int, weight_bytes: int, *, model_axis: int = 1,
-                  compiler_hbm_bytes: int | None = None) -> tuple[int, bool]:
-    """(rows of `row` bytes per row that fit beside the weights in usable_bytes, whether the TPU
-    compiler goes lean for them).
+def rows_per_chip(row: dict[str, int], usable_bytes: int, weight_bytes: int) -> int:
+    """Rows of `row` (row_bytes) that fit beside the weights in usable_bytes."""
+    return max(0, (usable_bytes - weight_bytes) // sum(row.values()))
 
-    compiler_hbm_bytes: the HBM the TPU compiler plans against (the chip's own, whatever the
-    budget; None: no TPU compiler, never lean). The lean answer (no residual term) is taken only
-    where the compiler would go lean at it (module doc).
-    """
-    free_bytes = usable_bytes - weight_bytes
-    total = sum(row.values())
-    full = max(0, free_bytes // total)
-    if compiler_hbm_bytes is None or model_axis > 1 or "residual" not in row:
-        return full, False
-    lean = max(0, free_bytes // (total - row["residual"]))
-    temporaries = lean * (total - row["outputs"])
-    left = compiler_hbm_bytes - weight_bytes - lean * row["outputs"]
-    if lean > full and temporaries > LEAN_SHARE * left:
-        return lean, True
-    return full, False
+
+def lean_rows_per_chip(row: dict[str, int], usable_bytes: int, weight_bytes: int, model_axis: int) -> int | None:
+    """Rows that fit if the TPU compiler updates the residual stream in place (module doc): an
+    upper bound it reached for some models and not others; None with a model axis, where it never did."""
+    if model_axis > 1 or "residual" not in row:
+        return None
+    return max(0, (usable_bytes - weight_bytes) // (sum(row.values()) - row["residual"]))
