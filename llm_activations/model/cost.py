@@ -13,34 +13,42 @@ accelerators), so this count matches the work actually done up to the kernels' b
 
 Working memory per row, the peak of one block (blocks run one after another in a scan), with a
 fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores.
-The peak is the MLP; what is alive there (read from the TPU compiler's buffer assignment of the
-step, `plan --topology` with XLA_FLAGS=--xla_dump_to):
-    mlp          T F b / M   the gate GEMM's output; silu(gate) * up is written over it, and up
-                             never exists whole (two GEMMs on gate_up's halves, transformer.mlp)
-    residual     T D b       the stream after attention (x + attn_out), which the MLP's output is
-                             added to; 2 T D b at M = 1, where the compiler reports 0.86 T D b per
-                             row more (outside the buffer the MLP shares; not traced further)
-                 + T D b     the scan's carry, unless the deepest resid_post is captured: then the
-                             carry is that output's own buffer
-    captures     T (K + 2 D) b   K = values per token kept in the scan's [R, B, T, width] carries
-                             (every captured output but the deepest resid_post), plus the slot a
-                             block rewrites: its old value and the new one (transformer.forward)
-    outputs      T V s       the step's outputs (V = values per token over all captured outputs)
-Under memory pressure, and only without a model axis, the TPU compiler may also update the
-residual stream in place, so that the residual term is not held ("lean"); whether it does is its
-own heuristic, decided against the chip's own HBM (not `plan --memory-gib`), and this model does
-not predict it: largest batches come from the terms above, and lean_rows_per_chip is an upper bound.
-Measured (libtpu 0.0.42.1, T = 2048; compiled temporaries per row, slope between two batches,
-against the terms above less the outputs):
-    Qwen2.5-7B, M = 1, one layer     104.86 MB   (model 106.95)
-    Qwen2.5-7B, M = 1, four layers   165.6 MB    (model 180.4)
-    Qwen2.5-7B, M = 2, one layer      53.48 MB   (model 53.48)    M = 4: 34.09 MB (model 34.08)
-    Qwen2.5-7B, M = 2, four layers   121.64 MB   (model 126.9)
+What is alive, read from the TPU compiler's buffer assignment of the step (`plan --topology` with
+XLA_FLAGS=--xla_dump_to); the block's peak is the larger of its MLP and its attention:
+    MLP  mlp        T F b / M   the gate GEMM's output; silu(gate) * up is written over it, and up
+                                never exists whole (two GEMMs on gate_up's halves, transformer.mlp)
+         residual   T D b       the stream after attention (x + attn_out) that the MLP's output is
+                                added to; 2 T D b at M = 1, where the compiler reports 0.86 T D b
+                                per row more (outside the buffer the MLP shares; not traced further)
+    attention       T x [(n + 2 kv) L(H) b + n L(H) 4 + n L(H/2) b + 2 L(H/2) 4]   (n, kv: heads per
+                    chip; L(w): w rounded up to whole 128-lane tiles, as TPU arrays are stored):
+                    q|k|v's GEMM output, q in float32 for RoPE (transformer.rope), the half of q
+                    RoPE is writing, RoPE's float32 cos and sin. It is the peak only where the MLP
+                    is small against the heads, or head_dim is 64 (Qwen2.5-0.5B, whose halves of
+                    32 take four times their size)
+  and in both:
+    carry           T D b       the scan's carry, unless the deepest resid_post is captured: then
+                                the carry is that output's own buffer
+    captures        T (K + 2 D) b   K = values per token kept in the scan's [R, B, T, width]
+                                carries (every captured output but the deepest resid_post), plus the
+                                slot a block rewrites, old and new value (transformer.forward)
+    outputs         T V s       the step's outputs (V = values per token of all captured outputs)
+Under memory pressure, without a model axis, the TPU compiler may also update the residual stream
+in place, so that the residual term is not held ("lean"); whether it does is its own heuristic,
+decided against the chip's own HBM (not `plan --memory-gib`), and this model does not predict it:
+largest batches count the residual, and lean_rows_per_chip is an upper bound.
+Measured (libtpu 0.0.42.1; compiled temporaries per row, the slope between two batches, against
+the terms above less the outputs):
+    Qwen2.5-7B T 2048, M = 1, one layer     104.86 MB   (model 106.95)
+    Qwen2.5-7B T 2048, M = 1, four layers   165.6 MB    (model 180.4)
+    Qwen2.5-7B T 2048, M = 2, one layer      53.48 MB   (model 53.48)   M = 4: 34.09 MB (model 34.08)
+    Qwen2.5-7B T 2048, M = 2, four layers   121.64 MB   (model 126.9)
+    Qwen2.5-0.5B T 512, M = 1 (attention)     8.26 MB   (model 8.39; 1610 rows, one compile)
 Lean: Qwen2.5-7B on v5e (16 GiB) went lean from 60 rows per chip (77.6 MB per row at 79 rows: the
 MLP term alone), as on v4 (32 GiB) at 250 rows; Qwen2.5-3B (four layers, T = 1024, v4) went half
-way; Qwen3-8B on v5e did not, and ran out of HBM at the lean answer. BENCHMARKS.md ("Issue 23,
-recalibration") has the figures. GPU kernels (cuDNN, tokamax) take the same formula, not
-calibrated on a GPU.
+way; Qwen3-8B on v5e did not. BENCHMARKS.md ("Issue 23, recalibration") has the figures, and the
+largest batches (arithmetic within 6% of the compiled for every case but the lean one). GPU
+kernels (cuDNN, tokamax) take the same formula, not calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
     MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
@@ -56,6 +64,10 @@ from llm_activations.model.config import ModelConfig
 # Queries per attention block on accelerators (the CPU reference path uses smaller blocks); the
 # largest logits tile the blocked attention keeps live.
 ACCELERATOR_QUERY_BLOCK = 512
+
+# The lanes of a TPU vector register: the last dimension of an array in HBM is padded to a multiple
+# (a head_dim of 64, or RoPE's halves of one, take twice or four times their size).
+TPU_LANES = 128
 
 
 def matmul_params_per_block(c: ModelConfig) -> int:
@@ -88,6 +100,20 @@ def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> 
     return blocks * (2 * matmul_params_per_block(c) + attention)
 
 
+def lanes(width: int) -> int:
+    """A TPU array's last dimension as stored: padded to whole 128-lane tiles."""
+    return -(-width // TPU_LANES) * TPU_LANES
+
+
+def attention_bytes_per_token(c: ModelConfig, model_axis: int = 1, compute_bytes: int = 2) -> int:
+    """Bytes per token alive at the attention's peak on TPU, last dimensions lane-padded (module
+    doc): q|k|v's GEMM output, q in float32 for RoPE (transformer.rope), the half of q RoPE is
+    writing, and RoPE's float32 cos and sin tables."""
+    n, kv, h = -(-c.num_heads // model_axis), -(-c.num_kv_heads // model_axis), c.head_dim
+    return ((n + 2 * kv) * lanes(h) * compute_bytes + n * lanes(h) * 4 + n * lanes(h // 2) * compute_bytes
+            + 2 * lanes(h // 2) * 4)
+
+
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
               storage_bytes: int = 2, outputs: int = 1, output_values: int | None = None,
               carry_is_output: bool = True, attention: str = "xla",
@@ -104,8 +130,11 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
     output_values = outputs * d if output_values is None else output_values
     stored = t * output_values * storage_bytes
     if attention != "xla":
-        carry = 0 if carry_is_output and storage_bytes == compute_bytes else t * d * b
-        rows = {"residual": (2 if m == 1 else 1) * t * d * b + carry, "mlp": t * c.intermediate_size * b // m}
+        mlp = {"residual": (2 if m == 1 else 1) * t * d * b, "mlp": t * c.intermediate_size * b // m}
+        attention = t * attention_bytes_per_token(c, m, b)
+        rows = mlp if sum(mlp.values()) >= attention else {"attention": attention}
+        if not (carry_is_output and storage_bytes == compute_bytes):
+            rows["carry"] = t * d * b
         kept = output_values - (d if carry_is_output else 0)
         if kept > 0:
             rows["captures"] = t * (kept + 2 * d) * b
