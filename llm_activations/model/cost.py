@@ -131,8 +131,8 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
     stored = t * output_values * storage_bytes
     if attention != "xla":
         mlp = {"residual": (2 if m == 1 else 1) * t * d * b, "mlp": t * c.intermediate_size * b // m}
-        attention = t * attention_bytes_per_token(c, m, b)
-        rows = mlp if sum(mlp.values()) >= attention else {"attention": attention}
+        attend = t * attention_bytes_per_token(c, m, b)
+        rows = mlp if sum(mlp.values()) >= attend else {"attention": attend}
         if not (carry_is_output and storage_bytes == compute_bytes):
             rows["carry"] = t * d * b
         kept = output_values - (d if carry_is_output else 0)
