@@ -275,6 +275,8 @@ def test_other_models_within_10_percent_of_the_tpu_compiler():
         ("Qwen2.5-1.5B", "v5e", 4, (14,), 512, (2, 2)): (3696, 3690),
         # head_dim 64: RoPE's float32 q and halves, lane-padded to 128, make the attention the peak
         ("Qwen2.5-0.5B", "v5e", 4, (12,), 512, (4, 1)): (6360, 6440),
+        ("Qwen2.5-0.5B", "v5e", 4, (12,), 2048, (2, 2)): (1394, 1358),
+        ("Qwen3-4B", "v5e", 4, (18,), 2048, (4, 1)): (492, 488),
     }
     for (model, chip, chips, layers, seq_len, mesh), (arithmetic, compiled) in cases.items():
         name, config = plan.preset_or_config(model)
@@ -282,7 +284,8 @@ def test_other_models_within_10_percent_of_the_tpu_compiler():
                            layers=layers, seq_len=seq_len, mesh=mesh)
         assert p.largest_batch == arithmetic, model
         assert abs(arithmetic / compiled - 1) < 0.1
-    assert "attention" in p.row_bytes
+    assert "attention" in p.row_bytes  # Qwen3-4B: 32 q and 8 kv heads against an MLP of 9728
+    # Not within 10% (BENCHMARKS.md): Qwen3-0.6B at T 512, arithmetic 4868 against 3532 compiled
 
 
 def test_largest_rows_brackets_the_answer():
