@@ -47,7 +47,7 @@ the terms above less the outputs):
 Lean: Qwen2.5-7B on v5e (16 GiB) went lean from 60 rows per chip (77.6 MB per row at 79 rows: the
 MLP term alone), as on v4 (32 GiB) at 250 rows; Qwen2.5-3B (four layers, T = 1024, v4) went half
 way; Qwen3-8B on v5e did not. BENCHMARKS.md ("Issue 23, recalibration") has the figures, and the
-largest batches: the arithmetic within 6% of the compiled for 14 of 16 cases; not the lean one,
+largest batches: the arithmetic within 6% of the compiled for 13 of 15 cases; not the lean one,
 and not Qwen3-0.6B at T = 512 (38% over: there the compiler keeps one more float32 q, 8 KiB per
 token, alive at the attention; at Qwen3-4B and 8B it does not). GPU kernels (cuDNN, tokamax) take
 the same formula, not calibrated on a GPU.
