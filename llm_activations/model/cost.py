@@ -48,8 +48,8 @@ Lean: Qwen2.5-7B on v5e (16 GiB) went lean from 60 rows per chip (77.6 MB per ro
 MLP term alone), as on v4 (32 GiB) at 250 rows; Qwen2.5-3B (four layers, T = 1024, v4) went half
 way; Qwen3-8B on v5e did not. BENCHMARKS.md ("Issue 23, recalibration") has the figures, and the
 largest batches: the arithmetic within 6% of the compiled for 13 of 15 cases; not the lean one,
-and not Qwen3-0.6B at T = 512 (38% over: there the compiler keeps one more float32 q, 8 KiB per
-token, alive at the attention; at Qwen3-4B and 8B it does not). GPU kernels (cuDNN, tokamax) take
+and not Qwen3-0.6B at T = 512 (38% over: there the compiler also keeps the normed input and k in
+float32 alive at the attention's peak; at Qwen3-4B, 8B and Qwen2.5-0.5B it does not). GPU kernels (cuDNN, tokamax) take
 the same formula, not calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
