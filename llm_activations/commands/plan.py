@@ -17,6 +17,9 @@ M = model-axis size, D = data-axis size, b = compute dtype bytes, s = storage by
 * weights per chip = sum over weights of its bytes / (the mesh axes its logical axes shard over).
 * working memory per row: cost.row_bytes (one block's peak; no KV cache, nothing is generated).
 * largest batch = D x floor((HBM x (1 - reserve) - weights per chip) / working memory per row).
+  On a TPU without a model axis, largest_batch_lean is the same without the residual term: what
+  fits if the TPU compiler updates the residual stream in place, which it does for some models
+  under memory pressure (cost.py); only --topology says whether it does.
 * FLOPs per token: cost.flops_per_token over the loaded blocks (matmuls + causal attention).
   tokens/s per chip = peak bf16 FLOP/s x MFU / FLOPs per token.
 * storage per token per layer = the --hooks' widths x s bytes: H per hook, heads x head_dim for z
@@ -99,6 +102,7 @@ class Plan:
     row_bytes_total: int
     rows_per_data_shard: int
     largest_batch: int
+    largest_batch_lean: int | None  # if the TPU compiler updates the residual stream in place (cost.py); TPU, M = 1
     storage_bytes_per_token_per_layer: int  # all requested hooks
     storage_bytes_per_token_by_hook: dict  # hook -> bytes per token per layer
     storage_bytes_per_billion_tokens: int  # all requested hooks and layers
@@ -169,10 +173,12 @@ def make_plan(
     loaded = config.param_count(blocks)
     weights = weights_per_chip(config, blocks, mesh, compute_dtype)
     row = cost.row_bytes(config, T, model_axis=model, compute_bytes=b, storage_bytes=s,
-                         output_values=sum(widths.values()) * len(layers), attention=attention)
+                         output_values=sum(widths.values()) * len(layers), carry_is_output="resid_post" in hooks,
+                         attention=attention)
     row_total = sum(row.values())
     usable = int(chip.hbm_bytes * (1 - reserve))
-    rows = max(0, (usable - weights) // row_total)
+    rows = cost.rows_per_chip(row, usable, weights)
+    lean = cost.lean_rows_per_chip(row, usable, weights, model) if attention == "splash" else None
     flops = cost.flops_per_token(config, T, blocks)
     per_chip = chip.peak_bf16_flops * mfu / flops
     per_host = per_chip * chip.chips_per_host
@@ -181,7 +187,8 @@ def make_plan(
         compute_dtype=compute_dtype, attention=attention, mfu=mfu, chips_per_host=chip.chips_per_host,
         hbm_bytes=chip.hbm_bytes, usable_bytes=usable, total_params=total_params(config), loaded_params=loaded,
         loaded_blocks=blocks, weights_per_chip_bytes=weights, row_bytes=row, row_bytes_total=row_total,
-        rows_per_data_shard=int(rows), largest_batch=int(rows) * data, storage_bytes_per_token_per_layer=per_token,
+        rows_per_data_shard=int(rows), largest_batch=int(rows) * data,
+        largest_batch_lean=None if lean is None else lean * data, storage_bytes_per_token_per_layer=per_token,
         storage_bytes_per_token_by_hook={h: w * s for h, w in widths.items()},
         storage_bytes_per_billion_tokens=per_token * len(layers) * 10**9, flops_per_token=float(flops),
         tokens_per_second_per_chip=per_chip, tokens_per_second_per_host=per_host,
@@ -237,6 +244,8 @@ def format_plan(p: Plan) -> str:
     lines += [(f"  {k}", _human(v)) for k, v in p.row_bytes.items()]
     fits = (
         f"{p.largest_batch} rows ({p.rows_per_data_shard} per data shard)"
+        + (f"; up to {p.largest_batch_lean} if the TPU compiler updates the residual stream in place"
+           if p.largest_batch_lean and p.largest_batch_lean > p.largest_batch else "")
         if p.largest_batch
         else "does not fit: raise the model axis (--mesh DATA,MODEL) or use a chip with more memory"
     )

@@ -12,20 +12,45 @@ every implementation (query blocks that skip later keys on CPU, splash / flash k
 accelerators), so this count matches the work actually done up to the kernels' block granularity.
 
 Working memory per row, the peak of one block (blocks run one after another in a scan), with a
-fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores:
-    residual stream                   2 T D b
-    one MLP intermediate              T F b / M      (XLA fuses gate, up and silu(gate) * up)
-    tensor-parallel partial sums      3 T D b        (only when M > 1)
-    capture buffers                   2 T (V - D) b  (V = the outputs' values per token; the scan's
-                                      carry and its copy out, beyond the first D, which XLA aliases)
-    captured outputs                  T x (sum of the outputs' widths) x s  (held until the step ends;
-                                      a hook's width is D, or q for z)
-This is what the TPU compiler reports for the step at the batch sizes that fill a chip (v5e,
-Qwen2.5-7B, T = 2048: 106.98 MB of temporaries per row at M = 1 against 106.95 MB here; with 4
-layers captured 197 MB against 195 MB; M = 4 about 5% more than here). Below ~10 rows the compiler keeps part of it in on-chip memory, so
-small batches take less HBM than this; with a model axis it is conservative (v4, M = 2, 4 layers:
-25% more per row than compiled). BENCHMARKS.md (issue 23) has the figures. GPU kernels (cuDNN,
-tokamax) take the same formula, not calibrated on a GPU.
+fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores.
+What is alive, read from the TPU compiler's buffer assignment of the step (`plan --topology` with
+XLA_FLAGS=--xla_dump_to); the block's peak is the larger of its MLP and its attention:
+    MLP  mlp        T F b / M   the gate GEMM's output; silu(gate) * up is written over it, and up
+                                never exists whole (two GEMMs on gate_up's halves, transformer.mlp)
+         residual   T D b       the stream after attention (x + attn_out) that the MLP's output is
+                                added to; 2 T D b at M = 1, where the compiler reports 0.86 T D b
+                                per row more (outside the buffer the MLP shares; not traced further)
+    attention       T x [(n + 2 kv) L(H) b + n L(H) 4 + n L(H/2) b + 2 L(H/2) 4]   (n, kv: heads per
+                    chip; L(w): w rounded up to whole 128-lane tiles, as TPU arrays are stored):
+                    q|k|v's GEMM output, q in float32 for RoPE (transformer.rope), the half of q
+                    RoPE is writing, RoPE's float32 cos and sin. It is the peak only where the MLP
+                    is small against the heads, or head_dim is 64 (Qwen2.5-0.5B, whose halves of
+                    32 take four times their size)
+  and in both:
+    carry           T D b       the scan's carry, unless the deepest resid_post is captured: then
+                                the carry is that output's own buffer
+    captures        T (K + 2 D) b   K = values per token kept in the scan's [R, B, T, width]
+                                carries (every captured output but the deepest resid_post), plus the
+                                slot a block rewrites, old and new value (transformer.forward)
+    outputs         T V s       the step's outputs (V = values per token of all captured outputs)
+Under memory pressure, without a model axis, the TPU compiler may also update the residual stream
+in place, so that the residual term is not held ("lean"); whether it does is its own heuristic,
+decided against the chip's own HBM (not `plan --memory-gib`), and this model does not predict it:
+largest batches count the residual, and lean_rows_per_chip is an upper bound.
+Measured (libtpu 0.0.42.1; compiled temporaries per row, the slope between two batches, against
+the terms above less the outputs):
+    Qwen2.5-7B T 2048, M = 1, one layer     104.86 MB   (model 106.95)
+    Qwen2.5-7B T 2048, M = 1, four layers   165.6 MB    (model 180.4)
+    Qwen2.5-7B T 2048, M = 2, one layer      53.48 MB   (model 53.48)   M = 4: 34.09 MB (model 34.08)
+    Qwen2.5-7B T 2048, M = 2, four layers   121.64 MB   (model 126.9)
+    Qwen2.5-0.5B T 512, M = 1 (attention)     8.26 MB   (model 8.39; 1610 rows, one compile)
+Lean: Qwen2.5-7B on v5e (16 GiB) went lean from 60 rows per chip (77.6 MB per row at 79 rows: the
+MLP term alone), as on v4 (32 GiB) at 250 rows; Qwen2.5-3B (four layers, T = 1024, v4) went half
+way; Qwen3-8B on v5e did not. BENCHMARKS.md ("Issue 23, recalibration") has the figures, and the
+largest batches: the arithmetic within 6% of the compiled for 13 of 15 cases; not the lean one,
+and not Qwen3-0.6B at T = 512 (38% over: there the compiler also keeps the normed input and k in
+float32 alive at the attention's peak; at Qwen3-4B, 8B and Qwen2.5-0.5B it does not). GPU kernels (cuDNN, tokamax) take
+the same formula, not calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
     MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
@@ -41,6 +66,10 @@ from llm_activations.model.config import ModelConfig
 # Queries per attention block on accelerators (the CPU reference path uses smaller blocks); the
 # largest logits tile the blocked attention keeps live.
 ACCELERATOR_QUERY_BLOCK = 512
+
+# The lanes of a TPU vector register: the last dimension of an array in HBM is padded to a multiple
+# (a head_dim of 64, or RoPE's halves of one, take twice or four times their size).
+TPU_LANES = 128
 
 
 def matmul_params_per_block(c: ModelConfig) -> int:
@@ -73,25 +102,44 @@ def flops_per_token(c: ModelConfig, seq_len: int, blocks: int | None = None) -> 
     return blocks * (2 * matmul_params_per_block(c) + attention)
 
 
+def lanes(width: int) -> int:
+    """A TPU array's last dimension as stored: padded to whole 128-lane tiles."""
+    return -(-width // TPU_LANES) * TPU_LANES
+
+
+def attention_bytes_per_token(c: ModelConfig, model_axis: int = 1, compute_bytes: int = 2) -> int:
+    """Bytes per token alive at the attention's peak on TPU, last dimensions lane-padded (module
+    doc): q|k|v's GEMM output, q in float32 for RoPE (transformer.rope), the half of q RoPE is
+    writing, and RoPE's float32 cos and sin tables."""
+    n, kv, h = -(-c.num_heads // model_axis), -(-c.num_kv_heads // model_axis), c.head_dim
+    return ((n + 2 * kv) * lanes(h) * compute_bytes + n * lanes(h) * 4 + n * lanes(h // 2) * compute_bytes
+            + 2 * lanes(h // 2) * 4)
+
+
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
               storage_bytes: int = 2, outputs: int = 1, output_values: int | None = None,
-              attention: str = "xla", query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
+              carry_is_output: bool = True, attention: str = "xla",
+              query_block: int = ACCELERATOR_QUERY_BLOCK) -> dict[str, int]:
     """Peak working memory of one row (sequence) on one chip, by component (module doc).
 
     output_values: values per token over all captured (hook, layer) outputs; default outputs x D.
-    attention: the kernel (attention.IMPLEMENTATIONS). The fused kernels (splash, cuDNN, tokamax)
-    never materialise scores, and the rest is calibrated to what the TPU compiler reports; the
+    carry_is_output: the deepest layer's resid_post is among them (the scan's final carry is then
+    that output). attention: the kernel (attention.IMPLEMENTATIONS). The fused kernels (splash,
+    cuDNN, tokamax) never materialise scores, and the rest is what the TPU compiler holds; the
     blocked "xla" path keeps the conservative per-tensor sum and one logits tile.
     """
     t, d, m, b = seq_len, c.hidden_size, model_axis, compute_bytes
     output_values = outputs * d if output_values is None else output_values
     stored = t * output_values * storage_bytes
     if attention != "xla":
-        rows = {"residual": 2 * t * d * b, "mlp": t * c.intermediate_size * b // m}
-        if m > 1:
-            rows["tensor_parallel"] = 3 * t * d * b
-        if output_values > d:
-            rows["captures"] = 2 * t * (output_values - d) * b
+        mlp = {"residual": (2 if m == 1 else 1) * t * d * b, "mlp": t * c.intermediate_size * b // m}
+        attend = t * attention_bytes_per_token(c, m, b)
+        rows = mlp if sum(mlp.values()) >= attend else {"attention": attend}
+        if not (carry_is_output and storage_bytes == compute_bytes):
+            rows["carry"] = t * d * b
+        kept = output_values - (d if carry_is_output else 0)
+        if kept > 0:
+            rows["captures"] = t * (kept + 2 * d) * b
         return {**rows, "outputs": stored}
     return {
         "residual": 2 * t * d * b,
@@ -101,3 +149,16 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
         "mlp": 3 * t * c.intermediate_size * b // m,
         "outputs": stored,
     }
+
+
+def rows_per_chip(row: dict[str, int], usable_bytes: int, weight_bytes: int) -> int:
+    """Rows of `row` (row_bytes) that fit beside the weights in usable_bytes."""
+    return max(0, (usable_bytes - weight_bytes) // sum(row.values()))
+
+
+def lean_rows_per_chip(row: dict[str, int], usable_bytes: int, weight_bytes: int, model_axis: int) -> int | None:
+    """Rows that fit if the TPU compiler updates the residual stream in place (module doc): an
+    upper bound it reached for some models and not others; None with a model axis, where it never did."""
+    if model_axis > 1 or "residual" not in row:
+        return None
+    return max(0, (usable_bytes - weight_bytes) // (sum(row.values()) - row["residual"]))
