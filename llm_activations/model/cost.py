@@ -14,7 +14,8 @@ accelerators), so this count matches the work actually done up to the kernels' b
 Working memory per row, the peak of one block (blocks run one after another in a scan), with a
 fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores.
 What is alive, read from the TPU compiler's buffer assignment of the step (`plan --topology` with
-XLA_FLAGS=--xla_dump_to); the block's peak is the larger of its MLP and its attention:
+XLA_FLAGS=--xla_dump_to); the block's peak is the largest of its MLP, its attention and, for Qwen3
+with 2 query heads per kv head, its qk-norm:
     MLP  mlp        T F b / M   the gate GEMM's output; silu(gate) * up is written over it, and up
                                 never exists whole (two GEMMs on gate_up's halves, transformer.mlp)
          residual   T D b       the stream after attention (x + attn_out) that the MLP's output is
@@ -162,8 +163,7 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
     output_values = outputs * d if output_values is None else output_values
     stored = t * output_values * storage_bytes
     if attention != "xla":
-        stream = (2 if m == 1 else 1) * t * d * b
-        phases = [{"residual": stream, "mlp": t * c.intermediate_size * b // m},
+        phases = [{"residual": (2 if m == 1 else 1) * t * d * b, "mlp": t * c.intermediate_size * b // m},
                   {"attention": t * attention_bytes_per_token(c, m, b)}]
         if qk_norm_bytes_per_token(c, m, b):
             # x and the output's buffer, which the compiler counts in temporaries here at M = 2 as well
