@@ -6,6 +6,7 @@ import pytest
 
 from llm_activations.commands import plan
 from llm_activations.cli import main
+from llm_activations.model.config import model_config_from_hf
 
 # Qwen2.5-7B: hidden 3584, intermediate 18944, 28 layers, 28 q heads / 4 kv heads of 128, vocab 152064, untied.
 EMBED_7B = 152064 * 3584  # 544,997,376
@@ -47,6 +48,7 @@ def test_qwen25_7b_memory_batch_and_throughput():
         "outputs": 2 * T * 3584 * 2,
     }
     assert p.largest_batch_lean is None  # the compiler never went lean with a model axis
+    assert p.caution is None
     # model axis 2 halves every matmul weight and q/k/v bias; the embedding and the norms stay whole
     assert p.weights_per_chip_bytes == 2 * EMBED_7B + 15 * (BLOCK_7B + 2 * 3584)
     usable = int(95 * 2**30 * 0.9)
@@ -125,11 +127,15 @@ def test_hooks_storage_and_memory_per_hook(capsys):
     other = plan.make_plan(config, hooks=("mlp_out",), **kw)
     assert other.row_bytes["carry"] == 512 * 1024 * 2 and "carry" not in alone.row_bytes
     assert other.row_bytes["captures"] == 512 * (2 * 1024 + 2 * 1024) * 2
-    # 16 q heads and 8 kv heads of 128 against an MLP of 3072: the attention is the block's peak, q|k|v's
-    # GEMM output (32 heads), q in float32 for RoPE, the half of q RoPE writes, float32 cos and sin
-    attention = 512 * (32 * 128 * 2 + 16 * 128 * 4 + 16 * 128 * 2 + 2 * 128 * 4)
-    assert alone.row_bytes["attention"] == attention > 512 * (2 * 1024 + 3072) * 2
+    # 16 q heads and 8 kv heads of 128 (2 per kv head) against an MLP of 3072: the qk-norm is the block's
+    # peak, q|k|v's GEMM output (32 heads) and q in float32 twice (its convert and the normed copy) beside
+    # the stream; larger than the MLP and than RoPE's (q|k|v, float32 q, q's half, cos and sin)
+    qk_norm = 512 * (32 * 128 * 2 + 2 * 16 * 128 * 4)
+    assert alone.row_bytes["qk_norm"] == qk_norm and alone.row_bytes["stream"] == 2 * 512 * 1024 * 2
+    assert qk_norm > 512 * (32 * 128 * 2 + 16 * 128 * 4 + 16 * 128 * 2 + 2 * 128 * 4) > 512 * (2 * 1024 + 3072) * 2
     assert "residual" not in alone.row_bytes and alone.largest_batch_lean is None
+    # the compiler's packing there fitted 5-10% fewer rows (BENCHMARKS.md): the plan says so in one line
+    assert "check with --topology" in alone.caution and "  caution " in plan.format_plan(alone)
     assert every.flops_per_token == alone.flops_per_token and every.loaded_blocks == alone.loaded_blocks == 10
     assert main(["plan", "--model", "Qwen3-0.6B", "--layers", "3", "--hooks", "z", "resid_post"]) == 0
     out = capsys.readouterr().out
@@ -277,15 +283,29 @@ def test_other_models_within_10_percent_of_the_tpu_compiler():
         ("Qwen2.5-0.5B", "v5e", 4, (12,), 512, (4, 1)): (6360, 6440),
         ("Qwen2.5-0.5B", "v5e", 4, (12,), 2048, (2, 2)): (1394, 1358),
         ("Qwen3-4B", "v5e", 4, (18,), 2048, (4, 1)): (492, 488),
+        # 2 q heads per kv head: q|k|v's output alive beside q's two float32 copies at the qk-norm
+        # (38% over without that phase; the compiled answer is where the heap's packing jumps)
+        ("Qwen3-0.6B", "v5e", 4, (14,), 512, (4, 1)): (3732, 3532),  # was 4868
+        ("Qwen3-0.6B", "v5e", 4, (14,), 2048, (4, 1)): (932, 880),  # was 1216
+        ("Qwen3-1.7B shape", "v5e", 4, (14,), 512, (4, 1)): (2824, 2672),  # was 4064
+        # the same 0.6B with 4 kv heads (4 q heads per kv head): the compiler does k and v first
+        ("Qwen3-0.6B, 4 kv heads", "v5e", 4, (14,), 512, (4, 1)): (5344, 5332),
     }
+    shapes = {"Qwen3-1.7B shape": plan._qwen3(2048, 6144, 28, 16, 8, tied=True),
+              "Qwen3-0.6B, 4 kv heads": plan._qwen3(1024, 3072, 28, 16, 4, tied=True)}
     for (model, chip, chips, layers, seq_len, mesh), (arithmetic, compiled) in cases.items():
-        name, config = plan.preset_or_config(model)
+        name, config = (model, model_config_from_hf(shapes[model])) if model in shapes else plan.preset_or_config(model)
         p = plan.make_plan(config, model_name=name, chip=plan.replace(plan.CHIP_PRESETS[chip], chips_per_host=chips),
                            layers=layers, seq_len=seq_len, mesh=mesh)
         assert p.largest_batch == arithmetic, model
-        assert abs(arithmetic / compiled - 1) < 0.1
-    assert "attention" in p.row_bytes  # Qwen3-4B: 32 q and 8 kv heads against an MLP of 9728
-    # Not within 10% (BENCHMARKS.md): Qwen3-0.6B at T 512, arithmetic 4868 against 3532 compiled
+        assert abs(arithmetic / compiled - 1) < 0.1, model
+        assert ("qk_norm" in p.row_bytes) == (model in ("Qwen3-0.6B", "Qwen3-1.7B shape")) == bool(p.caution), model
+        if model == "Qwen3-4B":  # 32 q and 8 kv heads against an MLP of 9728
+            assert "attention" in p.row_bytes
+    # mesh 2,2: 11% over, beyond this test's 10% (the compiler's packing at the qk-norm peak); the plan cautions
+    name, config = plan.preset_or_config("Qwen3-0.6B")
+    p = plan.make_plan(config, model_name=name, chip=plan.CHIP_PRESETS["v5e"], layers=(14,), seq_len=512, mesh=(2, 2))
+    assert (p.largest_batch, p.row_bytes["stream"]) == (3160, 2 * 512 * 1024 * 2) and p.caution  # compiled 2840
 
 
 def test_largest_rows_brackets_the_answer():

@@ -14,7 +14,8 @@ accelerators), so this count matches the work actually done up to the kernels' b
 Working memory per row, the peak of one block (blocks run one after another in a scan), with a
 fused attention kernel (splash on TPU, cuDNN / tokamax on GPU), which never materialises scores.
 What is alive, read from the TPU compiler's buffer assignment of the step (`plan --topology` with
-XLA_FLAGS=--xla_dump_to); the block's peak is the larger of its MLP and its attention:
+XLA_FLAGS=--xla_dump_to); the block's peak is the largest of its MLP, its attention and, for Qwen3
+with 2 query heads per kv head, its qk-norm:
     MLP  mlp        T F b / M   the gate GEMM's output; silu(gate) * up is written over it, and up
                                 never exists whole (two GEMMs on gate_up's halves, transformer.mlp)
          residual   T D b       the stream after attention (x + attn_out) that the MLP's output is
@@ -26,6 +27,16 @@ XLA_FLAGS=--xla_dump_to); the block's peak is the larger of its MLP and its atte
                     RoPE is writing, RoPE's float32 cos and sin. It is the peak only where the MLP
                     is small against the heads, or head_dim is 64 (Qwen2.5-0.5B, whose halves of
                     32 take four times their size)
+    qk-norm         T [(n + 2 kv) L(H) b + 2 n L(H) 4] + 2 T D b (the stream x, and the output's
+                    buffer, which the compiler counts in temporaries there, at M = 1 and 2 alike):
+                    Qwen3 norms q in float32, and the compiler holds q twice, its convert in the
+                    GEMM's T-minor layout and the normed copy in the head-minor one (a relayout,
+                    not in place). With 2 query heads per kv head it does q before k and v, so
+                    q|k|v's output is alive too: Qwen3-0.6B, a Qwen3-1.7B shape; with 4 (Qwen3-4B,
+                    8B, and Qwen3-0.6B with its kv heads halved, nothing else changed) it does k and
+                    v first, q's float32 pair (+ x) is at most the other phases, and the term is
+                    left out. A scheduling order seen with libtpu 0.0.42.1, not a law: group
+                    sizes 1 and 3 were not compiled (cost.QK_NORM_WHOLE_QKV_GROUP)
   and in both:
     carry           T D b       the scan's carry, unless the deepest resid_post is captured: then
                                 the carry is that output's own buffer
@@ -44,13 +55,16 @@ the terms above less the outputs):
     Qwen2.5-7B T 2048, M = 2, one layer      53.48 MB   (model 53.48)   M = 4: 34.09 MB (model 34.08)
     Qwen2.5-7B T 2048, M = 2, four layers   121.64 MB   (model 126.9)
     Qwen2.5-0.5B T 512, M = 1 (attention)     8.26 MB   (model 8.39; 1610 rows, one compile)
+    Qwen3-0.6B T 512, M = 1 (qk-norm)        15.21 MB   (model 14.68; 883 rows, one compile)
 Lean: Qwen2.5-7B on v5e (16 GiB) went lean from 60 rows per chip (77.6 MB per row at 79 rows: the
 MLP term alone), as on v4 (32 GiB) at 250 rows; Qwen2.5-3B (four layers, T = 1024, v4) went half
 way; Qwen3-8B on v5e did not. BENCHMARKS.md ("Issue 23, recalibration") has the figures, and the
-largest batches: the arithmetic within 6% of the compiled for 13 of 15 cases; not the lean one,
-and not Qwen3-0.6B at T = 512 (38% over: there the compiler also keeps the normed input and k in
-float32 alive at the attention's peak; at Qwen3-4B, 8B and Qwen2.5-0.5B it does not). GPU kernels (cuDNN, tokamax) take
-the same formula, not calibrated on a GPU.
+largest batches: the arithmetic within 6% of the compiled for 14 of 15 cases, not the lean one;
+Qwen3-0.6B (T 512 and 2048, mesh 4,1) and the Qwen3-1.7B shape, 38-52% over before the qk-norm
+term, are 5.7-5.9% over with it, and 0.6B at mesh 2,2 11% (25% before) ("Issue 23, the Qwen3-0.6B
+case"; the rest is the heap's packing, whose waste jumps by 3.7 GB from 883 to 884 rows per chip
+there, and is not modelled: plan prints a caution for these shapes). GPU kernels
+(cuDNN, tokamax) take the same formula, not calibrated on a GPU.
 The blocked "xla" attention (CPU; float32 on GPU) keeps the conservative per-tensor sum:
     residual + normed input 2 T D b, q/k/v T (q + 2 kv) b / M, attention output T q b / M,
     MLP gate, up, gate*up 3 T F b / M, and one query block of float32 logits + probabilities
@@ -116,6 +130,23 @@ def attention_bytes_per_token(c: ModelConfig, model_axis: int = 1, compute_bytes
             + 2 * lanes(h // 2) * 4)
 
 
+# Query heads per kv head up to which the TPU compiler (libtpu 0.0.42.1) keeps q|k|v's GEMM output
+# alive through q's float32 qk-norm (module doc): seen at 2 (Qwen3-0.6B, a Qwen3-1.7B shape), not at 4
+# (Qwen3-4B, 8B, and Qwen3-0.6B with its kv heads halved, which changes nothing else).
+QK_NORM_WHOLE_QKV_GROUP = 2
+
+
+def qk_norm_bytes_per_token(c: ModelConfig, model_axis: int = 1, compute_bytes: int = 2) -> int:
+    """Bytes per token alive at the qk-norm of q on TPU where the compiler schedules it before k and v
+    (qk_norm and group_size <= QK_NORM_WHOLE_QKV_GROUP; else 0): q|k|v's GEMM output, and q in float32
+    twice, the convert in the GEMM's layout and the normed copy in the head-minor one (a relayout, so
+    not in place). The residual stream beside it is row_bytes' (module doc)."""
+    if not c.qk_norm or c.group_size > QK_NORM_WHOLE_QKV_GROUP:
+        return 0
+    n, kv, h = -(-c.num_heads // model_axis), -(-c.num_kv_heads // model_axis), c.head_dim
+    return (n + 2 * kv) * lanes(h) * compute_bytes + 2 * n * lanes(h) * 4
+
+
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,
               storage_bytes: int = 2, outputs: int = 1, output_values: int | None = None,
               carry_is_output: bool = True, attention: str = "xla",
@@ -132,9 +163,12 @@ def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_byte
     output_values = outputs * d if output_values is None else output_values
     stored = t * output_values * storage_bytes
     if attention != "xla":
-        mlp = {"residual": (2 if m == 1 else 1) * t * d * b, "mlp": t * c.intermediate_size * b // m}
-        attend = t * attention_bytes_per_token(c, m, b)
-        rows = mlp if sum(mlp.values()) >= attend else {"attention": attend}
+        phases = [{"residual": (2 if m == 1 else 1) * t * d * b, "mlp": t * c.intermediate_size * b // m},
+                  {"attention": t * attention_bytes_per_token(c, m, b)}]
+        if qk_norm_bytes_per_token(c, m, b):
+            # x and the output's buffer, which the compiler counts in temporaries here at M = 2 as well
+            phases.append({"qk_norm": t * qk_norm_bytes_per_token(c, m, b), "stream": 2 * t * d * b})
+        rows = max(phases, key=lambda phase: sum(phase.values()))  # ties: the MLP, then the attention
         if not (carry_is_output and storage_bytes == compute_bytes):
             rows["carry"] = t * d * b
         kept = output_values - (d if carry_is_output else 0)
