@@ -20,6 +20,28 @@ os.environ.setdefault("LLM_ACTIVATIONS_NO_PROGRESS", "1")  # no progress bars in
 os.environ.setdefault("LLM_ACTIVATIONS_COMPILATION_CACHE", "none")
 
 
+# ----------------------------------------------------------------------------- a small extracted dataset
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """16 real-text documents: the corpus of `baseline`."""
+    from pipeline_fixtures import corpus_texts, write_jsonl
+
+    return write_jsonl(str(tmp_path_factory.mktemp("c") / "docs.jsonl"), [{"text": t} for t in corpus_texts(16, seed=3)])
+
+
+@pytest.fixture(scope="session")
+def baseline(small_corpus, tmp_path_factory):
+    """The tiny Qwen2 model's layer 0 over small_corpus in 2 shards, extracted once for every test that
+    compares a resumed, retried or repeated run with it (read only: copy it to change it)."""
+    from llm_activations.cli import main
+    from pipeline_fixtures import extract_args, tiny_model_with_tokenizer
+
+    out = str(tmp_path_factory.mktemp("base") / "out")
+    assert main(extract_args(tiny_model_with_tokenizer()[0], [small_corpus], out, "--num-shards", "2", "--layers", "0")) == 0
+    return out
+
+
 # ----------------------------------------------------------------------------- GCS emulator
 
 class GcsEmulator:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -29,6 +31,12 @@ def tiny_model_with_tokenizer(variant: str = "qwen2") -> tuple[str, object]:
         demo.train_tokenizer(demo.corpus_texts()[:300], 512, folder)
         _READY[variant] = (folder, model)
     return _READY[variant]
+
+
+def shard_hashes(out: str) -> dict:
+    """{shard path relative to out: sha256} of every shard of a dataset folder."""
+    return {os.path.relpath(p, out): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(f"{out}/layer_*/*"))}
 
 
 def write_jsonl(path: str, records: list) -> str:

@@ -19,15 +19,11 @@ from llm_activations.format import records
 from llm_activations.cli import main
 from llm_activations.errors import DatasetError
 from llm_activations.format.metadata import read_metadata
-from pipeline_fixtures import FailOnce, corpus_texts, extract_args, run_extract_cli, tiny_model_with_tokenizer, write_jsonl
+from pipeline_fixtures import FailOnce, corpus_texts, extract_args, run_extract_cli, shard_hashes, tiny_model_with_tokenizer, write_jsonl
 
 
 def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def shard_hashes(out: str) -> dict:
-    return {os.path.relpath(p, out): sha(p) for p in sorted(glob.glob(f"{out}/layer_*/*"))}
 
 
 def token_set(out: str, layer: int) -> list:
@@ -43,21 +39,6 @@ def token_set(out: str, layer: int) -> list:
 @pytest.fixture(scope="module")
 def model():
     return tiny_model_with_tokenizer()[0]
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    return write_jsonl(str(tmp_path_factory.mktemp("c") / "docs.jsonl"), [{"text": t} for t in corpus_texts(16, seed=3)])
-
-
-@pytest.fixture(scope="module")
-def baseline(model, small_corpus, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("base") / "out")
-    assert main(extract_args(model, [small_corpus], out, "--num-shards", "2", "--layers", "0")) == 0
-    return out
-
-
-# ----------------------------------------------------------------------------- 1. bad records
 
 
 def test_bad_records_are_rejected_and_good_tokens_written_once(model, tmp_path):
