@@ -110,7 +110,7 @@ def compile_seconds(args, depth: int) -> tuple[float, float]:
 
     from llm_activations.model.attention import backend_for
     from llm_activations.model.extractor import make_step
-    from llm_activations.model.transformer import ParamSpec, param_specs
+    from llm_activations.model.specs import ParamSpec, param_specs
 
     c = bench_config(argparse.Namespace(**{**vars(args), "layers": depth}))
     dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32

@@ -88,7 +88,7 @@ def random_params(c, dtype, seed: int = 0):
 
     from llm_activations.model.checkpoint import RULE_OF, block_rules, part_index
     from llm_activations.model.hf_weights import draw
-    from llm_activations.model.transformer import param_specs
+    from llm_activations.model.specs import param_specs
 
     rng = np.random.default_rng(seed)
     specs = param_specs(c, c.num_layers)["layers"]
@@ -186,7 +186,7 @@ def parity(c, backend, seq_len: int, batch: int = 2) -> tuple[bool, str]:
 def abstract_args(c, batch: int, seq_len: int, dtype):
     import jax
 
-    from llm_activations.model.transformer import param_specs
+    from llm_activations.model.specs import param_specs
 
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(c, c.num_layers),
                           is_leaf=lambda x: hasattr(x, "axes"))

@@ -174,7 +174,7 @@ def check_config(cfg: ExtractConfig, *, check_weights: bool = True):
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})")
     if cfg.mesh is not None:  # the device count itself: check_devices, which knows the runner
-        from llm_activations.model.sharding import check_mesh_shape
+        from llm_activations.model.specs import check_mesh_shape
 
         check_mesh_shape(cfg.mesh, model_cfg, cfg.batch_size, num_devices=cfg.mesh[0] * cfg.mesh[1])
     prepend_token_id = resolve_prepend(cfg.prepend, folder, cfg.seq_len)

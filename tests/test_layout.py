@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import pkgutil
 import subprocess
 import sys
@@ -60,6 +61,24 @@ def test_runs_without_jax_beam_or_tensorflow(targets):
     r = import_without(["jax", "jaxlib", "flax", "apache_beam", "tensorflow", "torch"], targets)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == f"ok {len(targets)}"
+
+
+def test_plan_answers_without_jax(tmp_path):
+    """Not only imports: the arithmetic plan (param specs walked with the sharding rules, the mesh
+    checks) runs where JAX cannot be imported, e.g. on a laptop or a training host."""
+    code = textwrap.dedent("""
+        import json, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("jax", "jaxlib", "flax", "apache_beam", "tensorflow", "torch"):
+                    raise ImportError(name)
+        sys.meta_path.insert(0, Block())
+        from llm_activations.cli import main
+        assert main(["plan", "--model", "Qwen2.5-7B", "--chip", "v4", "--mesh", "2,2", "--layers", "14", "--json"]) == 0
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["weights_per_chip_bytes"] > 0
 
 
 def test_model_never_imports_beam():

@@ -3,7 +3,7 @@
 Two answers, from the same step:
 
 * arithmetic (instant, nothing loaded, no TPU compiler): weights per chip walk the model's param
-  specs (transformer.param_specs) with the sharding rules (sharding.RULES), so each weight is
+  specs (specs.param_specs) with the sharding rules (specs.RULES), so each weight is
   divided exactly as extract shards it (the embedding is replicated); working memory per row is
   model/cost.py's, calibrated to what the TPU compiler reports for the step.
 * `--topology NAME` (libtpu, the `tpu` extra): the step extract would run is compiled for one host
@@ -39,7 +39,7 @@ from llm_activations.errors import UsageError
 from llm_activations.format import dtypes
 from llm_activations.format import hooks as hk
 from llm_activations.model import chips as chips_mod
-from llm_activations.model import cost
+from llm_activations.model import cost, specs
 from llm_activations.model.chips import CHIP_PRESETS, GIB, Chip
 from llm_activations.model.config import ModelConfig, check_layers, load_model_config, model_config_from_hf
 
@@ -128,18 +128,13 @@ def attention_for(chip_key: str, compute_dtype: str) -> str:
 
 
 def check_mesh(config: ModelConfig, mesh: tuple[int, int], chips_per_host: int, batch_size: int | None) -> None:
-    """The mesh against one host's chips and the model's heads: extract's own check (sharding.py)."""
-    from llm_activations.model.sharding import check_mesh_shape
-
-    check_mesh_shape(mesh, config, batch_size or mesh[0], chips_per_host)
+    """The mesh against one host's chips and the model's heads: extract's own check (model/specs.py)."""
+    specs.check_mesh_shape(mesh, config, batch_size or mesh[0], chips_per_host)
 
 
 def weights_per_chip(config: ModelConfig, blocks: int, mesh: tuple[int, int], compute_dtype: str) -> int:
     """Bytes of weights one chip holds: the param specs extract loads, walked with the sharding rules."""
-    from llm_activations.model.sharding import MESH_AXES, RULES
-    from llm_activations.model.transformer import param_specs
-
-    return cost.weight_bytes_per_device(param_specs(config, blocks), RULES, dict(zip(MESH_AXES, mesh)),
+    return cost.weight_bytes_per_device(specs.param_specs(config, blocks), specs.RULES, dict(zip(specs.MESH_AXES, mesh)),
                                         dtypes.itemsize(compute_dtype))
 
 

@@ -23,7 +23,7 @@ from llm_activations.model.attention import backend_for
 from llm_activations.model.chips import Topology
 from llm_activations.model.config import ModelConfig
 from llm_activations.model.extractor import jit_step
-from llm_activations.model.transformer import ParamSpec, param_specs
+from llm_activations.model.specs import ParamSpec, param_specs
 
 EXTRA = "pip install 'llm_activations[tpu]'"
 

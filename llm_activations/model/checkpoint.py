@@ -25,7 +25,8 @@ from llm_activations.model.config import ModelConfig
 from llm_activations.errors import UsageError
 from llm_activations.model.sharding import named_sharding
 from llm_activations.model.attention import platform_of
-from llm_activations.model.transformer import BITS, layer_specs, param_shardings, param_specs, to_bits
+from llm_activations.model.specs import layer_specs, param_specs
+from llm_activations.model.transformer import BITS, param_shardings, to_bits
 
 
 
@@ -42,37 +43,33 @@ def _same(w, c):
     return w
 
 
-def _group(c: ModelConfig) -> int:
-    return c.num_heads // c.num_kv_heads
-
-
 def _fused(pattern, name, param, hf_shape, to_ours, part) -> KeyRule:
     return KeyRule(pattern, name, hf_shape, to_ours, param, part)
 
 
 # HF Linear weights are [out, in]; ours are [in, ...] with heads split out. q, k and v are fused
 # into qkv [D, K, G + 2, H] (per kv head: its G query heads - HF's query head n belongs to kv head
-# n // G - then k, then v), and gate and up into gate_up [2, D, F]: transformer.layer_specs.
+# n // G - then k, then v), and gate and up into gate_up [2, D, F]: specs.layer_specs.
 KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size), _same),
     KeyRule(r"model\.layers\.(\d+)\.input_layernorm\.weight", "attn_norm", lambda c: (c.hidden_size,), _same),
     _fused(r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "q", "qkv", lambda c: (c.q_size, c.hidden_size),
-           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, _group(c), c.head_dim),
-           lambda c: slice(0, _group(c))),
+           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.group_size, c.head_dim),
+           lambda c: slice(0, c.group_size)),
     _fused(r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "k", "qkv", lambda c: (c.kv_size, c.hidden_size),
            lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, 1, c.head_dim),
-           lambda c: slice(_group(c), _group(c) + 1)),
+           lambda c: slice(c.group_size, c.group_size + 1)),
     _fused(r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "v", "qkv", lambda c: (c.kv_size, c.hidden_size),
            lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, 1, c.head_dim),
-           lambda c: slice(_group(c) + 1, _group(c) + 2)),
+           lambda c: slice(c.group_size + 1, c.group_size + 2)),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "o", lambda c: (c.hidden_size, c.q_size),
             lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
     _fused(r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "q_bias", "qkv_bias", lambda c: (c.q_size,),
-           lambda w, c: w.reshape(c.num_kv_heads, _group(c), c.head_dim), lambda c: slice(0, _group(c))),
+           lambda w, c: w.reshape(c.num_kv_heads, c.group_size, c.head_dim), lambda c: slice(0, c.group_size)),
     _fused(r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "k_bias", "qkv_bias", lambda c: (c.kv_size,),
-           lambda w, c: w.reshape(c.num_kv_heads, 1, c.head_dim), lambda c: slice(_group(c), _group(c) + 1)),
+           lambda w, c: w.reshape(c.num_kv_heads, 1, c.head_dim), lambda c: slice(c.group_size, c.group_size + 1)),
     _fused(r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "v_bias", "qkv_bias", lambda c: (c.kv_size,),
-           lambda w, c: w.reshape(c.num_kv_heads, 1, c.head_dim), lambda c: slice(_group(c) + 1, _group(c) + 2)),
+           lambda w, c: w.reshape(c.num_kv_heads, 1, c.head_dim), lambda c: slice(c.group_size + 1, c.group_size + 2)),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "o_bias", lambda c: (c.hidden_size,), _same),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "q_norm", lambda c: (c.head_dim,), _same),
     KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "k_norm", lambda c: (c.head_dim,), _same),
@@ -247,7 +244,7 @@ def load_params(folder: str, config: ModelConfig, num_layers: int, mesh: Mesh, d
                 del stack, block  # the stack was donated; the block is written
             # The transfer is done: at most one tensor's host and device copies are alive at any time.
             del value
-    _check_complete(params, filled, specs, config, num_layers)
+    _check_complete(params, filled, config, num_layers)
     return params
 
 
@@ -268,11 +265,12 @@ def _write_block(stack: jax.Array, value: jax.Array, at: jax.Array) -> jax.Array
     return jax.lax.dynamic_update_slice(stack, value[None], tuple(at))
 
 
-def _check_complete(params: dict, filled: set, specs: dict, config: ModelConfig, num_layers: int) -> None:
+def _check_complete(params: dict, filled: set, config: ModelConfig, num_layers: int) -> None:
     if params["embed"] is None:
         raise UsageError(f"checkpoint is missing {hf_key('embed', None)}")
+    rules = block_rules(config)
     for i in range(num_layers):
-        missing = [r.name for r in block_rules(config) if (r.name, i) not in filled]
+        missing = [r.name for r in rules if (r.name, i) not in filled]
         if missing:
             raise UsageError(f"checkpoint is missing {hf_key(missing[0], i)}"
                              + (f" (and {len(missing) - 1} more weights of layer {i})" if len(missing) > 1 else ""))

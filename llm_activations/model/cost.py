@@ -97,7 +97,7 @@ def weight_bytes_per_device(specs, rules: dict, axis_sizes: dict, itemsize: int)
     of the mesh axis its logical axis maps to (rules: logical -> mesh axis or None; axis_sizes:
     mesh axis -> size), rounded up per dimension as a sharded array's shard shape is.
 
-    specs is any nesting of dicts whose leaves have .shape and .axes (transformer.ParamSpec), so a
+    specs is any nesting of dicts whose leaves have .shape and .axes (specs.ParamSpec), so a
     fused or renamed weight is counted as declared. Plain Python: `plan` needs no JAX for it.
     """
     if hasattr(specs, "axes"):
@@ -121,13 +121,19 @@ def lanes(width: int) -> int:
     return -(-width // TPU_LANES) * TPU_LANES
 
 
+def _qkv_out(c: ModelConfig, model_axis: int, compute_bytes: int) -> tuple[int, int]:
+    """(query heads per chip, bytes per token of q|k|v's GEMM output on one chip, lane-padded)."""
+    n, kv = -(-c.num_heads // model_axis), -(-c.num_kv_heads // model_axis)
+    return n, (n + 2 * kv) * lanes(c.head_dim) * compute_bytes
+
+
 def attention_bytes_per_token(c: ModelConfig, model_axis: int = 1, compute_bytes: int = 2) -> int:
     """Bytes per token alive at the attention's peak on TPU, last dimensions lane-padded (module
     doc): q|k|v's GEMM output, q in float32 for RoPE (transformer.rope), the half of q RoPE is
     writing, and RoPE's float32 cos and sin tables."""
-    n, kv, h = -(-c.num_heads // model_axis), -(-c.num_kv_heads // model_axis), c.head_dim
-    return ((n + 2 * kv) * lanes(h) * compute_bytes + n * lanes(h) * 4 + n * lanes(h // 2) * compute_bytes
-            + 2 * lanes(h // 2) * 4)
+    n, qkv = _qkv_out(c, model_axis, compute_bytes)
+    h = c.head_dim
+    return qkv + n * lanes(h) * 4 + n * lanes(h // 2) * compute_bytes + 2 * lanes(h // 2) * 4
 
 
 # Query heads per kv head up to which the TPU compiler (libtpu 0.0.42.1) keeps q|k|v's GEMM output
@@ -143,8 +149,8 @@ def qk_norm_bytes_per_token(c: ModelConfig, model_axis: int = 1, compute_bytes: 
     not in place). The residual stream beside it is row_bytes' (module doc)."""
     if not c.qk_norm or c.group_size > QK_NORM_WHOLE_QKV_GROUP:
         return 0
-    n, kv, h = -(-c.num_heads // model_axis), -(-c.num_kv_heads // model_axis), c.head_dim
-    return (n + 2 * kv) * lanes(h) * compute_bytes + 2 * n * lanes(h) * 4
+    n, qkv = _qkv_out(c, model_axis, compute_bytes)
+    return qkv + 2 * n * lanes(c.head_dim) * 4
 
 
 def row_bytes(c: ModelConfig, seq_len: int, *, model_axis: int = 1, compute_bytes: int = 2,

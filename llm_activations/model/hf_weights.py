@@ -20,7 +20,7 @@ import numpy as np
 from llm_activations.model.checkpoint import RULE_OF, hf_key, part_index, split_block, to_hf
 from llm_activations.model.source import INDEX_FILE, SINGLE_FILE
 from llm_activations.model.config import ModelConfig
-from llm_activations.model.transformer import param_specs
+from llm_activations.model.specs import param_specs
 
 # The two HF keys our params never hold (checkpoint.IGNORED_KEYS skips them on load) but that
 # transformers needs to load a checkpoint as a *ForCausalLM. Same layout as HF.

@@ -14,24 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llm_activations.model.config import ModelConfig
-from llm_activations.errors import UsageError
-
-MESH_AXES = ("data", "model")
-
-# logical axis -> mesh axis (None = replicated). The embedding table stays replicated: its lookup
-# is a gather, and vocab sizes need not divide the "model" axis.
-RULES: dict[str, str | None] = {
-    "layers": None,  # the stacked-blocks axis lax.scan walks: every device holds all its blocks
-    "batch": "data",
-    "seq": None,
-    "vocab": None,
-    "embed": None,
-    "heads": "model",
-    "kv_heads": "model",
-    "head_dim": None,
-    "mlp": "model",
-    "parts": None,  # the pieces of a fused weight (q|k|v of a kv head, gate|up): never split
-}
+from llm_activations.model.specs import MESH_AXES, RULES, check_mesh_shape, model_splits_ok  # noqa: F401  (sharding.RULES, ...)
 
 # Fraction of a device's memory the weights may take; the rest is for activations and XLA scratch.
 WEIGHT_MEMORY_FRACTION = 0.6
@@ -44,15 +27,6 @@ def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec:
 
 def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes))
-
-
-def _model_splits_ok(config: ModelConfig, model: int) -> str | None:
-    """None if `model` ways of tensor parallelism divide every sharded dimension, else why not."""
-    for name, size in (("num_attention_heads", config.num_heads), ("num_key_value_heads", config.num_kv_heads),
-                       ("intermediate_size", config.intermediate_size)):
-        if size % model:
-            return f"{name}={size} is not divisible by model={model}"
-    return None
 
 
 def _device_memory(device) -> int | None:
@@ -81,7 +55,7 @@ def auto_mesh_shape(config: ModelConfig, batch_size: int, dtype, devices: Sequen
     devices = list(devices if devices is not None else jax.local_devices())
     n = len(devices)
     limit = _device_memory(devices[0])
-    candidates = [m for m in range(1, n + 1) if n % m == 0 and _model_splits_ok(config, m) is None]
+    candidates = [m for m in range(1, n + 1) if n % m == 0 and model_splits_ok(config, m) is None]
     model = candidates[-1]
     for m in candidates:
         if limit is None or weight_bytes_per_device(config, m, dtype, num_layers) <= WEIGHT_MEMORY_FRACTION * limit:
@@ -89,20 +63,6 @@ def auto_mesh_shape(config: ModelConfig, batch_size: int, dtype, devices: Sequen
             break
     data = max(d for d in range(1, n // model + 1) if batch_size % d == 0)
     return data, model
-
-
-def check_mesh_shape(shape: tuple[int, int], config: ModelConfig, batch_size: int, num_devices: int) -> None:
-    """Raise UsageError (one line) if (data, model) cannot run this model and batch size."""
-    if len(shape) != 2 or any(int(s) < 1 for s in shape):
-        raise UsageError(f"mesh shape {tuple(shape)} must be two positive integers (data, model)")
-    data, model = (int(s) for s in shape)
-    if data * model > num_devices:
-        raise UsageError(f"mesh shape (data={data}, model={model}) needs {data * model} devices but only {num_devices} are available")
-    why = _model_splits_ok(config, model)
-    if why:
-        raise UsageError(f"mesh shape (data={data}, model={model}) is invalid: {why}")
-    if batch_size % data:
-        raise UsageError(f"mesh shape (data={data}, model={model}) is invalid: batch size {batch_size} is not divisible by data={data}")
 
 
 def make_mesh(shape: tuple[int, int] | None, config: ModelConfig, batch_size: int, dtype,

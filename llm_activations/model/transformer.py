@@ -23,52 +23,7 @@ from llm_activations.model import attention as attn
 from llm_activations.model.attention import Backend
 from llm_activations.model.config import ModelConfig
 from llm_activations.model.sharding import named_sharding
-
-
-class ParamSpec(NamedTuple):
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]  # logical axis names, mapped to mesh axes by sharding.RULES
-
-
-def qkv_parts(c: ModelConfig) -> int:
-    """Size of the fused q|k|v weight's "parts" axis: per kv head, its G query heads, then k, then v."""
-    return c.num_heads // c.num_kv_heads + 2
-
-
-def layer_specs(c: ModelConfig) -> dict[str, ParamSpec]:
-    """Every weight of one decoder block, declared once with its shape and logical axes.
-
-    q, k and v are one weight "qkv" [D, K, G + 2, H], and gate and up one weight "gate_up"
-    [2, D, F] (fused at load time, checkpoint.KEY_TABLE's `part`): one GEMM for q|k|v instead of
-    three, and a kv head's query heads, key and value stay on the same device under tensor
-    parallelism (the "parts" axis is never split). gate and up stay two GEMMs on the halves (mlp).
-    """
-    d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-    specs = {
-        "attn_norm": ParamSpec((d,), ("embed",)),
-        "qkv": ParamSpec((d, k, qkv_parts(c), h), ("embed", "kv_heads", "parts", "head_dim")),
-        "o": ParamSpec((n, h, d), ("heads", "head_dim", "embed")),
-        "mlp_norm": ParamSpec((d,), ("embed",)),
-        "gate_up": ParamSpec((2, d, f), ("parts", "embed", "mlp")),
-        "down": ParamSpec((f, d), ("mlp", "embed")),
-    }
-    if c.qkv_bias:
-        specs["qkv_bias"] = ParamSpec((k, qkv_parts(c), h), ("kv_heads", "parts", "head_dim"))
-    if c.o_bias:
-        specs["o_bias"] = ParamSpec((d,), ("embed",))
-    if c.qk_norm:
-        specs["q_norm"] = ParamSpec((h,), ("head_dim",))
-        specs["k_norm"] = ParamSpec((h,), ("head_dim",))
-    return specs
-
-
-def param_specs(c: ModelConfig, num_layers: int) -> dict:
-    """Specs pytree of the params forward needs to run blocks 0 .. num_layers-1: each block weight
-    stacked over blocks into one [L, ...] array (logical axis "layers"), which lax.scan walks."""
-    return {
-        "embed": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed")),
-        "layers": {name: ParamSpec((num_layers,) + s.shape, ("layers",) + s.axes) for name, s in layer_specs(c).items()},
-    }
+from llm_activations.model.specs import ParamSpec, layer_specs, param_specs  # noqa: F401  (model.param_specs, ...)
 
 
 def param_shardings(c: ModelConfig, num_layers: int, mesh: Mesh) -> dict:
@@ -113,7 +68,7 @@ def attention_heads(p: dict, c: ModelConfig, x: jax.Array, tables: Rope, segment
     is the same tensor whichever kernel ran.
     """
     b, t, _ = x.shape
-    g = c.num_heads // c.num_kv_heads
+    g = c.group_size
     # [B, T, K, G + 2, H]: one GEMM for q, k and v
     qkv = attn.dot("btd,dkph->btkph", x, p["qkv"], backend.float32_dots)
     if c.qkv_bias:  # Qwen2: q/k/v projections have a bias (o_proj does not)
