@@ -9,10 +9,12 @@ and written by one worker without any shuffle of the data itself.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -501,19 +503,22 @@ def snap(boundary: int, sources: list[SourceFile]) -> int:
     reading records before it: any line of an uncompressed JSON lines file; only the edges of a
     compressed or .txt file (a stream cannot seek); in parquet, a row group's first row (pyarrow
     reads a row group whole, so an edge inside one would have both units read it). Ties go to the
-    earlier point."""
-    for s in sources:
-        lo, hi = s.first_index, s.first_index + s.num_records
-        if not lo < boundary < hi:
-            continue
-        if s.whole_file_only():
-            points = [lo, hi]
-        elif s.kind == "parquet" and s.row_groups:
-            points = [lo + g for g in s.row_groups] + [hi]
-        else:
-            return boundary
-        return min(points, key=lambda p: (abs(p - boundary), p))
-    return boundary
+    earlier point. sources are in doc_index order (plan_sources), so the one file that can hold
+    the boundary is found by bisection: the launcher snaps every unit edge."""
+    i = bisect.bisect_right(sources, boundary, key=lambda s: s.first_index) - 1
+    if i < 0:
+        return boundary
+    s = sources[i]
+    lo, hi = s.first_index, s.first_index + s.num_records
+    if not lo < boundary < hi:
+        return boundary
+    if s.whole_file_only():
+        points = [lo, hi]
+    elif s.kind == "parquet" and s.row_groups:
+        points = [lo + g for g in s.row_groups] + [hi]
+    else:
+        return boundary
+    return min(points, key=lambda p: (abs(p - boundary), p))
 
 
 def host_range(total: int, num_hosts: int, host_index: int) -> tuple[int, int]:
@@ -528,7 +533,7 @@ def unit_edges(sources: list[SourceFile], *, start: int, stop: int, num_units: i
     units)."""
     edges = [start] + [min(stop, max(start, snap(start + (stop - start) * u // num_units, sources)))
                        for u in range(1, num_units)] + [stop]
-    edges = [max(edges[: i + 1]) for i in range(len(edges))]  # stays monotone after snapping
+    edges = list(itertools.accumulate(edges, max))  # stays monotone after snapping
     if not keep_empty:
         edges = [start] + [e for prev, e in zip(edges, edges[1:]) if e > prev]
         edges = edges if len(edges) > 1 else [start, stop]  # no records at all: still one unit
@@ -718,7 +723,7 @@ def _read_hf_shards(src: SourceFile, lo: int, hi: int, text_field: str):
             yield _check_text(value, doc_index, src.path, text_field)
 
 
-READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}
+READERS = {"parquet": _read_parquet, "txt": _read_txt}  # jsonl: read_unit passes its byte offset
 
 
 def read_unit(unit: WorkUnit, text_field: str, num_hosts: int = 1, host_index: int = 0) -> Iterator[Document | Rejected]:
