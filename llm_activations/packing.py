@@ -125,7 +125,9 @@ def make_batches(segments: list[Segment], rows: list[list[int]], batch_size: int
                 at += n
                 if model is not None:
                     ml = slice(m, m + seg.row_length)
-                    model[0][r, ml] = ([seg.prepend] if first_pos else []) + list(seg.tokens)
+                    if first_pos:
+                        model[0][r, m] = seg.prepend
+                    model[0][r, m + first_pos : m + seg.row_length] = seg.tokens
                     model[1][r, ml] = sid
                     model[2][r, ml] = np.arange(seg.row_length)
                     m += seg.row_length
