@@ -124,12 +124,12 @@ def bench_resume(root: str, docs: int) -> dict:
 
 
 def _plan(inputs_, num_hosts=1, host_index=0, docs_per_unit=None, num_shards=0):
-    from llm_activations import options, pipeline
+    from llm_activations import options, run_plan
 
     cfg = options.ExtractConfig(model="unused", inputs=tuple(inputs_), output="/nonexistent", num_hosts=num_hosts,
                                 host_index=host_index, num_shards=num_shards,
                                 docs_per_unit=docs_per_unit or options.DOCS_PER_UNIT)
-    return pipeline.plan(cfg)[2]
+    return run_plan.plan(cfg)[2]
 
 
 def _read_units(units, num_hosts=1, host_index=0) -> int:

@@ -202,13 +202,13 @@ def unit_batches(model: str, corpus: str, *, seq_len: int, batch_size: int, mode
     """The exact packing.Batch list `extract` feeds its model for this corpus, built with the
     pipeline's own read/tokenize/segment/pack/batch functions (units.py, no Beam)."""
     from llm_activations import options
-    from llm_activations import pipeline
+    from llm_activations import run_plan
     from llm_activations import units as U
 
     cfg = options.ExtractConfig(model=model, inputs=(corpus,), output="/nonexistent", seq_len=seq_len,
                                 batch_size=batch_size, mode=mode, max_docs=max_docs,
                                 docs_per_unit=docs_per_unit or options.DOCS_PER_UNIT)
-    _, _, units = pipeline.plan(cfg)
+    _, _, units = run_plan.plan(cfg)
     spec = U.PrepareSpec(cfg.text_field, model, seq_len, mode)
     tok = U.load_tokenizer(model)
     return [batch for unit in units for batch in U.unit_batches(U.prepare_unit(unit, spec, tok), batch_size, seq_len)]

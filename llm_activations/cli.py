@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"llm_activations{' ' + command if command in COMMANDS else ''}: error: {e}", file=sys.stderr)
         return 2
-    except Fault as e:
-        print(f"llm_activations {command}: error: {e}", file=sys.stderr)
+    except Fault as e:  # fault_line: a Beam runner re-raises a worker's Fault with the step's name appended
+        print(f"llm_activations {command}: error: {fault_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Whatever was running cleaned up on its way out (extract: partial files, its lock); Beam's

@@ -47,23 +47,28 @@ class AcceleratorBusy(Fault):
     MARK = "accelerator busy:"
 
 
-def fault_line(exc: BaseException) -> str | None:
-    """The one line of a Fault inside exc (itself, its causes, or the text a runner wrapped it in)."""
-    seen = set()
-    e = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, Fault):
-            return str(e).splitlines()[0]
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    for kind in (CorruptData, StorageUnavailable, AcceleratorBusy, DataFault):
-        at = text.find(kind.MARK)
-        if at >= 0:
-            return text[at:].splitlines()[0]
-    return None
 class DataFault(Fault):
     """Data that must not be stored or delivered (e.g. activations that overflow the storage dtype):
     printed as one line, exit 1. MARK finds the line again inside a runner's wrapped worker error."""
 
     MARK = "data fault:"
+
+
+def fault_line(exc: BaseException) -> str | None:
+    """The one line of a Fault inside exc (itself, its causes, or the text a runner wrapped it in),
+    without the step name a Beam runner appends when it re-raises a worker's exception."""
+    seen = set()
+    e, line = exc, None
+    while e is not None and id(e) not in seen and line is None:
+        if isinstance(e, Fault):
+            line = str(e)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if line is None:
+        text = str(exc)
+        marks = [at for at in (text.find(kind.MARK) for kind in (CorruptData, StorageUnavailable, AcceleratorBusy,
+                                                                 DataFault)) if at >= 0]
+        if not marks:
+            return None
+        line = text[marks[0]:]
+    return line.splitlines()[0].split(" [while running")[0]

@@ -25,7 +25,7 @@ import time
 
 from llm_activations import __version__
 from llm_activations import output_folder as out
-from llm_activations.errors import AcceleratorBusy, DataFault, UsageError
+from llm_activations.errors import UsageError
 from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
@@ -34,7 +34,7 @@ from llm_activations.format.metadata import METADATA_FILE, read_metadata, write_
 # add_arguments is this command's parser (cli.COMMANDS): it lives with the config it builds.
 from llm_activations.options import (ExtractConfig, add_arguments, check_config, check_devices,  # noqa: F401
                                      config_from_args, parse_beam_options)
-from llm_activations.run_plan import RunPlan, plan  # noqa: F401  (plan: bench/common.py plans units like extract)
+from llm_activations.run_plan import RunPlan
 
 # ----------------------------------------------------------------------------- command line
 
@@ -126,15 +126,9 @@ def _run_pipeline(plan: RunPlan, options, todo: list, base: dict, resumed: list,
             result = p.run()
             result.wait_until_finish()
             print_counters(result)
-        except Exception as e:  # runners wrap worker errors; surface the accelerator diagnosis alone
+        except Exception:  # a worker's Fault comes back wrapped: cli prints its line (errors.fault_line)
             if interrupted.is_set():  # Beam re-raises Ctrl-C inside a DoFn as a RuntimeError
                 raise KeyboardInterrupt from None
-            text = str(e)
-            if AcceleratorBusy.MARK in text:
-                raise AcceleratorBusy(text[text.index(AcceleratorBusy.MARK):].splitlines()[0]) from None
-            if DataFault.MARK in text:
-                line = text[text.index(DataFault.MARK):].splitlines()[0]
-                raise DataFault(line.split(" [while running")[0]) from None  # Beam's step suffix
             raise
 
 
