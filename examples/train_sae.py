@@ -252,15 +252,16 @@ def main(argv=None) -> int:
                    help="leave out tokens whose norm exceeds this multiple of the layer's median norm (attention "
                         "sinks, massive activations), as the readers do by default; 'none' keeps every token (default: 10)")
     args = p.parse_args(argv)
+    from llm_activations import argtypes
     from llm_activations.errors import UsageError
 
     try:
         if args.transcoder and args.hook is not None:
             raise UsageError(f"--transcoder maps mlp_in to mlp_out; --hook {args.hook} cannot be combined with it")
         try:
-            ratio = None if args.max_norm_ratio.lower() == "none" else float(args.max_norm_ratio)
-        except ValueError:
-            raise UsageError(f"--max-norm-ratio {args.max_norm_ratio!r}: give a number above 1, or none") from None
+            ratio = argtypes.norm_ratio(args.max_norm_ratio)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--max-norm-ratio {e}") from None
         out = train(
             args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,

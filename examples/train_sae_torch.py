@@ -19,6 +19,8 @@ import itertools
 
 import torch
 
+from llm_activations import argtypes
+
 
 def train(path: str, layer: int, *, hook: str = "resid_post", steps: int = 2000, batch_size: int = 4096,
           latents: int = 4096, l1: float = 1.0, lr: float = 3e-4, seed: int = 0, max_norm_ratio: float | None = 10.0) -> dict:
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
     p.add_argument("--l1", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-norm-ratio", type=lambda s: None if s.lower() == "none" else float(s), default=10.0)
+    p.add_argument("--max-norm-ratio", type=argtypes.norm_ratio, default="10",
+                   help="drop tokens above this x the layer's median norm, as the readers do; 'none' keeps every token")
     a = p.parse_args(argv)
     result = train(a.path, a.layer, hook=a.hook, steps=a.steps, batch_size=a.batch_size, latents=a.latents, l1=a.l1,
                    lr=a.lr, seed=a.seed, max_norm_ratio=a.max_norm_ratio)

@@ -41,6 +41,7 @@ import uuid
 
 import numpy as np
 
+from llm_activations import argtypes
 from llm_activations.errors import UsageError
 from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
@@ -79,25 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hook", default=hk.DEFAULT, help=f"hook point to export ({', '.join(hk.HOOKS)}); default resid_post")
     p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the extraction's seq_len)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the cached activations")
-    p.add_argument("--max-norm-ratio", default=str(norms.DEFAULT_MAX_NORM_RATIO),
+    p.add_argument("--max-norm-ratio", type=argtypes.norm_ratio, default=str(norms.DEFAULT_MAX_NORM_RATIO),
                    help="drop tokens above this x the median norm, as the readers do; 'none' keeps every token")
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _ratio(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"--max-norm-ratio {text!r}: give a number above 1, or none") from None
-    try:
-        norms.check_ratio(value)
-    except ValueError as e:
-        raise UsageError(f"--max-norm-ratio: {e}") from None
-    return value
 
 
 def check_dest(dest: str, overwrite: bool) -> None:
@@ -115,12 +102,11 @@ def run(args: argparse.Namespace) -> int:
     hk.check_hooks([args.hook], option="--hook")
     if args.context_size is not None and args.context_size < 1:
         raise UsageError(f"--context-size must be >= 1 token, got {args.context_size}")
-    ratio = _ratio(args.max_norm_ratio)
     spec = layer_spec(args.src, args.layer, hook=args.hook)  # a missing layer or hook: one line listing those there are
     meta = md.read_metadata(args.src)
     context = args.context_size or int(meta["extraction"]["seq_len"])
     check_dest(args.dest, args.overwrite)
-    summary = export_saelens(spec, args.dest, context_size=context, dtype=args.dtype, max_norm_ratio=ratio,
+    summary = export_saelens(spec, args.dest, context_size=context, dtype=args.dtype, max_norm_ratio=args.max_norm_ratio,
                              seed=args.seed, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
