@@ -116,7 +116,8 @@ def histogram(stats: dict) -> nm.NormHistogram | None:
         return None
 
 
-def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray], positions: dict | None = None) -> str:
+def summary(root: str, meta: dict, sampled: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]) -> str:
+    """The text inspect prints; sampled = sample_norms(..., with_positions=True)."""
     counts, stats = meta.get("counts", {}), meta.get("stats", {})
     keys = md.entries(meta)
     layers = sorted({layer for _, layer in keys})
@@ -146,18 +147,18 @@ def summary(root: str, meta: dict, norms: dict[tuple[str, int], np.ndarray], pos
         "sampled: tokens        p5       p50       p95       max",
     ]
     for hook, layer in keys:
-        st, n = stats.get(hk.key(hook, layer), {}), norms.get((hook, layer), np.zeros(0))
+        st, n = stats.get(hk.key(hook, layer), {}), sampled.get((hook, layer), (np.zeros(0),))[0]
         finite = n[np.isfinite(n)]
         q = np.percentile(finite, [5, 50, 95, 100]) if finite.size else [math.nan] * 4
         lines.append(f"             {hk.key(hook, layer):>{label}} " + _col(st.get("mean_norm", math.nan), 13, ".3f")
                      + _col(st.get("scaling_factor"), 14, ".4f") + " | " + _col(n.size, 15, ",")
                      + "".join(_col(float(v), 10, ".2f") for v in q))
     lines.extend(_delivered_lines(keys, stats, label))
-    if positions:
+    if sampled:
         lines.append(f"by position  {'layer' if len(hooks) == 1 else 'hook/layer':>{label}}   sampled mean norm at "
                      "position (tokens): the first position's sink, if any")
         for key in keys:
-            n, pos = positions.get(key, (np.zeros(0), np.zeros(0, np.int64)))
+            n, pos = sampled.get(key, (np.zeros(0), np.zeros(0, np.int64)))
             cells = [f"{lab}: {_col(v, 10, '.2f').strip()} ({c:,})" for lab, v, c in norm_by_position(n, pos)]
             lines.append(f"             {hk.key(*key):>{label}}   " + "; ".join(cells))
     return "\n".join(lines)
@@ -308,8 +309,7 @@ def run(args: argparse.Namespace) -> int:
         check_plot_path(args.plot)
     meta = md.read_metadata(args.out)
     positions = sample_norms(args.out, meta, args.sample_records, with_positions=True)
-    norms = {k: n for k, (n, _) in positions.items()}
-    print(summary(args.out, meta, norms, positions))
+    print(summary(args.out, meta, positions))
     print(record_text(args.out, meta, tokenizer=args.tokenizer, allow_download=args.allow_download))
     if args.plot:
         try:
