@@ -10,7 +10,9 @@ Nothing is deleted before every launcher check has passed (pipeline.run_extract'
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import functools
 import json
 import os
 import socket
@@ -32,14 +34,38 @@ class Listing:
 
     root: str
     files: dict = field(default_factory=dict)
+    top: tuple[str, ...] = ()  # the top-level entries (files and folders) other than the lock
 
-    def top_names(self) -> list[str]:
-        """The top-level entries (files and folders) other than the lock."""
-        return sorted({rel.split("/", 1)[0] for rel in self.files} - {LOCK_FILE})
+    def delete(self, rels: list[str]) -> None:
+        """Delete these paths (files or folders) relative to root. On an object store, the listed
+        objects at or under each: fileio.delete would list every path again (two requests each)."""
+        if not rels:
+            return
+        if not fileio.is_url(self.root):
+            fileio.delete([join(self.root, rel) for rel in rels])
+            return
+        found = []
+        for rel in dict.fromkeys(rels):
+            if rel in self.files:
+                found.append(rel)
+            i = bisect.bisect_left(self._sorted, rel + "/")  # the objects under it sort together
+            while i < len(self._sorted) and self._sorted[i].startswith(rel + "/"):
+                found.append(self._sorted[i])
+                i += 1
+        fileio.delete_objects([join(self.root, rel) for rel in found])
+
+    @functools.cached_property
+    def _sorted(self) -> list[str]:
+        return sorted(self.files)
 
 
 def list_output(root: str) -> Listing:
-    return Listing(root.rstrip("/"), fileio.stat_tree(root.rstrip("/")))
+    root = root.rstrip("/")
+    files = fileio.stat_tree(root)
+    top = {rel.split("/", 1)[0] for rel in files}
+    if not fileio.is_url(root) and os.path.isdir(root):  # empty local folders are entries too
+        top |= set(os.listdir(root))
+    return Listing(root, files, tuple(sorted(top - {LOCK_FILE})))
 
 
 def ours(name: str) -> bool:
@@ -53,9 +79,7 @@ def check_output(cfg, listing: Listing) -> None:
     root = listing.root
     if not fileio.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
         raise UsageError(f"--output {root} exists and is not a folder")
-    top = listing.top_names()
-    if not fileio.is_url(root) and os.path.isdir(root):  # empty local folders are entries too
-        top = sorted(set(top) | (set(os.listdir(root)) - {LOCK_FILE}))
+    top = listing.top
     if cfg.resume:
         foreign = [n for n in top if not ours(n)]
         if foreign:
@@ -186,31 +210,21 @@ def prepare_output(cfg, listing: Listing, plan: ResumePlan, num_units: int) -> N
     metadata.json, unusable manifests and the units that cannot be kept; with --overwrite remove
     the previous dataset. Works from the listing: nothing is listed again."""
     root = listing.root
-    if METADATA_FILE in listing.top_names():  # alone and first: from here the folder is no dataset (rewrite.py)
+    if METADATA_FILE in listing.top:  # alone and first: from here the folder is no dataset (rewrite.py)
         rewrite.unpublish(root)
     if cfg.resume:  # keep finished units; the old metadata.json (if any) is rewritten at the end
-        fileio.delete([join(root, n) for n in listing.top_names() if n.startswith(METADATA_FILE) and n != METADATA_FILE])
-        fileio.delete([join(root, rel) for rel in plan.unusable])
+        listing.delete([n for n in listing.top if n.startswith(METADATA_FILE) and n != METADATA_FILE])
+        listing.delete(list(plan.unusable))
         for m in plan.stale:  # the manifest first: from then on the unit is simply not finished
-            fileio.delete([join(root, manifests.manifest_relpath(m["unit"], num_units))])
+            listing.delete([names.manifest_relpath(m["unit"], num_units)])
             # delete skips what is already gone: no existence check per file
-            fileio.delete([join(root, s["path"]) for s in m["shards"]]
-                          + ([join(root, m["rejected_file"])] if m.get("rejected_file") else []))
+            listing.delete([s["path"] for s in m["shards"]] + ([m["rejected_file"]] if m.get("rejected_file") else []))
         return
     # Only what a previous extraction wrote; metadata.json first, so that from here on the folder
     # no longer claims to be a finished dataset.
-    top = listing.top_names()
-    if not fileio.is_url(root) and os.path.isdir(root):
-        top = sorted(set(os.listdir(root)) - {LOCK_FILE})
     # metadata.json itself is gone already (unpublished above); its temporary siblings go first
-    doomed = [n for n in top if n.startswith(METADATA_FILE) and n != METADATA_FILE]
-    doomed += [n for n in top if ours(n) and not n.startswith(METADATA_FILE)]
-    if fileio.is_url(root):  # the exact objects, from the listing; metadata.json before the rest
-        for group in ([n for n in doomed if n.startswith(METADATA_FILE)], [n for n in doomed if not n.startswith(METADATA_FILE)]):
-            fileio.delete_objects([join(root, rel) for n in group for rel in sorted(listing.files)
-                                   if rel == n or rel.startswith(n + "/")])
-    else:
-        fileio.delete([join(root, n) for n in doomed])
+    listing.delete([n for n in listing.top if n.startswith(METADATA_FILE) and n != METADATA_FILE])
+    listing.delete([n for n in listing.top if ours(n) and not n.startswith(METADATA_FILE)])
 
 
 def remove_partial_shards(output: str) -> None:
