@@ -28,6 +28,7 @@ import posixpath
 from llm_activations.format import fileio
 from llm_activations.format import hooks as hk
 from llm_activations.format import metadata as md
+from llm_activations.format import names
 from llm_activations.errors import CorruptData, DatasetError, UsageError
 from llm_activations.format.rewrite import rewriting
 from llm_activations.format.stats import Moments, merge_all
@@ -122,7 +123,7 @@ def merge_datasets(inputs: list[str], output: str, *, copy: bool = False, overwr
                     copied += 1
                 shards.append({**shard, "path": new_path})
             if prefix is None:
-                _copy_tree(fileio.join(root, "rejected"), fileio.join(output, dest, "rejected"))
+                _copy_tree(fileio.join(root, names.REJECTED_DIR), fileio.join(output, dest, names.REJECTED_DIR))
         merged = _merged_metadata(inputs, metas, prefixes, dests, ranges, shards, copied)
         publish(merged)  # last: OUT is a finished dataset only now
     return merged

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from llm_activations.errors import StorageUnavailable, UsageError
+from llm_activations.format.names import PARTIAL_MARK
 
 # Object stores whose Beam writer can cancel an unfinished upload (BlobWriter.terminate).
 DIRECT_UPLOAD_SCHEMES = ("gs",)
@@ -441,9 +442,7 @@ class HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        data = self._raw.read(len(b))
-        self.sha.update(data)
-        self.size += len(data)
+        data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
@@ -490,7 +489,7 @@ def create(path: str) -> BinaryIO:
 
 def temporary_name(path: str) -> str:
     """A unique sibling name: a retried or speculative duplicate writer may run at the same time."""
-    return f"{path}.inprogress-{uuid.uuid4().hex[:12]}"
+    return f"{path}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
 
 
 def writes_in_place(path: str) -> bool:

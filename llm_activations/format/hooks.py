@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from llm_activations.errors import UsageError
+from llm_activations.format.names import layer_folder
 
 # In the order they occur in a block (also the order hooks are listed in metadata).
 HOOKS = ("resid_pre", "attn_out", "z", "resid_mid", "mlp_in", "mlp_out", "resid_post")
@@ -65,8 +66,6 @@ def parse_key(k: str) -> tuple[str, int]:
 
 def dirname(hook: str, layer: int) -> str:
     """Folder of one hook's shards at one layer, relative to the dataset: layer_03 or z/layer_03."""
-    from llm_activations.format.names import layer_folder
-
     folder = layer_folder(layer)
     return folder if hook == DEFAULT else f"{hook}/{folder}"
 

@@ -18,9 +18,9 @@ from llm_activations.format import fileio
 from llm_activations.errors import UsageError
 from llm_activations.format import hooks as hk
 from llm_activations.format.fileio import join
+from llm_activations.format.names import manifest_relpath, rejected_relpath
 from llm_activations.format.stats import Moments, merge_all
 
-from llm_activations.format.names import MANIFEST_DIR, manifest_relpath, rejected_relpath  # noqa: E402,F401
 COUNT_KEYS = ("documents", "rejected", "segments", "sequences", "batches", "tokens", "padding_tokens")
 
 

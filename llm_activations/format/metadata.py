@@ -14,11 +14,11 @@ from llm_activations.format import fileio
 from llm_activations.format.fileio import join  # noqa: F401 (also md.join, for callers of the dataset API)
 from llm_activations.format import hooks as hk
 from llm_activations.errors import DatasetError
+from llm_activations.format.names import METADATA_FILE, started_extraction
 
 FORMAT = "llm-activations"
 FORMAT_VERSION = 1  # a dataset of resid_post alone; other hooks make it version 2 (hooks.format_version)
 FORMAT_VERSIONS = (1, 2)  # what this package reads
-from llm_activations.format.names import METADATA_FILE, started_extraction  # noqa: E402  (the names' owner)
 
 
 def read_metadata(root: str, read_text=None) -> dict:
