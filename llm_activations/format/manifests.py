@@ -52,7 +52,7 @@ def write_manifest(output: str, manifest: dict, num_units: int) -> None:
     as stored ("identities": {path: fileio.Stat.identity}): --resume compares these and the sizes
     against one listing of the folder instead of reading the files back."""
     files = [s["path"] for s in manifest["shards"]] + ([manifest["rejected_file"]] if manifest.get("rejected_file") else [])
-    stats = [fileio.stat(join(output, rel)) for rel in files]
+    stats = _each_remote(fileio.stat, [join(output, rel) for rel in files])
     manifest = {**manifest, "identities": {rel: st.identity for rel, st in zip(files, stats) if st is not None}}
     fileio.write_text_atomic(join(output, manifest_relpath(manifest["unit"], num_units)), json.dumps(manifest))
 
@@ -105,7 +105,7 @@ def read_manifests(output: str, fp: str, names: list[str]) -> tuple[dict, dict]:
     would mix two extractions in one folder); a truncated or incomplete one is returned as unusable,
     so its unit is extracted again.
     """
-    texts = _read_all([join(output, n) for n in names])
+    texts = _each_remote(_read_listed, [join(output, n) for n in names])
     found, unusable = {}, {}
     for rel, text in zip(names, texts):
         manifest, why = parse_manifest(text, rel.rsplit("/", 1)[-1])
@@ -119,18 +119,17 @@ def read_manifests(output: str, fp: str, names: list[str]) -> tuple[dict, dict]:
     return found, unusable
 
 
-def _read_all(paths: list[str]) -> list:
-    """The texts of files a listing just showed (no existence check first); None for one that
-    disappeared since. Object stores: in parallel, as latency, not bandwidth, bounds a manifest read."""
-    if not paths:
-        return []
-    if not fileio.is_url(paths[0]):
-        return [_read_listed(p) for p in paths]
+def _each_remote(fn, paths: list[str]) -> list:
+    """[fn(p) for p in paths]; on an object store 16 at a time, as a request's latency, not
+    bandwidth, bounds a manifest read or a file's stat (a unit's shards, at its finish)."""
+    if not paths or not fileio.is_url(paths[0]):
+        return [fn(p) for p in paths]
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(_read_listed, paths))
+        return list(pool.map(fn, paths))
 
 
 def _read_listed(path: str) -> str | None:
+    """The text of a file a listing just showed (no existence check first); None if it disappeared since."""
     try:
         with fileio.open_read(path) as f:
             return f.read().decode("utf-8", "replace")
