@@ -352,7 +352,8 @@ def scan_file(path: str, text_field: str, cache: "ScanCache | None" = None) -> S
     uncompressed name, or a JSON lines file whose first records lack --text-field.
     """
     kind, compression = file_type(path)
-    cached = cache.get(path) if cache is not None else None
+    entry = cache.entry(path) if cache is not None else None
+    cached = cache.get(entry) if entry is not None else None
     if kind == "parquet":
         rows, groups = _parquet_rows(path, text_field)
         scan = cached or Scan(rows, content_digest(path), groups)
@@ -366,8 +367,8 @@ def scan_file(path: str, text_field: str, cache: "ScanCache | None" = None) -> S
         scan = cached
     else:
         scan = _scan_stream(path, kind, compression, text_field)
-    if cache is not None and cached is None:
-        cache.put(path, scan)
+    if entry is not None and cached is None:
+        cache.put(entry, scan)
     return scan
 
 
@@ -438,43 +439,49 @@ class ScanCache:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return ScanCache(os.path.join(base, "llm_activations", "input-scans"))
 
-    def _file(self, path: str) -> tuple[str, str] | None:
+    def entry(self, path: str) -> "ScanEntry | None":
+        """This file's entry, taken before it is scanned (a file that changes during its scan is
+        then a miss next time, not a hit on a stale scan); None for a remote, unreadable or small file."""
         if fileio.is_url(path):
             return None
         try:
             st = os.stat(path)
         except OSError:
             return None
-        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-        return key, os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
-
-    def get(self, path: str) -> Scan | None:
-        found = self._file(path)
-        if found is None or int(found[0].rsplit("|", 4)[1]) < self.min_bytes:
+        if st.st_size < self.min_bytes:
             return None
+        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        return ScanEntry(key, os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"))
+
+    def get(self, entry: "ScanEntry") -> Scan | None:
         try:
-            with open(found[1]) as f:
-                entry = json.load(f)
-            if entry.get("key") != found[0]:
+            with open(entry.file) as f:
+                found = json.load(f)
+            if found.get("key") != entry.key:
                 return None
-            return Scan(int(entry["num_records"]), str(entry["digest"]), tuple(entry["row_groups"]),
-                        tuple(tuple(p) for p in entry["checkpoints"]))
+            return Scan(int(found["num_records"]), str(found["digest"]), tuple(found["row_groups"]),
+                        tuple(tuple(p) for p in found["checkpoints"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def put(self, path: str, scan: Scan) -> None:
-        found = self._file(path)
-        if found is None or int(found[0].rsplit("|", 4)[1]) < self.min_bytes:
-            return
+    def put(self, entry: "ScanEntry", scan: Scan) -> None:
         try:
             os.makedirs(self.folder, exist_ok=True)
-            tmp = f"{found[1]}.{os.getpid()}.tmp"
+            tmp = f"{entry.file}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
-                json.dump({"key": found[0], "num_records": scan.num_records, "digest": scan.digest,
+                json.dump({"key": entry.key, "num_records": scan.num_records, "digest": scan.digest,
                            "row_groups": list(scan.row_groups), "checkpoints": [list(p) for p in scan.checkpoints]}, f)
-            os.replace(tmp, found[1])
+            os.replace(tmp, entry.file)
         except OSError:
             pass
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    """A file's key in a ScanCache (real path, size, mtime_ns, ctime_ns, inode) and its entry's path."""
+
+    key: str
+    file: str
 
 
 def plan_sources(patterns: list[str], text_field: str, cache: ScanCache | None = None) -> list[SourceFile]:
