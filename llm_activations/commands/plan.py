@@ -120,11 +120,10 @@ def total_params(c: ModelConfig) -> int:
     return c.param_count() + c.hidden_size + (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
 
 
-def attention_for(chip_key: str, compute_dtype: str) -> str:
-    """The kernel extract's "auto" picks on this chip (attention.AUTO; cuDNN takes 16-bit only)."""
-    if chip_key in ("h100", "h200"):
-        return "cudnn" if dtypes.itemsize(compute_dtype) == 2 else "xla"
-    return "splash"
+def attention_for(chip, compute_dtype: str) -> str:
+    """The kernel extract's "auto" picks on this chip (cost.auto_attention; a preset without a TPU
+    topology is a GPU)."""
+    return cost.auto_attention("tpu" if chip.topology else "gpu", dtypes.itemsize(compute_dtype))
 
 
 def check_mesh(config: ModelConfig, mesh: tuple[int, int], chips_per_host: int, batch_size: int | None) -> None:
@@ -404,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
     check_mesh(config, mesh, chip.chips_per_host, args.batch_size)
     plan = make_plan(
         config, model_name=name, chip=chip, layers=layers, seq_len=args.seq_len, mesh=mesh,
-        dtype=args.dtype, compute_dtype=args.compute_dtype, attention=attention_for(key, args.compute_dtype),
+        dtype=args.dtype, compute_dtype=args.compute_dtype, attention=attention_for(chip, args.compute_dtype),
         mfu=args.mfu, reserve=args.reserve, hooks=tuple(args.hooks),
     )
     if topology is not None:

@@ -32,11 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_activations.errors import UsageError
-from llm_activations.model.cost import ACCELERATOR_QUERY_BLOCK
+from llm_activations.model.cost import ACCELERATOR_QUERY_BLOCK, auto_attention
 
 IMPLEMENTATIONS = ("xla", "splash", "cudnn", "tokamax")
-# What "auto" picks per platform; cuDNN's kernel takes only 16-bit inputs (float32 uses "xla").
-AUTO = {"cpu": "xla", "tpu": "splash", "gpu": "cudnn"}
 # Queries per block of the "xla" path. On CPU small blocks keep each [.., block, window] float32
 # logits tile in cache (3-4x faster than one [B, N, T, T] tile at T=1024 on a 2-core CPU);
 # accelerators prefer fewer, larger matmuls.
@@ -90,7 +88,7 @@ def platform_of(devices: Sequence) -> str:
 def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: int | None = None) -> Backend:
     """The Backend for these devices (e.g. `mesh.devices.flat`) and compute dtype.
 
-    attention "auto" picks AUTO[platform] (on GPU "xla" for float32, which cuDNN does not take).
+    attention "auto" picks cost.auto_attention (on GPU "xla" for float32, which cuDNN does not take).
     "splash" off a TPU runs in Pallas interpret mode: exact but slow, for tests on CPU. Any other
     kernel that cannot run here is a UsageError.
     """
@@ -98,9 +96,7 @@ def backend_for(devices: Sequence, dtype, attention: str = "auto", query_block: 
     platform = platform_of(devices)
     sixteen_bit = np.dtype(dtype).itemsize == 2
     if attention == "auto":
-        attention = AUTO.get(platform, "xla")
-        if attention == "cudnn" and not sixteen_bit:
-            attention = "xla"
+        attention = auto_attention(platform, np.dtype(dtype).itemsize)
     if attention not in IMPLEMENTATIONS:
         raise UsageError(f"attention implementation {attention!r} is not one of auto, {', '.join(IMPLEMENTATIONS)}")
     needs = {"splash": "tpu", "cudnn": "gpu", "tokamax": "gpu"}.get(attention)

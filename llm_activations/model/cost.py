@@ -86,6 +86,17 @@ ACCELERATOR_QUERY_BLOCK = 512
 TPU_LANES = 128
 
 
+# What extract's attention "auto" picks per platform (attention.backend_for); here, without JAX, so
+# that plan predicts the same kernel. cuDNN's kernel takes only 16-bit inputs: float32 uses "xla".
+AUTO_ATTENTION = {"cpu": "xla", "tpu": "splash", "gpu": "cudnn"}
+
+
+def auto_attention(platform: str, itemsize: int) -> str:
+    """The attention kernel "auto" means on this platform for a compute dtype of `itemsize` bytes."""
+    kernel = AUTO_ATTENTION.get(platform, "xla")
+    return "xla" if kernel == "cudnn" and itemsize != 2 else kernel
+
+
 def matmul_params_per_block(c: ModelConfig) -> int:
     """Weights of one block's matmuls (q, k, v, o projections and the SwiGLU MLP)."""
     d = c.hidden_size
