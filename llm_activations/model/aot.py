@@ -24,6 +24,7 @@ from llm_activations.model.chips import Topology
 from llm_activations.model.config import ModelConfig
 from llm_activations.model.extractor import jit_step
 from llm_activations.model.specs import ParamSpec, param_specs
+from llm_activations.model.transformer import param_shardings
 
 EXTRA = "pip install 'llm_activations[tpu]'"
 
@@ -72,8 +73,9 @@ def topology_devices(topology: Topology) -> list:
 def abstract_params(config: ModelConfig, num_blocks: int, mesh, dtype) -> dict:
     """The params pytree as ShapeDtypeStructs with their shardings: what checkpoint.load_params would
     place on the mesh, without a byte of it."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding.named_sharding(mesh, s.axes)),
-                        param_specs(config, num_blocks), is_leaf=lambda x: isinstance(x, ParamSpec))
+    return jax.tree.map(lambda s, placed: jax.ShapeDtypeStruct(s.shape, dtype, sharding=placed),
+                        param_specs(config, num_blocks), param_shardings(config, num_blocks, mesh),
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 def _bytes(shape, dtype, sharding) -> int:
