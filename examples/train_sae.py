@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         try:
             ratio = argtypes.norm_ratio(args.max_norm_ratio)
         except argparse.ArgumentTypeError as e:
-            raise UsageError(f"--max-norm-ratio {e}") from None
+            raise UsageError(f"--max-norm-ratio: {e}") from None
         out = train(
             args.dataset, args.layer, latents=args.latents, k=args.k, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed, reader=args.reader, shuffle_buffer=args.shuffle_buffer, log_every=args.log_every,
